@@ -1,0 +1,22 @@
+"""ptls-meles: client embeddings from event sequences by metric learning (MeLES / CoLES)."""
+from .config import MeLESConfig
+from .encoding import Encoding
+from .schema import EventSchema, SchemaError
+from .store import SequenceStore
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):  # the heavy (torch) parts load on first use
+    if name == "MeLES":
+        from .api import MeLES
+
+        return MeLES
+    if name == "prepare":
+        from .prepare import prepare
+
+        return prepare
+    raise AttributeError(name)
+
+
+__all__ = ["MeLES", "MeLESConfig", "Encoding", "EventSchema", "SchemaError", "SequenceStore", "prepare"]

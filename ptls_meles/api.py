@@ -1,0 +1,125 @@
+"""The scikit-learn shaped Python API: ``MeLES(...).fit(events).transform(events)``."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from .config import MeLESConfig
+from .embed import embed_frame, write_embeddings
+from .encoding import Encoding
+from .prepare import prepare
+from .schema import EventSchema
+from .sources import Source
+from .store import SequenceStore
+from .train import MeLESModule, fit as fit_module
+
+MODEL_FILE = "model.pt"
+
+
+class MeLES:
+    """Self-supervised client embeddings from event sequences.
+
+    Parameters are the fields of :class:`MeLESConfig` (``encoder``, ``hidden_size``,
+    ``loss``, ``split``, ``max_epochs``, ...) plus an optional ``schema`` naming the raw
+    columns (needed when fitting raw events rather than a prepared store).
+    Learned state: ``encoding_``, ``module_``, ``schema_``.
+    """
+
+    def __init__(self, schema: EventSchema | None = None, **params) -> None:
+        self.schema = schema
+        self.config = MeLESConfig.from_dict(params)
+
+    def get_params(self) -> dict:
+        return {"schema": self.schema, **self.config.to_dict()}
+
+    def __repr__(self) -> str:
+        changed = {k: v for k, v in self.config.to_dict().items() if v != getattr(MeLESConfig(), k)}
+        return f"MeLES({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+
+    # ------------------------------------------------------------------ data
+    def _store(self, events: Source | SequenceStore, encoding: Encoding | None, show_progress: bool) -> SequenceStore:
+        if isinstance(events, SequenceStore):
+            return events
+        if isinstance(events, (str, Path)) and (Path(events) / "sequences.parquet").exists():
+            return SequenceStore.load(events)
+        schema = getattr(self, "schema_", None) or self.schema
+        if schema is None:
+            raise ValueError("raw events need a schema: MeLES(schema=EventSchema(client_col=..., time_col=..., categorical=[...], numeric=[...]))")
+        store, _ = prepare(events, schema, encoding=encoding, show_progress=show_progress)
+        return store
+
+    # ------------------------------------------------------------------ fit / transform
+    def fit(self, events: Source | SequenceStore, out_dir: str | Path | None = None, show_progress: bool = True, **trainer_kwargs) -> "MeLES":
+        """Prepare (if raw) and train; ``out_dir`` keeps checkpoints and CSV logs."""
+        store = self._store(events, None, show_progress)
+        self.schema_ = self.schema or (EventSchema(**store.meta["schema"]) if "schema" in store.meta else None)
+        self.encoding_ = store.encoding
+        self.module_ = fit_module(store, self.config, out_dir=out_dir, show_progress=show_progress, **trainer_kwargs)
+        self.module_.eval()
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "module_"):
+            raise RuntimeError("this MeLES instance is not fitted yet: call .fit(events) or MeLES.load(path)")
+
+    def transform(self, events: Source | SequenceStore, show_progress: bool = False) -> pd.DataFrame:
+        """Embeddings as a DataFrame ``client_id, emb_000, ..., emb_{D-1}``; new data is
+        encoded with the training encoding (unseen categories → the reserved id)."""
+        self._check_fitted()
+        store = self._store(events, self.encoding_, show_progress)
+        return embed_frame(
+            self.module_.embedder, store, max_events=self.config.max_events, batch_size=self.config.embed_batch_size, show_progress=show_progress
+        )
+
+    def fit_transform(self, events: Source | SequenceStore, **kwargs) -> pd.DataFrame:
+        store = self._store(events, None, kwargs.get("show_progress", True))
+        return self.fit(store, **kwargs).transform(store)
+
+    def write_embeddings(self, events: Source | SequenceStore, path: str | Path, show_progress: bool = True) -> dict:
+        """Stream the embedding table to Parquet (config and encoding in its metadata)."""
+        self._check_fitted()
+        store = self._store(events, self.encoding_, show_progress)
+        meta = {"config": self.config.to_dict(), "encoding": self.encoding_.to_dict()}
+        return write_embeddings(
+            self.module_.embedder, store, path, metadata=meta, max_events=self.config.max_events,
+            batch_size=self.config.embed_batch_size, show_progress=show_progress,
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | Path) -> Path:
+        """A directory with ``model.pt`` (weights only), ``config.json``, ``encoding.json``, ``schema.json``."""
+        self._check_fitted()
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(self.module_.state_dict(), path / MODEL_FILE)
+        (path / "config.json").write_text(self.config.to_json())
+        self.encoding_.save(path / "encoding.json")
+        if self.schema_ is not None:
+            self.schema_.save(path / "schema.json")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "MeLES":
+        """Load a saved model or a training checkpoint (``.ckpt``); never unpickles code."""
+        path = Path(path)
+        if path.suffix == ".ckpt":
+            from .train import load_checkpoint
+
+            module = load_checkpoint(path)
+            obj = cls(**module.cfg.to_dict())
+            obj.module_, obj.encoding_, obj.schema_ = module, module.encoding, None
+            return obj
+        if not (path / MODEL_FILE).exists():
+            raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
+        config = json.loads((path / "config.json").read_text())
+        encoding = Encoding.load(path / "encoding.json")
+        schema = EventSchema.load(path / "schema.json") if (path / "schema.json").exists() else None
+        obj = cls(schema=schema, **config)
+        module = MeLESModule(config, encoding.to_dict())
+        module.load_state_dict(torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True))
+        module.eval()
+        obj.module_, obj.encoding_, obj.schema_ = module, encoding, schema
+        return obj

@@ -1,0 +1,13 @@
+"""Benchmarks: runnable experiments behind every figure in the README."""
+from __future__ import annotations
+
+
+def run_bench(name: str, argv: list[str]) -> None:
+    argv = [a for a in argv if a != "--"]
+    if name == "speed":
+        from .speed import main
+    elif name == "paper":
+        from .paper import main
+    else:
+        raise ValueError(f"unknown benchmark {name!r}; choose speed or paper")
+    main(argv)

@@ -1,0 +1,132 @@
+"""Training data: batches of clients → views → padded batches, in a Lightning DataModule.
+
+A batch is built whole inside a worker process (clients → views → one padded tensor
+per field), seeded by (seed, epoch, batch number) so every run — with any number of
+workers, resumed or not — sees exactly the same batches.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .batch import PaddedBatch, pad_segments
+from .config import MeLESConfig
+from .split import make_views
+from .store import SequenceStore
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # two busy cores: oversubscribed threads slow everything down
+
+
+class EpochBatchSampler(Sampler):
+    """Yields ``(epoch, batch_number)`` keys; Lightning calls ``set_epoch`` every epoch.
+
+    With ``num_replicas > 1`` (DDP) each process takes every ``num_replicas``-th batch, so
+    all views of a client stay inside one process's batch.
+    """
+
+    def __init__(self, n_batches: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.n_batches, self.num_replicas, self.rank, self.epoch = n_batches, num_replicas, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n_batches, self.num_replicas))
+
+    def __iter__(self):
+        return iter([(self.epoch, b) for b in range(self.rank, self.n_batches, self.num_replicas)])
+
+
+class ViewBatches(Dataset):
+    """Item ``(epoch, b)`` = batch ``b`` of that epoch's client permutation, as views.
+
+    Returns ``(PaddedBatch, labels)`` with labels = client position within the batch.
+    Clients are length-bucketed: the epoch's permutation is sorted by length within
+    windows of 50 batches, so clients of similar length (hence similar view lengths)
+    share a batch, then batch order is shuffled.
+    """
+
+    def __init__(self, store: SequenceStore, clients: np.ndarray, config: MeLESConfig, fixed_epoch: int | None = None) -> None:
+        self.offsets = store.offsets
+        self.columns = store.columns
+        self.clients = np.asarray(clients, dtype=np.int64)
+        self.cfg = config
+        self.fixed_epoch = fixed_epoch
+        self.n_batches = int(np.ceil(len(self.clients) / config.batch_size))
+        self._plan: tuple[int, np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def _epoch_plan(self, epoch: int) -> np.ndarray:
+        if self._plan is None or self._plan[0] != epoch:
+            rng = np.random.default_rng([self.cfg.seed, epoch, 7])
+            perm = rng.permutation(self.clients)
+            window = self.cfg.batch_size * 50
+            lens = self.offsets[perm + 1] - self.offsets[perm]
+            for s in range(0, len(perm), window):
+                seg = slice(s, s + window)
+                perm[seg] = perm[seg][np.argsort(lens[seg], kind="stable")]
+            batches = [perm[i : i + self.cfg.batch_size] for i in range(0, len(perm), self.cfg.batch_size)]
+            order = rng.permutation(len(batches))
+            self._plan = (epoch, [batches[i] for i in order])
+        return self._plan[1]
+
+    def __getitem__(self, key) -> tuple[PaddedBatch, torch.Tensor]:
+        epoch, b = key if isinstance(key, tuple) else (0, key)
+        if self.fixed_epoch is not None:
+            epoch = self.fixed_epoch
+        clients = self._epoch_plan(epoch)[b]
+        rng = np.random.default_rng([self.cfg.seed, epoch, b, 11])
+        c = self.cfg
+        views = make_views(self.offsets, clients, c.split, c.split_count, c.cnt_min, c.cnt_max, rng)
+        batch = pad_segments(self.columns, views.index, views.offsets)
+        return batch, torch.from_numpy(views.label.astype(np.int64))
+
+
+def split_clients(n_clients: int, val_fraction: float, max_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded train / validation split of client positions."""
+    rng = np.random.default_rng([seed, 3])
+    perm = rng.permutation(n_clients)
+    n_val = min(int(round(n_clients * val_fraction)), max_val)
+    if n_clients - n_val < 2:
+        raise ValueError(f"need at least 2 training clients, got {n_clients} clients with {n_val} held out for validation")
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class MeLESDataModule(pl.LightningDataModule):
+    """Train batches of views from the training clients; fixed validation views of held-out clients."""
+
+    def __init__(self, store: SequenceStore, config: MeLESConfig) -> None:
+        super().__init__()
+        self.store, self.cfg = store, config
+        self.train_clients, self.val_clients = split_clients(store.n_clients, config.val_fraction, config.max_val_clients, config.seed)
+
+    def _loader(self, dataset: ViewBatches, sampler) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=sampler,
+            num_workers=workers,
+            worker_init_fn=_worker_init if workers else None,
+            persistent_workers=False,
+            prefetch_factor=4 if workers else None,
+            collate_fn=None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = ViewBatches(self.store, self.train_clients, self.cfg)
+        trainer = self.trainer
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        return self._loader(ds, EpochBatchSampler(len(ds), world, rank))
+
+    def val_dataloader(self) -> DataLoader | list:
+        if len(self.val_clients) < 2:
+            return []
+        ds = ViewBatches(self.store, self.val_clients, self.cfg, fixed_epoch=-1 % 2**31)
+        return self._loader(ds, EpochBatchSampler(len(ds)))

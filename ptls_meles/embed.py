@@ -1,0 +1,109 @@
+"""Inference: each client's full sequence (its last ``max_events`` events) → one embedding.
+
+Clients are processed in length order so a batch wastes little padding, and the table
+is written to Parquet batch by batch, so memory stays bounded for millions of clients.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm.auto import tqdm
+
+from .batch import pad_segments
+from .io_utils import atomic_path
+from .store import SequenceStore, ragged_arange
+
+
+def embedding_columns(dim: int) -> list[str]:
+    return [f"emb_{i:03d}" for i in range(dim)]
+
+
+def iter_embeddings(
+    embedder: torch.nn.Module,
+    store: SequenceStore,
+    max_events: int | None = None,
+    batch_size: int = 256,
+    show_progress: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(client positions, embeddings [n, D])`` batch by batch, in length order.
+
+    Embeddings are the raw (not L2-normalised) encoder outputs: downstream models get the
+    full information, and cosine retrieval can still normalise them.
+    """
+    lengths = store.lengths
+    take = lengths if max_events is None else np.minimum(lengths, max_events)
+    order = np.argsort(take, kind="stable")
+    was_training, normalize = embedder.training, getattr(embedder, "normalize", False)
+    embedder.eval()
+    if hasattr(embedder, "normalize"):
+        embedder.normalize = False
+    bar = tqdm(total=store.n_clients, unit="clients", desc="embed", disable=not show_progress)
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(order), batch_size):
+                clients = order[s : s + batch_size]
+                n = take[clients]
+                starts = store.offsets[clients + 1] - n
+                seg_offsets = np.zeros(len(clients) + 1, np.int64)
+                np.cumsum(n, out=seg_offsets[1:])
+                batch = pad_segments(store.columns, ragged_arange(starts, n), seg_offsets)
+                device = next(embedder.parameters()).device
+                out = embedder(batch.to(device)).float().cpu().numpy()
+                bar.update(len(clients))
+                yield clients, out
+    finally:
+        bar.close()
+        embedder.train(was_training)
+        if hasattr(embedder, "normalize"):
+            embedder.normalize = normalize
+
+
+def embed_frame(embedder: torch.nn.Module, store: SequenceStore, **kwargs) -> pd.DataFrame:
+    """All embeddings as a DataFrame ``client_id, emb_000, ...`` in store order."""
+    parts, positions = [], []
+    for clients, emb in iter_embeddings(embedder, store, **kwargs):
+        parts.append(emb)
+        positions.append(clients)
+    emb = np.concatenate(parts) if parts else np.zeros((0, embedder.output_size), np.float32)
+    pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
+    inverse = np.empty_like(pos)
+    inverse[pos] = np.arange(len(pos))
+    emb = emb[inverse]
+    df = pd.DataFrame(emb, columns=embedding_columns(emb.shape[1]))
+    df.insert(0, "client_id", store.client_ids)
+    return df
+
+
+def write_embeddings(
+    embedder: torch.nn.Module,
+    store: SequenceStore,
+    path: str | Path,
+    metadata: dict | None = None,
+    **kwargs,
+) -> dict:
+    """Stream embeddings into a Parquet table at ``path`` (written under a temporary name,
+    renamed when complete). ``metadata`` (config, encoding) is stored in the file's schema."""
+    path = Path(path)
+    t0 = time.perf_counter()
+    dim = embedder.output_size
+    schema = pa.schema(
+        [pa.field("client_id", pa.array(store.client_ids[:1]).type)] + [pa.field(c, pa.float32()) for c in embedding_columns(dim)],
+        metadata={b"ptls_meles": json.dumps(metadata or {}).encode()},
+    )
+    rows = 0
+    with atomic_path(path) as tmp:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for clients, emb in iter_embeddings(embedder, store, **kwargs):
+                arrays = [pa.array(store.client_ids[clients])] + [pa.array(emb[:, j]) for j in range(dim)]
+                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+                rows += len(clients)
+    seconds = time.perf_counter() - t0
+    return {"clients": rows, "dim": dim, "seconds": seconds, "clients_per_s": rows / seconds if seconds else float("nan")}

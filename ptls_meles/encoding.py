@@ -1,0 +1,134 @@
+"""Encoding state: how raw categorical and numeric values become model inputs.
+
+Fitted once by ``prepare`` and saved as JSON beside every store, checkpoint and
+embedding table, so new data is encoded exactly as the training data was.
+Categorical ids: ``0`` is padding, ``1`` is "unseen or rare", ``2..`` are the kept
+values in order of decreasing frequency.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+PAD_ID = 0
+UNSEEN_ID = 1
+N_RESERVED = 2
+
+NUMERIC_TRANSFORMS = ("identity", "log", "standardize", "log_standardize")
+
+
+@dataclass
+class CategoryVocab:
+    """Kept values of one categorical field, most frequent first (as strings)."""
+
+    values: list[str]
+    counts: list[int] = field(default_factory=list)
+    n_rare: int = 0  # distinct values folded into UNSEEN_ID by min_count / max_size
+
+    @property
+    def size(self) -> int:
+        """Number of ids including the reserved ones: the embedding table size."""
+        return len(self.values) + N_RESERVED
+
+    def encode(self, raw) -> np.ndarray:
+        """Map raw values (any dtype) to int32 ids; unknown values → ``UNSEEN_ID``."""
+        keys = as_category_strings(raw)
+        index = pd.Index(self.values)
+        ids = index.get_indexer(keys)
+        out = np.where(ids >= 0, ids + N_RESERVED, UNSEEN_ID).astype(np.int32)
+        return out
+
+    @classmethod
+    def fit(cls, uniques: np.ndarray, counts: np.ndarray, min_count: int = 1, max_size: int | None = None) -> "CategoryVocab":
+        order = np.lexsort((np.asarray(uniques, dtype=str), -np.asarray(counts)))
+        uniques, counts = np.asarray(uniques, dtype=str)[order], np.asarray(counts)[order]
+        keep = counts >= min_count
+        if max_size is not None:
+            keep &= np.arange(len(counts)) < max_size
+        return cls(values=uniques[keep].tolist(), counts=counts[keep].astype(int).tolist(), n_rare=int((~keep).sum()))
+
+
+@dataclass
+class NumericTransform:
+    """``log``: sign(x)·log1p(|x|); ``standardize``: (x − mean)/std after the optional log."""
+
+    kind: str = "log"
+    mean: float = 0.0
+    std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in NUMERIC_TRANSFORMS:
+            raise ValueError(f"numeric transform {self.kind!r} is not one of {NUMERIC_TRANSFORMS}")
+
+    def _base(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float64)
+        if self.kind in ("log", "log_standardize"):
+            return np.sign(x) * np.log1p(np.abs(x))
+        return x
+
+    def apply(self, x) -> np.ndarray:
+        y = self._base(x)
+        if self.kind in ("standardize", "log_standardize"):
+            y = (y - self.mean) / (self.std if self.std > 0 else 1.0)
+        return y.astype(np.float32)
+
+    def fit_moments(self, total: float, total_sq: float, n: int) -> None:
+        """Set mean/std from running sums of the (log-)transformed values."""
+        if n == 0:
+            return
+        self.mean = total / n
+        self.std = float(np.sqrt(max(total_sq / n - self.mean**2, 0.0))) or 1.0
+
+
+@dataclass
+class Encoding:
+    """Everything needed to re-encode raw events identically."""
+
+    client_col: str
+    time_col: str
+    time_format: str
+    categorical: dict[str, CategoryVocab] = field(default_factory=dict)
+    numeric: dict[str, NumericTransform] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Encoding":
+        return cls(
+            client_col=d["client_col"],
+            time_col=d["time_col"],
+            time_format=d["time_format"],
+            categorical={k: CategoryVocab(**v) for k, v in d.get("categorical", {}).items()},
+            numeric={k: NumericTransform(**v) for k, v in d.get("numeric", {}).items()},
+        )
+
+    def save(self, path: str | os.PathLike) -> None:
+        from .io_utils import atomic_path
+
+        with atomic_path(path) as tmp:
+            Path(tmp).write_text(json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Encoding":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no encoding state at {path}: it is written by `ptls-meles prepare`")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def as_category_strings(raw) -> np.ndarray:
+    """Canonical string keys for categorical values: ``5``, ``5.0`` and ``"5"`` all become ``"5"``."""
+    s = pd.Series(raw)
+    if pd.api.types.is_float_dtype(s.dtype):
+        finite = s.notna()
+        if finite.all() and np.all(np.mod(s.to_numpy(), 1) == 0):
+            s = s.astype(np.int64)
+    elif pd.api.types.is_bool_dtype(s.dtype):
+        s = s.astype(np.int64)
+    return s.astype(str).to_numpy()

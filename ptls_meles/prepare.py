@@ -1,0 +1,262 @@
+"""``prepare``: raw events → validated, encoded, time-sorted sequence store.
+
+One streaming pass over the input: each chunk is validated, its categorical values and
+client ids are dictionary-encoded against growing global dictionaries (so only
+per-chunk *unique* values touch Python), numbers are transformed; then one global
+sort by (client, time) builds the flat arrays and offsets of the store.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
+
+from .encoding import N_RESERVED, UNSEEN_ID, CategoryVocab, Encoding, NumericTransform, as_category_strings
+from .schema import EventSchema, SchemaError, detect_time_format, parse_number, parse_time
+from .sources import Source, count_rows, iter_chunks
+from .store import TIME_COLUMN, SequenceStore
+
+log = logging.getLogger(__name__)
+ON_ERROR = ("raise", "drop")
+
+
+@dataclass
+class PrepareReport:
+    """What prepare did, for the one-line summary and for tests."""
+
+    n_clients: int = 0
+    n_events: int = 0
+    n_rows_read: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason → rows
+    null_categories: Counter = field(default_factory=Counter)  # column → nulls mapped to the unseen id
+    seconds: float = 0.0
+
+    @property
+    def events_per_second(self) -> float:
+        return self.n_rows_read / self.seconds if self.seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        dropped = sum(self.dropped.values())
+        detail = f" ({', '.join(f'{k}: {v}' for k, v in self.dropped.items())})" if dropped else ""
+        nulls = f", null categories → unseen id: {dict(self.null_categories)}" if self.null_categories else ""
+        return (
+            f"prepared {self.n_clients:,} clients, {self.n_events:,} events; dropped {dropped:,} rows{detail}{nulls}; "
+            f"{self.seconds:.1f} s ({self.events_per_second:,.0f} events/s)"
+        )
+
+
+class _GrowingDictionary:
+    """Maps values to stable integer codes across chunks; only unique values touch Python."""
+
+    def __init__(self) -> None:
+        self.index = pd.Index([], dtype=object)
+        self.counts = np.zeros(0, dtype=np.int64)
+
+    def codes(self, uniques: np.ndarray) -> np.ndarray:
+        pos = self.index.get_indexer(uniques)
+        new = pos < 0
+        if new.any():
+            fresh = pd.Index(uniques[new]).unique()
+            self.index = self.index.append(fresh)
+            self.counts = np.concatenate([self.counts, np.zeros(len(fresh), np.int64)])
+            pos = self.index.get_indexer(uniques)
+        return pos.astype(np.int64)
+
+    def encode(self, arr: pa.Array, canon=None) -> np.ndarray:
+        """Codes for every row of ``arr`` (nulls → -1), counting occurrences."""
+        enc = pc.dictionary_encode(arr)
+        if isinstance(enc, pa.ChunkedArray):
+            enc = enc.combine_chunks()
+        dictionary = enc.dictionary.to_numpy(zero_copy_only=False)
+        if canon is not None:
+            dictionary = canon(dictionary)
+        local = self.codes(np.asarray(dictionary, dtype=object)) if len(dictionary) else np.zeros(0, np.int64)
+        idx = enc.indices.to_numpy(zero_copy_only=False)
+        if enc.indices.null_count:
+            idx = np.where(pc.is_null(enc.indices).to_numpy(zero_copy_only=False), -1, np.nan_to_num(idx, nan=-1)).astype(np.int64)
+        out = np.where(idx >= 0, local[np.maximum(idx, 0)] if len(local) else -1, -1).astype(np.int64)
+        valid = out[out >= 0]
+        self.counts += np.bincount(valid, minlength=len(self.counts))[: len(self.counts)]
+        return out
+
+
+def prepare(
+    source: Source,
+    schema: EventSchema,
+    out: str | Path | None = None,
+    encoding: Encoding | None = None,
+    on_error: str = "raise",
+    min_count: int = 1,
+    max_vocab: int | None = None,
+    chunk_rows: int = 1_000_000,
+    show_progress: bool = True,
+) -> tuple[SequenceStore, PrepareReport]:
+    """Validate and encode raw events into a :class:`SequenceStore` (saved to ``out`` if given).
+
+    ``encoding``: a saved encoding to apply (unseen categories → the reserved id) instead of
+    fitting a new one. ``on_error="drop"`` drops bad rows and counts them per reason;
+    the default raises :class:`SchemaError` at the first bad value.
+    """
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    t0 = time.perf_counter()
+    report = PrepareReport()
+    time_format = encoding.time_format if encoding is not None else schema.time_format
+    clients = _GrowingDictionary()
+    cat_dicts = {c: _GrowingDictionary() for c in schema.categorical}
+    parts: dict[str, list[np.ndarray]] = {"client": [], TIME_COLUMN: [], **{c: [] for c in schema.categorical}, **{c: [] for c in schema.numeric}}
+    num_sums = {c: [0.0, 0.0, 0] for c in schema.numeric}
+    transforms = {
+        c: (encoding.numeric[c] if encoding is not None and c in encoding.numeric else NumericTransform(schema.transform_of(c)))
+        for c in schema.numeric
+    }
+    if encoding is not None:
+        missing = [c for c in schema.categorical if c not in encoding.categorical] + [c for c in schema.numeric if c not in encoding.numeric]
+        if missing:
+            raise SchemaError(f"the saved encoding has no state for column(s) {missing}; it knows {list(encoding.categorical) + list(encoding.numeric)}")
+
+    bar = tqdm(total=count_rows(source), unit="rows", unit_scale=True, desc="prepare", disable=not show_progress)
+    for chunk in iter_chunks(source, schema.raw_columns, chunk_rows):
+        tbl = chunk.table
+        n = tbl.num_rows
+        report.n_rows_read += n
+        bad = np.zeros(n, dtype=bool)
+
+        def fail(column: str, problem: str, example, row: int, count: int, reason: str) -> None:
+            if on_error == "raise":
+                raise SchemaError(
+                    f"{chunk.source}: column {column!r} has {count} row(s) with {problem}, "
+                    f"e.g. {example!r} at row {chunk.first_row + row}. Fix the input or pass on_error='drop' (--on-error drop)."
+                )
+            report.dropped[reason] += int(count)
+
+        client_raw = tbl.column(schema.client_col)
+        null_client = pc.is_null(client_raw).to_numpy(zero_copy_only=False)
+        if null_client.any():
+            row = int(np.flatnonzero(null_client)[0])
+            fail(schema.client_col, "a null client id", None, row, int(null_client.sum()), "null client id")
+            bad |= null_client
+
+        time_raw = tbl.column(schema.time_col)
+        if time_format == "auto":
+            time_format = detect_time_format(time_raw)
+            log.info("time column %r detected as %s", schema.time_col, time_format)
+        t = parse_time(time_raw, time_format)
+        t_bad = t.bad & ~bad
+        if t_bad.any():
+            fail(schema.time_col, t.problem, t.example, t.example_row, int(t_bad.sum()), f"bad time ({schema.time_col})")
+            bad |= t.bad
+
+        nums = {}
+        for c in schema.numeric:
+            p = parse_number(tbl.column(c))
+            c_bad = p.bad & ~bad
+            if c_bad.any():
+                row = int(np.flatnonzero(c_bad)[0])
+                fail(c, p.problem, tbl.column(c)[row].as_py(), row, int(c_bad.sum()), f"bad number ({c})")
+                bad |= p.bad
+            nums[c] = p.values
+
+        keep = ~bad
+        all_kept = bool(keep.all())
+        if not all_kept:
+            tbl = tbl.filter(pa.array(keep))
+        parts["client"].append(clients.encode(tbl.column(schema.client_col)))
+        parts[TIME_COLUMN].append(t.values if all_kept else t.values[keep])
+        for c in schema.categorical:
+            col = tbl.column(c)
+            if col.null_count:
+                report.null_categories[c] += col.null_count
+            parts[c].append(cat_dicts[c].encode(col, canon=as_category_strings).astype(np.int32))
+        for c in schema.numeric:
+            base = transforms[c]._base(nums[c] if all_kept else nums[c][keep])
+            s = num_sums[c]
+            s[0] += float(base.sum()); s[1] += float(np.square(base).sum()); s[2] += len(base)
+            parts[c].append(base.astype(np.float32))
+        bar.update(n)
+    bar.close()
+
+    if report.n_rows_read == 0:
+        raise SchemaError(f"{_name(source)}: no events in the input (0 rows)")
+    client_code = np.concatenate(parts.pop("client"))
+    if len(client_code) == 0:
+        raise SchemaError(f"{_name(source)}: all {report.n_rows_read} rows were dropped as bad: {dict(report.dropped)}")
+
+    # clients ordered by id, so the store does not depend on file order
+    client_values = clients.index.to_numpy()
+    order_of = _sort_order(client_values)
+    rank = np.empty(len(order_of), np.int64)
+    rank[order_of] = np.arange(len(order_of))
+    client_code = rank[client_code]
+    client_values = client_values[order_of]
+
+    event_time = np.concatenate(parts.pop(TIME_COLUMN))
+    order = np.lexsort((event_time, client_code))
+    counts = np.bincount(client_code, minlength=len(client_values))
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    del client_code
+
+    columns: dict[str, np.ndarray] = {TIME_COLUMN: event_time[order]}
+    del event_time
+    vocabs: dict[str, CategoryVocab] = {}
+    for c in schema.categorical:
+        codes = np.concatenate(parts.pop(c))
+        uniques = cat_dicts[c].index.to_numpy().astype(str)
+        if encoding is None:
+            vocab = CategoryVocab.fit(uniques, cat_dicts[c].counts, min_count=min_count, max_size=max_vocab)
+        else:
+            vocab = encoding.categorical[c]
+        remap = np.append(vocab.encode(uniques), np.int32(UNSEEN_ID))  # code -1 (null) → unseen
+        columns[c] = remap[codes[order]]
+        vocabs[c] = vocab
+    for c in schema.numeric:
+        values = np.concatenate(parts.pop(c))[order]
+        tr = transforms[c]
+        if encoding is None and tr.kind in ("standardize", "log_standardize"):
+            tr.fit_moments(*num_sums[c])
+        if tr.kind in ("standardize", "log_standardize"):
+            values = ((values - tr.mean) / tr.std).astype(np.float32)
+        columns[c] = values
+
+    enc = encoding or Encoding(schema.client_col, schema.time_col, time_format, vocabs, transforms)
+    if encoding is None:
+        enc.time_format = time_format
+    store = SequenceStore(_plain_ids(client_values), offsets, columns, enc, {"schema": schema.to_dict()})
+    report.n_clients, report.n_events = store.n_clients, store.n_events
+    report.seconds = time.perf_counter() - t0
+    if out is not None:
+        store.save(out)
+        report.seconds = time.perf_counter() - t0
+    log.info(report.summary())
+    return store, report
+
+
+def _name(source: Source) -> str:
+    return type(source).__name__ if isinstance(source, (pd.DataFrame, pa.Table)) else str(source)
+
+
+def _sort_order(values: np.ndarray) -> np.ndarray:
+    try:
+        return np.argsort(values, kind="stable")
+    except TypeError:  # mixed types: order by text
+        return np.argsort(values.astype(str), kind="stable")
+
+
+def _plain_ids(values: np.ndarray) -> np.ndarray:
+    """Client ids as a typed array (int64 when all ints, else str) rather than Python objects."""
+    s = pd.Series(values)
+    inferred = pd.api.types.infer_dtype(s, skipna=False)
+    if inferred == "integer":
+        return s.astype(np.int64).to_numpy()
+    if inferred in ("floating", "mixed-integer-float"):
+        return s.astype(np.float64).to_numpy()
+    return s.astype(str).to_numpy()

@@ -1,0 +1,129 @@
+"""Pair generation: cut ``split_count`` views (sub-sequences) out of each client's history.
+
+Views of one client are positives for each other; views of other clients are negatives.
+All strategies work on the store's flat arrays at once — one NumPy pass per batch of
+clients, never a Python loop per client — and return :class:`Views`.
+
+Short clients (fewer events than ``cnt_min``): slices and samples are then drawn with
+lengths between ``ceil(L/2)`` and ``L`` (at least one event), so views still differ; a
+client with one event yields ``split_count`` identical one-event views. Nobody is dropped.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .store import ragged_arange
+
+SPLITS = ("slices", "samples", "disjoint")
+
+
+@dataclass
+class Views:
+    """Views as flat event indices: view ``v`` is events ``index[offsets[v]:offsets[v+1]]``
+    of the store, in time order; ``label[v]`` is the position of its client in the batch."""
+
+    index: np.ndarray
+    offsets: np.ndarray
+    label: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+def _view_lengths(seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_clients, split_count] lengths uniform in [cnt_min, min(L, cnt_max)], or [ceil(L/2), L] when L < cnt_min."""
+    lo = np.where(seq_len >= cnt_min, cnt_min, np.ceil(seq_len / 2)).astype(np.int64)
+    hi = np.minimum(seq_len, cnt_max).astype(np.int64)
+    lo = np.maximum(np.minimum(lo, hi), 1)
+    hi = np.maximum(hi, 1)
+    u = rng.random((len(seq_len), split_count))
+    return (lo[:, None] + np.floor(u * (hi - lo + 1)[:, None])).astype(np.int64).clip(max=hi[:, None])
+
+
+def _offsets(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def random_slices(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> Views:
+    """Contiguous random sub-sequences (the paper's best strategy)."""
+    lens = _view_lengths(seq_len, split_count, cnt_min, cnt_max, rng)
+    free = np.maximum(seq_len[:, None] - lens, 0)
+    begin = np.floor(rng.random(lens.shape) * (free + 1)).astype(np.int64).clip(max=free)
+    lens_f = lens.ravel()
+    index = ragged_arange((starts[:, None] + begin).ravel(), lens_f)
+    label = np.repeat(np.arange(len(seq_len)), split_count)
+    return Views(index, _offsets(lens_f), label)
+
+
+def random_samples(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> Views:
+    """Random subsets of events (kept in time order); views may overlap."""
+    n = len(seq_len)
+    lens = _view_lengths(seq_len, split_count, cnt_min, cnt_max, rng).ravel()
+    client = np.repeat(np.arange(n), split_count)
+    full = seq_len[client]  # every view draws from the whole sequence
+    seg = np.repeat(np.arange(len(full)), full)
+    pos = ragged_arange(np.zeros(len(full), np.int64), full)
+    order = np.lexsort((rng.random(len(seg)), seg))
+    rank = np.arange(len(seg)) - np.repeat(_offsets(full)[:-1], full)
+    keep = rank < lens[seg]
+    chosen, chosen_seg = pos[order][keep], seg[keep]
+    by_time = np.lexsort((chosen, chosen_seg))
+    index = starts[client][chosen_seg[by_time]] + chosen[by_time]
+    return Views(index, _offsets(lens), client)
+
+
+def random_disjoint(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> Views:
+    """Each event goes to at most one view: a random partition into ``split_count`` parts.
+
+    Parts have ``L // split_count`` events (at least one, so clients shorter than
+    ``split_count`` repeat events), capped at ``cnt_max``; ``cnt_min`` does not apply.
+    """
+    n = len(seq_len)
+    part = np.clip(seq_len // split_count, 1, cnt_max)
+    seg = np.repeat(np.arange(n), seq_len)
+    pos = ragged_arange(np.zeros(n, np.int64), seq_len)
+    order = np.lexsort((rng.random(len(seg)), seg))
+    rank = np.arange(len(seg)) - np.repeat(_offsets(seq_len)[:-1], seq_len)
+    perm = pos[order]
+    # rank r → view r // part; short clients (L < split_count) wrap around
+    view = rank // part[seg]
+    wrap = seq_len[seg] < split_count
+    keep = (view < split_count) & ~wrap
+    chosen, chosen_view, chosen_client = perm[keep], view[keep], seg[keep]
+    if wrap.any():
+        short = np.flatnonzero(seq_len < split_count)
+        c_rep = np.repeat(short, split_count)
+        v_rep = np.tile(np.arange(split_count), len(short))
+        p_rep = v_rep % seq_len[c_rep]
+        chosen = np.concatenate([chosen, p_rep])
+        chosen_view = np.concatenate([chosen_view, v_rep])
+        chosen_client = np.concatenate([chosen_client, c_rep])
+    key = chosen_client * split_count + chosen_view
+    by_time = np.lexsort((chosen, key))
+    lens = np.bincount(key, minlength=n * split_count)
+    index = starts[chosen_client[by_time]] + chosen[by_time]
+    return Views(index, _offsets(lens), np.repeat(np.arange(n), split_count))
+
+
+_STRATEGIES = {"slices": random_slices, "samples": random_samples, "disjoint": random_disjoint}
+
+
+def make_views(
+    offsets: np.ndarray, clients: np.ndarray, strategy: str, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator
+) -> Views:
+    """Views of the given clients (positions in the store) by the named strategy."""
+    if strategy not in _STRATEGIES:
+        raise ValueError(f"split strategy {strategy!r} is not one of {SPLITS}")
+    if split_count < 2:
+        raise ValueError(f"split_count must be at least 2 (positives need two views), got {split_count}")
+    if not 1 <= cnt_min <= cnt_max:
+        raise ValueError(f"need 1 <= cnt_min <= cnt_max, got cnt_min={cnt_min}, cnt_max={cnt_max}")
+    clients = np.asarray(clients, dtype=np.int64)
+    starts = offsets[clients]
+    seq_len = offsets[clients + 1] - starts
+    return _STRATEGIES[strategy](starts, seq_len, split_count, cnt_min, cnt_max, rng)

@@ -1,0 +1,152 @@
+"""Self-supervised MeLES training: the LightningModule and the ``fit`` function."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+
+from .config import MeLESConfig
+from .data import MeLESDataModule
+from .encoding import Encoding
+from .losses import make_loss
+from .metrics import recall_at_k
+from .nn import build_embedder
+from .store import SequenceStore
+
+log = logging.getLogger(__name__)
+
+
+def embedder_from_config(config: MeLESConfig, encoding: Encoding):
+    """The embedder a config describes, sized by the encoding's vocabularies."""
+    categorical = {c: (v.size, config.embedding_dim_of(c)) for c, v in encoding.categorical.items()}
+    kwargs = dict(config.encoder_kwargs)
+    if config.encoder != "transformer":
+        kwargs.setdefault("num_layers", config.num_layers)
+    else:
+        kwargs.setdefault("num_layers", max(config.num_layers, 2))
+    return build_embedder(categorical, list(encoding.numeric), config.encoder, config.hidden_size, config.time_features, **kwargs)
+
+
+class MeLESModule(pl.LightningModule):
+    """Step logic only: embed views, mine pairs, compute the loss; validation recall@(k−1)."""
+
+    def __init__(self, config: dict, encoding: dict) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # config + encoding travel inside every checkpoint
+        self.cfg = MeLESConfig.from_dict(config)
+        self.encoding = Encoding.from_dict(encoding)
+        self.embedder = embedder_from_config(self.cfg, self.encoding)
+        self.loss_fn = make_loss(self.cfg.loss, miner=self.cfg.miner, margin=self.cfg.margin, neg_count=self.cfg.neg_count)
+        self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def forward(self, batch):
+        return self.embedder(batch)
+
+    def on_train_epoch_start(self) -> None:
+        # dropout etc. depend only on (seed, epoch): resumed runs repeat uninterrupted ones
+        torch.manual_seed(self.cfg.seed * 1000 + self.current_epoch)
+
+    def training_step(self, batch, batch_idx):
+        padded, labels = batch
+        emb = self.embedder(padded)
+        loss = self.loss_fn(emb, labels)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(labels.max()) + 1)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        padded, labels = batch
+        emb = self.embedder(padded)
+        self._val.append((emb.detach().cpu(), labels.cpu() + batch_idx * (10**6)))
+
+    def on_validation_epoch_end(self) -> None:
+        if not self._val:
+            return
+        emb = torch.cat([e for e, _ in self._val])
+        labels = torch.cat([l for _, l in self._val])
+        self._val.clear()
+        r = recall_at_k(emb, labels, self.cfg.split_count - 1)
+        self.log("val_recall", r, prog_bar=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.cfg.lr_step_size, gamma=self.cfg.lr_gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def fit(
+    store: SequenceStore,
+    config: MeLESConfig,
+    out_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
+    accelerator: str = "auto",
+    devices: int | str = 1,
+    show_progress: bool = True,
+    **trainer_kwargs,
+) -> MeLESModule:
+    """Train a MeLES encoder on a store; returns the module with the best validation recall.
+
+    ``out_dir`` receives ``checkpoints/`` (last + best, each carrying config and encoding)
+    and ``logs/`` (CSV metrics). ``resume=True`` continues from ``checkpoints/last.ckpt``.
+    """
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    if store.n_clients < 2:
+        raise ValueError(f"training needs at least 2 clients, the store has {store.n_clients}")
+    out_dir = Path(out_dir) if out_dir is not None else None
+    dm = MeLESDataModule(store, config)
+    module = MeLESModule(config.to_dict(), store.encoding.to_dict())
+    has_val = len(dm.val_clients) >= 2
+    callbacks: list[pl.Callback] = []
+    ckpt_cb = None
+    if out_dir is not None:
+        ckpt_cb = pl.callbacks.ModelCheckpoint(
+            dirpath=out_dir / "checkpoints",
+            filename="best",
+            monitor="val_recall" if has_val else None,
+            mode="max",
+            save_last=True,
+            save_top_k=1,
+            save_weights_only=False,
+        )
+        callbacks.append(ckpt_cb)
+    if has_val and config.patience:
+        callbacks.append(pl.callbacks.EarlyStopping("val_recall", mode="max", patience=config.patience))
+    logger = pl.loggers.CSVLogger(str(out_dir), name="logs", version="") if out_dir is not None else False
+    trainer = pl.Trainer(
+        max_epochs=config.max_epochs,
+        accelerator=accelerator,
+        devices=devices,
+        callbacks=callbacks,
+        logger=logger,
+        enable_checkpointing=out_dir is not None,
+        enable_progress_bar=show_progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+        log_every_n_steps=10,
+        default_root_dir=str(out_dir) if out_dir else None,
+        **trainer_kwargs,
+    )
+    ckpt_path = None
+    if resume:
+        ckpt_path = Path(resume) if not isinstance(resume, bool) else (out_dir / "checkpoints" / "last.ckpt" if out_dir else None)
+        if ckpt_path is None or not ckpt_path.exists():
+            raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    if ckpt_cb is not None and ckpt_cb.best_model_path and has_val:
+        best = load_checkpoint(ckpt_cb.best_model_path)
+        return best
+    return module
+
+
+def load_checkpoint(path: str | os.PathLike) -> MeLESModule:
+    """Load a checkpoint without unpickling arbitrary objects (``weights_only``)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    hp = ckpt["hyper_parameters"]
+    module = MeLESModule(hp["config"], hp["encoding"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    return module

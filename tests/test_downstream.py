@@ -1,0 +1,251 @@
+"""Hand-crafted features and the LightGBM evaluation protocol."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ptls_meles.downstream.evaluate import (
+    EvaluationError,
+    evaluate,
+    interval_half_width,
+    load_feature_table,
+)
+from ptls_meles.downstream.features import FeatureError, handcrafted_features
+from ptls_meles.encoding import CategoryVocab, Encoding, NumericTransform
+from ptls_meles.store import SequenceStore
+
+SMALL_LGBM = {"n_estimators": 30, "num_leaves": 8, "min_child_samples": 5, "learning_rate": 0.1}
+
+
+# --------------------------------------------------------------------------- features
+def make_store() -> SequenceStore:
+    """Clients a, (empty), b, c; mcc ids 2,3,4 = values '5411','6011','4829'; 1 = unseen."""
+    times = [0.0, 2.0, 5.0] + [] + [1.0, 4.0, 6.0] + [3.0]
+    mcc = [2, 3, 2] + [] + [3, 4, 1] + [2]
+    amount = [10.0, 20.0, 30.0] + [] + [5.0, 7.0, 100.0] + [-1.0]
+    raw_count = [1.0, 0.0, 99.0] + [] + [3.0, 3.0, 3.0] + [-7.0]
+    log = NumericTransform("log")
+    encoding = Encoding(
+        client_col="client_id",
+        time_col="event_time",
+        time_format="float",
+        categorical={"mcc": CategoryVocab(values=["5411", "6011", "4829"], counts=[3, 2, 1])},
+        numeric={"amount": NumericTransform("identity"), "n_items": log},
+    )
+    columns = {
+        "event_time": np.array(times),
+        "mcc": np.array(mcc, dtype=np.int32),
+        "amount": np.array(amount, dtype=np.float32),
+        "n_items": log.apply(np.array(raw_count)),
+    }
+    return SequenceStore(np.array(["a", "empty", "b", "c"]), np.array([0, 3, 3, 6, 7]), columns, encoding)
+
+
+def test_handcrafted_features_by_hand():
+    f = handcrafted_features(make_store(), top_k=3).set_index("client_id")
+    assert list(handcrafted_features(make_store()).columns[:3]) == ["client_id", "count", "time_span"]
+    assert f["count"].tolist() == [3, 0, 3, 1]
+    np.testing.assert_allclose(f["time_span"], [5.0, np.nan, 5.0, 0.0])
+    np.testing.assert_allclose(f["amount_sum"], [60.0, 0.0, 112.0, -1.0])
+    np.testing.assert_allclose(f["amount_mean"], [20.0, np.nan, 112.0 / 3, -1.0])
+    b_std = math.sqrt(((5 - 112 / 3) ** 2 + (7 - 112 / 3) ** 2 + (100 - 112 / 3) ** 2) / 2)
+    np.testing.assert_allclose(f["amount_std"], [10.0, np.nan, b_std, np.nan])
+    np.testing.assert_allclose(f["amount_min"], [10.0, np.nan, 5.0, -1.0])
+    np.testing.assert_allclose(f["amount_max"], [30.0, np.nan, 100.0, -1.0])
+    # per-category: real value strings in the names, the unseen id (100.0 event of b) in no column
+    assert f["mcc_5411_count"].tolist() == [2, 0, 0, 1]
+    assert f["mcc_6011_count"].tolist() == [1, 0, 1, 0]
+    assert f["mcc_4829_count"].tolist() == [0, 0, 1, 0]
+    np.testing.assert_allclose(f["mcc_5411_amount_mean"], [20.0, np.nan, np.nan, -1.0])
+    np.testing.assert_allclose(f["mcc_5411_amount_std"], [math.sqrt(200.0), np.nan, np.nan, np.nan])
+    np.testing.assert_allclose(f["mcc_6011_amount_mean"], [20.0, np.nan, 5.0, np.nan])
+    np.testing.assert_allclose(f["mcc_4829_amount_mean"], [np.nan, np.nan, 7.0, np.nan])
+
+
+def test_handcrafted_features_undo_numeric_transform_and_main_numeric():
+    store = make_store()
+    raw = handcrafted_features(store, main_numeric="n_items").set_index("client_id")
+    np.testing.assert_allclose(raw["n_items_sum"], [100.0, 0.0, 9.0, -7.0], rtol=1e-5)
+    np.testing.assert_allclose(raw["n_items_max"], [99.0, np.nan, 3.0, -7.0], rtol=1e-5)
+    np.testing.assert_allclose(raw["mcc_5411_n_items_mean"], [50.0, np.nan, np.nan, -7.0], rtol=1e-5)
+    assert "mcc_5411_amount_mean" not in raw.columns
+    stored = handcrafted_features(store, raw_numeric=False).set_index("client_id")
+    np.testing.assert_allclose(stored["n_items_sum"], [np.log1p(1) + np.log1p(99), 0.0, 3 * np.log1p(3), -np.log1p(7)],
+                               rtol=1e-5)
+
+
+def test_handcrafted_features_top_k_truncates():
+    f = handcrafted_features(make_store(), top_k=2)
+    cat_cols = [c for c in f.columns if c.startswith("mcc_")]
+    assert cat_cols == [f"mcc_{v}_{s}" for v in ("5411", "6011") for s in ("count", "amount_mean", "amount_std")]
+    assert not any(c.startswith("mcc_") for c in handcrafted_features(make_store(), top_k=0).columns)
+
+
+def test_handcrafted_features_errors():
+    with pytest.raises(FeatureError, match="'price'.*amount"):
+        handcrafted_features(make_store(), main_numeric="price")
+    with pytest.raises(FeatureError, match="top_k"):
+        handcrafted_features(make_store(), top_k=-1)
+
+
+def test_handcrafted_features_match_pandas_groupby():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 30, size=200)
+    n = int(lengths.sum())
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    cats = rng.integers(1, 8, size=n).astype(np.int32)
+    amount = rng.normal(100, 50, size=n).astype(np.float32)
+    amount[rng.choice(n, size=40, replace=False)] = np.nan  # missing amounts are skipped, as pandas does
+    times = np.sort(rng.uniform(0, 100, size=n))
+    encoding = Encoding("client_id", "event_time", "float",
+                        categorical={"g": CategoryVocab(values=[str(v) for v in range(10, 16)])},
+                        numeric={"amount": NumericTransform("identity")})
+    store = SequenceStore(np.arange(200) + 1000, offsets, {"event_time": times, "g": cats, "amount": amount}, encoding)
+    f = handcrafted_features(store, top_k=4).set_index("client_id")
+
+    df = pd.DataFrame({"client_id": np.repeat(store.client_ids, lengths), "g": cats, "amount": amount.astype(float),
+                       "t": times})
+    agg = df.groupby("client_id")["amount"].agg(["sum", "mean", "std", "min", "max"])
+    for stat in agg.columns:
+        np.testing.assert_allclose(f[f"amount_{stat}"], agg[stat], rtol=1e-9, err_msg=stat)
+    np.testing.assert_allclose(f["time_span"], df.groupby("client_id")["t"].agg(lambda t: t.max() - t.min()))
+    for cat_id, value in [(2, "10"), (5, "13")]:
+        sub = df[df.g == cat_id].groupby("client_id")["amount"]
+        counts = sub.size().reindex(f.index, fill_value=0)
+        np.testing.assert_array_equal(f[f"g_{value}_count"], counts)
+        np.testing.assert_allclose(f[f"g_{value}_amount_mean"], sub.mean().reindex(f.index), rtol=1e-9)
+        np.testing.assert_allclose(f[f"g_{value}_amount_std"], sub.std().reindex(f.index), rtol=1e-9)
+    assert "g_14_count" not in f.columns
+
+
+# --------------------------------------------------------------------------- evaluate
+def separable(n: int = 300, n_classes: int = 2, seed: int = 0, labels=None):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, n_classes, size=n)
+    ids = np.arange(n)
+    feats = pd.DataFrame({"client_id": ids, "signal": y + rng.normal(0, 0.1, size=n), "noise": rng.normal(size=n)})
+    target = np.asarray(labels, dtype=object)[y] if labels is not None else y
+    return feats, pd.DataFrame({"client_id": ids, "label": target})
+
+
+def test_evaluate_separable_binary_and_result_format():
+    feats, targets = separable()
+    res = evaluate(feats, targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1)
+    assert res.task == "binary" and res.metric == "auroc"
+    assert res.cv_mean > 0.97 and res.test_mean > 0.97
+    assert len(res.cv_scores) == 5 and len(res.test_scores) == 5
+    assert res.n_test == 30 and res.n_train == 270 and res.n_features == 2
+    assert res.lgbm_params["n_estimators"] == 30 and res.lgbm_params["subsample"] == 0.75
+    assert re.fullmatch(r"label: auroc test \d\.\d{3} ± \d\.\d{3} \(cv \d\.\d{3} ± \d\.\d{3}\), 5 folds, "
+                        r"270 train / 30 test clients", res.summary()), res.summary()
+    d = json.loads(json.dumps(res.to_dict()))
+    assert d["cv_mean"] == pytest.approx(res.cv_mean) and d["join"]["n_used"] == 300
+
+
+def test_evaluate_multiclass_maps_labels():
+    feats, targets = separable(n=300, n_classes=3, labels=["low", "mid", "high"])
+    res = evaluate(feats, targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1)
+    assert res.task == "multiclass" and res.metric == "accuracy"
+    assert res.classes == ["high", "low", "mid"] and res.label_mapping == {"high": 0, "low": 1, "mid": 2}
+    assert res.cv_mean > 0.95 and res.test_mean > 0.95
+
+
+def test_evaluate_noise_is_chance_and_interval_covers_it():
+    rng = np.random.default_rng(1)
+    n = 400
+    feats = pd.DataFrame({"client_id": np.arange(n), **{f"f{i}": rng.normal(size=n) for i in range(3)}})
+    targets = pd.DataFrame({"client_id": np.arange(n), "label": rng.integers(0, 2, size=n)})
+    res = evaluate(feats, targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1, seed=3)
+    assert abs(res.cv_mean - 0.5) < 0.1
+    assert res.cv_mean - res.cv_interval <= 0.5 <= res.cv_mean + res.cv_interval
+    assert res.cv_interval > 0
+
+
+def test_evaluate_protocol_and_interval_by_hand():
+    import lightgbm as lgb
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedKFold, train_test_split
+
+    feats, targets = separable(n=200, seed=5)
+    feats["signal"] += np.random.default_rng(9).normal(0, 0.6, size=200)  # make scores differ between folds
+    res = evaluate(feats, targets, "label", n_folds=4, test_size=0.2, seed=7, lgbm_params=SMALL_LGBM, n_jobs=1)
+
+    X, y = feats[["signal", "noise"]].to_numpy(np.float32), targets["label"].to_numpy()
+    rest, test = train_test_split(np.arange(200), test_size=0.2, stratify=y, random_state=7)
+    cv, te = [], []
+    for fit, val in StratifiedKFold(4, shuffle=True, random_state=7).split(rest, y[rest]):
+        params = {**res.lgbm_params}
+        model = lgb.LGBMClassifier(**params).fit(X[rest[fit]], y[rest[fit]])
+        cv.append(roc_auc_score(y[rest[val]], model.predict_proba(X[rest[val]])[:, 1]))
+        te.append(roc_auc_score(y[test], model.predict_proba(X[test])[:, 1]))
+    np.testing.assert_allclose(res.cv_scores, cv)
+    np.testing.assert_allclose(res.test_scores, te)
+    scores = np.array(cv)
+    manual = 1.96 * math.sqrt(((scores - scores.mean()) ** 2).sum() / 4) / 2
+    assert res.cv_interval == pytest.approx(manual) and res.cv_interval > 0
+    assert interval_half_width([0.5, 0.7]) == pytest.approx(1.96 * 0.1 / math.sqrt(2))
+
+
+def test_evaluate_join_report_counts_every_left_out_client(caplog):
+    feats, targets = separable(n=120, seed=2)
+    emb = pd.DataFrame({"client_id": np.r_[np.arange(120)[feats.client_id != 5], 999],
+                        "emb_000": np.r_[feats.signal[feats.client_id != 5], 0.0]})
+    targets = targets[targets.client_id != 7].copy()
+    targets["label"] = targets["label"].astype(float)
+    targets.loc[targets.client_id == 8, "label"] = np.nan
+    targets = pd.concat([targets, pd.DataFrame({"client_id": [1000, 1001], "label": [0.0, 1.0]})])
+    with caplog.at_level(logging.INFO, logger="ptls_meles.downstream.evaluate"):
+        res = evaluate([feats.drop(columns="signal"), emb], targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1)
+    j = res.join
+    assert j.rows_per_table == [120, 120]
+    assert j.n_joined_features == 119 and j.n_dropped_in_join == 2  # client 5 and client 999
+    assert j.n_unlabelled == 1  # client 8
+    assert j.n_labelled_missing_features == 3  # clients 5 (dropped in the join), 1000, 1001
+    assert j.n_features_without_target == 1  # client 7
+    assert j.n_used == 117 and res.n_train + res.n_test == 117
+    assert res.n_features == 2 and res.classes == [0.0, 1.0]
+    assert "2 clients are in some feature tables but not all" in caplog.text
+    assert "3 labelled clients have no features" in caplog.text
+
+
+def test_evaluate_errors():
+    feats, targets = separable(n=60)
+    with pytest.raises(EvaluationError, match=r"'age'.*\['client_id', 'label'\]"):
+        evaluate(feats, targets, "age")
+    one_class = targets.assign(label=1)
+    with pytest.raises(EvaluationError, match="single class"):
+        evaluate(feats, one_class, "label")
+    few = targets.assign(label=np.r_[np.ones(55), np.zeros(5)])
+    with pytest.raises(EvaluationError, match=r"class 0.0 has 5 labelled clients.*at least 6"):
+        evaluate(feats, few, "label", n_folds=5)
+    with pytest.raises(EvaluationError, match="no id column 'user'"):
+        evaluate(feats, targets, "label", id_col="user")
+    with pytest.raises(EvaluationError, match="'signal' is in feature tables 0 and 1"):
+        evaluate([feats, feats[["client_id", "signal"]]], targets, "label")
+    with pytest.raises(EvaluationError, match="label leak"):
+        evaluate(feats.assign(label=1), targets, "label")
+    with pytest.raises(EvaluationError, match="'noise'.*not numeric"):
+        evaluate(feats.assign(noise="x"), targets, "label")
+    with pytest.raises(EvaluationError, match="duplicated ids"):
+        evaluate(pd.concat([feats, feats.iloc[:1]]), targets, "label")
+    with pytest.raises(EvaluationError, match="task 'binary'.*3 classes"):
+        evaluate(*separable(n=60, n_classes=3), "label", task="binary")
+
+
+def test_load_feature_table(tmp_path):
+    table = pd.DataFrame({"client_id": [3, 1], "emb_000": [0.5, -0.5], "emb_001": [1.0, 2.0]})
+    table.to_parquet(tmp_path / "emb.parquet")
+    table.to_csv(tmp_path / "emb.csv", index=False)
+    pd.testing.assert_frame_equal(load_feature_table(tmp_path / "emb.parquet"), table)
+    pd.testing.assert_frame_equal(load_feature_table(tmp_path / "emb.csv"), table)
+    table.rename(columns={"client_id": "id"}).to_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(EvaluationError, match=r"bad.parquet.*'client_id'.*\['id', 'emb_000'"):
+        load_feature_table(tmp_path / "bad.parquet")
+    with pytest.raises(FileNotFoundError):
+        load_feature_table(tmp_path / "missing.parquet")
