@@ -126,9 +126,12 @@ def as_category_strings(raw) -> np.ndarray:
     """Canonical string keys for categorical values: ``5``, ``5.0`` and ``"5"`` all become ``"5"``."""
     s = pd.Series(raw)
     if pd.api.types.is_float_dtype(s.dtype):
-        finite = s.notna()
-        if finite.all() and np.all(np.mod(s.to_numpy(), 1) == 0):
-            s = s.astype(np.int64)
-    elif pd.api.types.is_bool_dtype(s.dtype):
+        # element-wise, so a key never depends on the other values in the same chunk
+        x = s.to_numpy(np.float64)
+        integral = np.isfinite(x) & (np.mod(x, 1) == 0)
+        out = s.astype(str).to_numpy(dtype=object)
+        out[integral] = x[integral].astype(np.int64).astype(str)
+        return out
+    if pd.api.types.is_bool_dtype(s.dtype):
         s = s.astype(np.int64)
     return s.astype(str).to_numpy()

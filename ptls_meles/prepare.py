@@ -258,5 +258,7 @@ def _plain_ids(values: np.ndarray) -> np.ndarray:
     if inferred == "integer":
         return s.astype(np.int64).to_numpy()
     if inferred in ("floating", "mixed-integer-float"):
-        return s.astype(np.float64).to_numpy()
+        x = s.astype(np.float64).to_numpy()
+        # integer ids read as float (a null in a pandas int column) stay integers
+        return x.astype(np.int64) if np.all(np.mod(x, 1) == 0) and np.all(np.abs(x) < 2**53) else x
     return s.astype(str).to_numpy()

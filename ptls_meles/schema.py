@@ -126,9 +126,11 @@ def detect_time_format(raw: pa.Array | pa.ChunkedArray) -> str:
     sample = [str(v) for v in sample]
     if not sample:
         return "number"
-    if all(pd.Series(sample).str.match(DAY_HMS_PATTERN)):
+    # majority, not unanimity: a few bad values must not flip the format, so that the
+    # error then names the bad values rather than every good one
+    if pd.Series(sample).str.match(DAY_HMS_PATTERN).mean() > 0.5:
         return "day_hms"
-    if pd.to_numeric(pd.Series(sample), errors="coerce").notna().all():
+    if pd.to_numeric(pd.Series(sample), errors="coerce").notna().mean() > 0.5:
         return "number"
     return "timestamp"
 
@@ -156,7 +158,8 @@ def parse_time(raw: pa.Array | pa.ChunkedArray, time_format: str) -> Parsed:
         return Parsed(values, bad)
     if time_format == "timestamp":
         if pa.types.is_timestamp(raw.type) or pa.types.is_date(raw.type):
-            ts = pc.cast(pc.cast(raw, pa.timestamp("us")), pa.int64()).to_numpy(zero_copy_only=False)
+            # safe=False: nanosecond stamps are truncated to microseconds instead of raising
+            ts = pc.cast(pc.cast(raw, pa.timestamp("us"), safe=False), pa.int64()).to_numpy(zero_copy_only=False)
             values = np.asarray(ts, dtype=np.float64) / 1e6
             if raw.null_count:
                 values[pc.is_null(raw).to_numpy(zero_copy_only=False)] = np.nan

@@ -36,7 +36,9 @@ def list_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(
         p for p in path.rglob("*")
-        if p.is_file() and not p.name.startswith((".", "_")) and p.name.lower().endswith(PARQUET_SUFFIXES + CSV_SUFFIXES)
+        if p.is_file()
+        and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts)  # also .ipynb_checkpoints/, _temporary/
+        and p.name.lower().endswith(PARQUET_SUFFIXES + CSV_SUFFIXES)
     )
     if not files:
         raise SchemaError(f"directory {path} holds no .parquet or .csv files")

@@ -126,4 +126,8 @@ def make_views(
     clients = np.asarray(clients, dtype=np.int64)
     starts = offsets[clients]
     seq_len = offsets[clients + 1] - starts
+    if len(seq_len) and seq_len.min() < 1:
+        # an empty client would get views made of its neighbour's events
+        empty = clients[seq_len < 1]
+        raise ValueError(f"{len(empty)} client(s) have no events (store positions e.g. {empty[:5].tolist()}); drop them before splitting")
     return _STRATEGIES[strategy](starts, seq_len, split_count, cnt_min, cnt_max, rng)

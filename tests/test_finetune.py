@@ -1,0 +1,219 @@
+"""The neural baselines: supervised encoder and MeLES fine-tuning, on evaluate()'s protocol."""
+from __future__ import annotations
+
+import lightgbm
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ptls_meles.config import MeLESConfig
+from ptls_meles.downstream import finetune
+from ptls_meles.downstream.evaluate import evaluate
+from ptls_meles.downstream.finetune import FineTuneError, cv_split, labelled_clients, supervised_eval
+from ptls_meles.encoding import CategoryVocab, Encoding, NumericTransform
+from ptls_meles.store import SequenceStore
+from ptls_meles.train import MeLESModule
+
+N_GROUPS = 3
+VALUES = [f"m{i}" for i in range(2 * N_GROUPS + 2)]
+
+
+def make_store(n_clients: int = 240, seed: int = 0) -> tuple[SequenceStore, pd.DataFrame]:
+    """Client ``i`` belongs to group ``i % 3``; 85% of its events carry one of the group's two
+    mcc ids (2+2g, 3+2g), the rest a random id, so the group is clearly in the categories.
+    Targets: ``group`` (3 classes), ``is_zero`` (binary: group 0), clients c0..c{n-1}."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, 40, n_clients)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    group = np.arange(n_clients) % N_GROUPS
+    ev_group = np.repeat(group, lengths)
+    n = int(offsets[-1])
+    signal = 2 + 2 * ev_group + rng.integers(0, 2, n)
+    noise = rng.integers(1, len(VALUES) + 2, n)
+    mcc = np.where(rng.random(n) < 0.85, signal, noise).astype(np.int32)
+    times = np.concatenate([np.sort(rng.random(k) * 100) for k in lengths])
+    encoding = Encoding(
+        client_col="client_id",
+        time_col="event_time",
+        time_format="float",
+        categorical={"mcc": CategoryVocab(values=list(VALUES), counts=[1] * len(VALUES))},
+        numeric={"amount": NumericTransform("log")},
+    )
+    columns = {
+        "event_time": times.astype(np.float64),
+        "mcc": mcc,
+        "amount": rng.normal(size=n).astype(np.float32),
+    }
+    ids = np.array([f"c{i}" for i in range(n_clients)])
+    store = SequenceStore(ids, offsets, columns, encoding)
+    targets = pd.DataFrame({"client_id": ids, "group": group, "is_zero": (group == 0).astype(int)})
+    return store, targets
+
+
+CONFIG = MeLESConfig(hidden_size=16, cat_embedding_dim=4, max_events=30, embed_batch_size=128, seed=1)
+FAST = dict(n_folds=2, test_size=0.2, max_epochs=3, batch_size=32, lr=0.01, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def data():
+    torch.set_num_threads(1)
+    return make_store()
+
+
+def test_supervised_binary_learns_well_above_chance(data):
+    store, targets = data
+    rng_before = torch.get_rng_state()
+    r = supervised_eval(store, targets, "is_zero", CONFIG, seed=3, **FAST)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
+    assert (r.task, r.metric, r.n_folds, r.target) == ("binary", "auroc", 2, "is_zero")
+    assert len(r.cv_scores) == 2 and len(r.test_scores) == 2
+    assert r.test_mean > 0.85 and r.cv_mean > 0.85, r.summary()
+    assert all(0 <= s <= 1 for s in r.cv_scores + r.test_scores)
+    assert r.n_test == 48 and r.n_train == 192 and r.join.n_used == 240
+    assert r.classes == [0, 1] and r.n_features == 16
+    assert r.lgbm_params["model"] == "supervised_encoder"
+    assert r.lgbm_params["encoder_lr"] == r.lgbm_params["lr"] == 0.01
+    assert all(1 <= e <= 3 for e in r.lgbm_params["best_epochs"])
+    assert np.isfinite(r.test_interval) and "auroc" in r.summary()
+    assert r.to_dict()["test_mean"] == pytest.approx(r.test_mean)
+
+
+def test_supervised_multiclass_learns_and_is_deterministic(data):
+    store, targets = data
+    targets = targets.assign(group=targets["group"].map({0: "x", 1: "y", 2: "z"}))
+    settings = {**FAST, "max_epochs": 2}
+    r = supervised_eval(store, targets, "group", CONFIG, seed=5, **settings)
+    assert (r.task, r.metric, r.classes) == ("multiclass", "accuracy", ["x", "y", "z"])
+    assert r.test_mean > 0.6, r.summary()  # chance is 1/3
+    again = supervised_eval(store, targets, "group", CONFIG, seed=5, **settings)
+    assert again.cv_scores == r.cv_scores and again.test_scores == r.test_scores
+
+
+class _RecordingClassifier:
+    """Stands in for LightGBM: records which rows (column 0 = store position) each fold sees."""
+
+    log: list = []
+
+    def __init__(self, **_):
+        pass
+
+    def fit(self, X, y):
+        self.log.append(("fit", X[:, 0].astype(int).tolist()))
+        return self
+
+    def predict_proba(self, X):
+        self.log.append(("predict", X[:, 0].astype(int).tolist()))
+        p = (X[:, 0] % 7) / 7.0
+        return np.stack([1 - p, p], axis=1)
+
+    def predict(self, X):
+        self.log.append(("predict", X[:, 0].astype(int).tolist()))
+        return np.zeros(len(X), dtype=int)
+
+
+@pytest.mark.parametrize("target_col", ["is_zero", "group"])
+def test_splits_identical_to_evaluate(data, monkeypatch, target_col):
+    store, targets = data
+    # a non-trivial join: shuffled target rows, unlabelled clients, unknown clients, missing clients
+    t = targets.sample(frac=1.0, random_state=1).reset_index(drop=True).astype({target_col: "float"})
+    t.loc[t.index[:9], target_col] = np.nan
+    t = pd.concat([t.iloc[6:], pd.DataFrame({"client_id": ["ghost1", "ghost2"], target_col: [1.0, 0.0]})])
+    features = pd.DataFrame({"client_id": store.client_ids, "pos": np.arange(store.n_clients, dtype=float)})
+
+    _RecordingClassifier.log = []
+    monkeypatch.setattr(lightgbm, "LGBMClassifier", _RecordingClassifier)
+    evaluate(features, t, target_col, n_folds=3, test_size=0.15, seed=11)
+    log = _RecordingClassifier.log
+    assert [kind for kind, _ in log] == ["fit", "predict", "predict"] * 3
+    lgbm_folds = [(log[i][1], log[i + 1][1], log[i + 2][1]) for i in range(0, 9, 3)]
+
+    # the helpers reproduce the same rows ...
+    clients, y_raw, report = labelled_clients(store, t, target_col)
+    assert report.n_used == len(clients) == store.n_clients - 9
+    split = cv_split(np.unique(y_raw, return_inverse=True)[1], n_folds=3, test_size=0.15, seed=11)
+    for (fit, val, test), (fit_rows, val_rows) in zip(lgbm_folds, split.folds):
+        assert clients[fit_rows].tolist() == fit
+        assert clients[val_rows].tolist() == val
+        assert clients[split.test_idx].tolist() == test
+
+    # ... and supervised_eval trains and scores on exactly those clients
+    seen = []
+
+    def record(make_model, store_, clients_, y, fit_rows, val_rows, test_rows, **kw):
+        seen.append((clients_[fit_rows].tolist(), clients_[val_rows].tolist(), clients_[test_rows].tolist()))
+        return finetune._FoldResult(0.5, 0.5, 0, 0.0, 16)
+
+    monkeypatch.setattr(finetune, "_train_fold", record)
+    r = supervised_eval(store, t, target_col, CONFIG, n_folds=3, test_size=0.15, seed=11, show_progress=False)
+    assert seen == lgbm_folds
+    assert r.n_test == len(lgbm_folds[0][2]) and r.n_train == len(lgbm_folds[0][0]) + len(lgbm_folds[0][1])
+
+
+def _state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_finetune_starts_from_pretrained_and_leaves_it_alone(data, monkeypatch):
+    store, targets = data
+    torch.manual_seed(0)
+    pretrained = MeLESModule(CONFIG.to_dict(), store.encoding.to_dict())
+    before, before_embedder = _state(pretrained), _state(pretrained.embedder)
+    created = []
+    real_train_fold = finetune._train_fold
+
+    def spy(make_model, *args, **kwargs):
+        def make():
+            model = make_model()
+            created.append((model, _state(model.embedder)))
+            return model
+
+        return real_train_fold(make, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_train_fold", spy)
+    r = supervised_eval(store, targets, "is_zero", CONFIG, pretrained=pretrained, seed=3, **{**FAST, "max_epochs": 2})
+    assert r.lgbm_params["model"] == "meles_finetuned"
+    assert r.lgbm_params["encoder_lr"] == pytest.approx(0.001)
+    assert len(created) == 2
+    for model, at_start in created:
+        assert model.embedder is not pretrained.embedder and model.embedder.normalize is False
+        assert at_start.keys() == before_embedder.keys()  # starts from the pretrained weights
+        assert all(torch.equal(at_start[k], v) for k, v in before_embedder.items())
+        trained = model.embedder.state_dict()
+        assert any(not torch.equal(trained[k], at_start[k]) for k in at_start)  # and was trained
+    after = _state(pretrained)  # the pretrained module is untouched
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert pretrained.embedder.normalize is True
+
+
+def test_frozen_encoder_stays_pretrained(data, monkeypatch):
+    store, targets = data
+    pretrained = MeLESModule(CONFIG.to_dict(), store.encoding.to_dict())
+    created = []
+    real_train_fold = finetune._train_fold
+
+    def spy(make_model, *args, **kwargs):
+        def make():
+            created.append(make_model())
+            return created[-1]
+
+        return real_train_fold(make, *args, **kwargs)
+
+    monkeypatch.setattr(finetune, "_train_fold", spy)
+    settings = {**FAST, "max_epochs": 1, "freeze_epochs": 1, "test_size": 0.0}
+    r = supervised_eval(store, targets, "is_zero", CONFIG, pretrained=pretrained, **settings)
+    assert r.n_test == 0 and r.test_scores == [] and r.test_mean is None
+    reference = pretrained.embedder.state_dict()
+    for model in created:
+        assert all(torch.equal(v, reference[k]) for k, v in model.embedder.state_dict().items())
+
+
+def test_encoding_mismatch_is_refused(data):
+    store, targets = data
+    other = store.encoding.to_dict()
+    other["categorical"]["mcc"]["values"] = list(reversed(VALUES))
+    pretrained = MeLESModule(CONFIG.to_dict(), other)
+    with pytest.raises(FineTuneError, match="'mcc'.*differs"):
+        supervised_eval(store, targets, "is_zero", CONFIG, pretrained=pretrained, **FAST)
+    with pytest.raises(ValueError, match="n_folds"):
+        supervised_eval(store, targets, "is_zero", CONFIG, n_folds=1, show_progress=False)

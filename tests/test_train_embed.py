@@ -1,0 +1,153 @@
+"""Training, embedding and the API end to end on a small synthetic log."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ptls_meles import EventSchema, MeLES, MeLESConfig
+from ptls_meles.embed import embed_frame
+from ptls_meles.prepare import prepare
+from ptls_meles.train import load_checkpoint
+
+SCHEMA = EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number")
+SMALL = dict(hidden_size=24, cat_embedding_dim=4, batch_size=16, max_epochs=3, num_workers=0, val_fraction=0.2,
+             cnt_min=5, cnt_max=30, lr=3e-3, patience=None)
+
+
+@pytest.fixture(scope="module")
+def events() -> pd.DataFrame:
+    from ptls_meles.datasets.synthetic import generate
+
+    tx, _ = generate(n_clients=120, seed=3, mean_events=60)
+    return tx
+
+
+@pytest.fixture(scope="module")
+def store(events):
+    s, _ = prepare(events, SCHEMA, show_progress=False)
+    return s
+
+
+@pytest.fixture(scope="module")
+def fitted(store, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    model = MeLES(**SMALL).fit(store, out_dir=out, show_progress=False)
+    return model, out
+
+
+def test_training_beats_chance_and_logs(fitted):
+    model, out = fitted
+    metrics = pd.read_csv(out / "logs" / "metrics.csv")
+    recall = metrics["val_recall"].dropna().to_numpy()
+    n_val_views = 24 * 5
+    chance = 4 / (n_val_views - 1)
+    assert len(recall) == 3
+    assert recall.max() > 5 * chance, recall
+    assert (out / "checkpoints" / "last.ckpt").exists()
+    assert metrics["loss_epoch"].dropna().iloc[-1] < metrics["loss_epoch"].dropna().iloc[0]
+
+
+def test_checkpoint_carries_config_and_encoding_and_loads_weights_only(fitted, store):
+    model, out = fitted
+    module = load_checkpoint(out / "checkpoints" / "last.ckpt")
+    assert module.cfg.hidden_size == SMALL["hidden_size"]
+    assert module.encoding.categorical["small_group"].values == store.encoding.categorical["small_group"].values
+
+
+def test_save_load_round_trip_gives_identical_embeddings(fitted, store, tmp_path, events):
+    model, _ = fitted
+    before = model.transform(store)
+    model.save(tmp_path / "m")
+    again = MeLES.load(tmp_path / "m")
+    after = again.transform(store)
+    pd.testing.assert_frame_equal(before, after)
+    # raw events are encoded with the saved encoding and give the same table
+    raw = again.transform(events)
+    np.testing.assert_allclose(raw.iloc[:, 1:].to_numpy(), before.iloc[:, 1:].to_numpy(), atol=1e-6)
+    assert list(before.columns[:3]) == ["client_id", "emb_000", "emb_001"]
+    assert len(before) == store.n_clients
+
+
+def test_embedding_does_not_depend_on_batch_company(fitted, store):
+    model, _ = fitted
+    full = embed_frame(model.module_.embedder, store, batch_size=64, show_progress=False)
+    alone = embed_frame(model.module_.embedder, store.take(np.array([5])), batch_size=1, show_progress=False)
+    np.testing.assert_allclose(alone.iloc[0, 1:].to_numpy(float), full.iloc[5, 1:].to_numpy(float), atol=1e-5)
+    odd = embed_frame(model.module_.embedder, store, batch_size=7, show_progress=False)
+    np.testing.assert_allclose(odd.iloc[:, 1:].to_numpy(), full.iloc[:, 1:].to_numpy(), atol=1e-5)
+
+
+def test_max_events_uses_the_last_events(fitted, store):
+    model, _ = fitted
+    emb = model.module_.embedder
+    last10 = embed_frame(emb, store, max_events=10, show_progress=False)
+    i = int(np.argmax(store.lengths))
+    a, b = store.offsets[i], store.offsets[i + 1]
+    cut = store.take(np.array([i]))
+    cut.columns = {k: v[-10:] for k, v in cut.columns.items()}
+    cut.offsets = np.array([0, 10])
+    alone = embed_frame(emb, cut, show_progress=False)
+    assert b - a > 10
+    np.testing.assert_allclose(alone.iloc[0, 1:].to_numpy(float), last10.iloc[i, 1:].to_numpy(float), atol=1e-5)
+
+
+def test_write_embeddings_streams_a_parquet_table_with_metadata(fitted, store, tmp_path):
+    model, _ = fitted
+    path = tmp_path / "emb.parquet"
+    stats = model.write_embeddings(store, path, show_progress=False)
+    table = pq.read_table(path)
+    assert stats["clients"] == table.num_rows == store.n_clients
+    meta = json.loads(table.schema.metadata[b"ptls_meles"])
+    assert meta["config"]["hidden_size"] == SMALL["hidden_size"]
+    assert "small_group" in meta["encoding"]["categorical"]
+    df = table.to_pandas().set_index("client_id").loc[store.client_ids]
+    ref = model.transform(store).set_index("client_id")
+    np.testing.assert_allclose(df.to_numpy(), ref.to_numpy(), atol=1e-6)
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_same_seed_gives_bitwise_identical_training(store):
+    cfg = {**SMALL, "max_epochs": 1, "val_fraction": 0.0}
+    a = MeLES(**cfg).fit(store, show_progress=False).transform(store)
+    b = MeLES(**cfg).fit(store, show_progress=False).transform(store)
+    assert np.array_equal(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy())
+
+
+@pytest.mark.parametrize("encoder,split,loss,miner", [
+    ("lstm", "samples", "triplet", "random"),
+    ("transformer", "disjoint", "binomial_deviance", "distance_weighted"),
+    ("gru", "slices", "histogram", "all"),
+    ("gru", "slices", "margin", "hard"),
+])
+def test_every_component_trains(store, encoder, split, loss, miner):
+    cfg = {**SMALL, "max_epochs": 1, "encoder": encoder, "split": split, "loss": loss, "miner": miner, "val_fraction": 0.0}
+    if encoder == "transformer":
+        cfg["encoder_kwargs"] = {"nhead": 2, "dim_feedforward": 32}
+    model = MeLES(**cfg).fit(store, show_progress=False)
+    emb = model.transform(store)
+    assert np.isfinite(emb.iloc[:, 1:].to_numpy()).all()
+    assert emb.iloc[:, 1:].to_numpy().std(axis=0).mean() > 0
+
+
+def test_resume_continues_from_last_checkpoint(store, tmp_path):
+    cfg = {**SMALL, "max_epochs": 2, "val_fraction": 0.0}
+    full = MeLES(**cfg).fit(store, out_dir=tmp_path / "full", show_progress=False).transform(store)
+    MeLES(**{**cfg, "max_epochs": 1}).fit(store, out_dir=tmp_path / "cut", show_progress=False)
+    resumed = MeLES(**cfg).fit(store, out_dir=tmp_path / "cut", resume=True, show_progress=False).transform(store)
+    np.testing.assert_allclose(resumed.iloc[:, 1:].to_numpy(), full.iloc[:, 1:].to_numpy(), atol=1e-6)
+
+
+def test_errors_are_clear(store):
+    with pytest.raises(ValueError, match="unknown MeLES setting"):
+        MeLES(hidden=3)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        MeLES().transform(store)
+    with pytest.raises(ValueError, match="schema"):
+        MeLES(**SMALL).fit(pd.DataFrame({"a": [1]}))
+    with pytest.raises(ValueError, match="split"):
+        MeLES(**{**SMALL, "split": "nope", "max_epochs": 1}).fit(store, show_progress=False)
