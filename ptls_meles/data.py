@@ -28,8 +28,11 @@ class EpochBatchSampler(Sampler):
     all views of a client stay inside one process's batch.
     """
 
-    def __init__(self, n_batches: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, n_batches: int, num_replicas: int = 1, rank: int = 0, epoch_fn=None) -> None:
         self.n_batches, self.num_replicas, self.rank, self.epoch = n_batches, num_replicas, rank, 0
+        # Lightning does not call set_epoch on the first epoch after a resume, so the
+        # trainer's own epoch counter, when given, is the source of truth
+        self.epoch_fn = epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -38,6 +41,8 @@ class EpochBatchSampler(Sampler):
         return len(range(self.rank, self.n_batches, self.num_replicas))
 
     def __iter__(self):
+        if self.epoch_fn is not None:
+            self.epoch = int(self.epoch_fn())
         return iter([(self.epoch, b) for b in range(self.rank, self.n_batches, self.num_replicas)])
 
 
@@ -123,7 +128,8 @@ class MeLESDataModule(pl.LightningDataModule):
         ds = ViewBatches(self.store, self.train_clients, self.cfg)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return self._loader(ds, EpochBatchSampler(len(ds), world, rank))
+        epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None
+        return self._loader(ds, EpochBatchSampler(len(ds), world, rank, epoch_fn))
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.val_clients) < 2:

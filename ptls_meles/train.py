@@ -47,7 +47,7 @@ class MeLESModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # dropout etc. depend only on (seed, epoch): resumed runs repeat uninterrupted ones
-        torch.manual_seed(self.cfg.seed * 1000 + self.current_epoch)
+        torch.manual_seed(self.cfg.seed * 1000 + self.trainer.fit_loop.epoch_progress.current.processed)
 
     def training_step(self, batch, batch_idx):
         padded, labels = batch
