@@ -205,3 +205,15 @@ def test_unknown_names_and_missing_fields_raise():
     encoder = TransformerSeqEncoder(4, d_model=8, nhead=2, max_len=5)
     with pytest.raises(ValueError, match="max_len"):
         encoder(torch.zeros(1, 6, 4), torch.tensor([6]))
+
+
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_length_buckets_give_the_same_states_as_one_padded_run(kind):
+    torch.manual_seed(0)
+    x = torch.randn(260, 40, 5)
+    lengths = torch.randint(1, 41, (260,))
+    bucketed = RnnSeqEncoder(5, 8, kind=kind, length_buckets=4).eval()
+    single = RnnSeqEncoder(5, 8, kind=kind, length_buckets=1).eval()
+    single.load_state_dict(bucketed.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(bucketed(x, lengths), single(x, lengths), atol=1e-5, rtol=1e-5)

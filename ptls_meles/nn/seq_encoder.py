@@ -31,8 +31,10 @@ class RnnSeqEncoder(nn.Module):
         bidirectional: bool = False,
         dropout: float = 0.0,
         learn_initial_state: bool = False,
+        length_buckets: int = 4,
     ):
         super().__init__()
+        self.length_buckets = length_buckets
         rnn_types = {"gru": nn.GRU, "lstm": nn.LSTM}
         if kind not in rnn_types:
             raise ValueError(f"unknown rnn kind {kind!r}; expected one of {sorted(rnn_types)}, e.g. 'gru'")
@@ -64,14 +66,31 @@ class RnnSeqEncoder(nn.Module):
         states = [s.expand(-1, batch_size, -1).contiguous() for s in self.initial_state]
         return tuple(states) if self.kind == "lstm" else states[0]
 
+    def _run_last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        out, _ = self.rnn(x[:, : int(lengths.max())], self._initial_state(x.shape[0]))
+        index = (lengths - 1).to(out.device).view(-1, 1, 1).expand(-1, 1, out.shape[-1])
+        return out.gather(1, index).squeeze(1)
+
+    def _padded_last_states(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by length and run in up to ``length_buckets`` groups, each padded only
+        to its own longest row: a batch of mixed lengths (e.g. random slices of 25–200
+        events) then spends ~10% instead of ~45% of its compute on padding."""
+        groups = max(1, min(self.length_buckets, x.shape[0] // 64))
+        if groups == 1:
+            return self._run_last(x, lengths)
+        order = torch.argsort(lengths.cpu())
+        out = x.new_empty(x.shape[0], self._output_size)
+        for idx in order.chunk(groups):
+            idx = idx.to(x.device)
+            out[idx] = self._run_last(x[idx], lengths[idx])
+        return out
+
     def forward(
         self, x: torch.Tensor, lengths: torch.Tensor, event_time: torch.Tensor | None = None
     ) -> torch.Tensor:
         lengths = lengths.clamp(min=1)  # zero-length rows read one padded (zero) step
         if self.num_directions == 1:
-            out, _ = self.rnn(x, self._initial_state(x.shape[0]))
-            index = (lengths - 1).to(out.device).view(-1, 1, 1).expand(-1, 1, out.shape[-1])
-            return out.gather(1, index).squeeze(1)
+            return self._padded_last_states(x, lengths)
         packed = pack_padded_sequence(
             x, lengths.cpu(), batch_first=True, enforce_sorted=False
         )
