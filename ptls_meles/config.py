@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field, fields
 
 
@@ -45,6 +46,21 @@ class MeLESConfig:
     max_events: int | None = 1600  # embed from the last N events of each client
     embed_batch_size: int = 256
 
+    def __post_init__(self) -> None:
+        # a wrong type (e.g. ``--set hidden_size=abc``) fails here, naming the setting,
+        # rather than deep inside torch
+        for f in fields(self):
+            value = getattr(self, f.name)
+            allowed = _ALLOWED_TYPES.get(f.type)
+            if allowed is None:
+                continue
+            if value is None and "None" in f.type:
+                continue
+            if f.type == "bool" and isinstance(value, numbers.Integral) and value in (0, 1):
+                continue
+            if isinstance(value, bool) and f.type != "bool" or not isinstance(value, allowed):
+                raise ValueError(f"setting {f.name!r} must be {f.type}, got {value!r} ({type(value).__name__})")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -61,3 +77,16 @@ class MeLESConfig:
 
     def embedding_dim_of(self, column: str) -> int:
         return self.cat_embedding_dims.get(column, self.cat_embedding_dim)
+
+
+# declared type (as written in the class) → accepted Python types
+_ALLOWED_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (numbers.Integral,),
+    "int | None": (numbers.Integral,),
+    "float": (numbers.Real,),
+    "float | None": (numbers.Real,),
+    "str": (str,),
+    "bool": (bool,),
+    "dict": (dict,),
+    "dict[str, int]": (dict,),
+}

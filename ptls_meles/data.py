@@ -119,7 +119,7 @@ class MeLESDataModule(pl.LightningDataModule):
             sampler=sampler,
             num_workers=workers,
             worker_init_fn=_worker_init if workers else None,
-            persistent_workers=False,
+            persistent_workers=bool(workers),  # safe: batch keys carry the epoch
             prefetch_factor=4 if workers else None,
             collate_fn=None,
         )

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from .encoding import N_RESERVED, UNSEEN_ID, CategoryVocab, Encoding, NumericTransform, as_category_strings
-from .schema import EventSchema, SchemaError, detect_time_format, parse_number, parse_time
+from .schema import EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time
 from .sources import Source, count_rows, iter_chunks
 from .store import TIME_COLUMN, SequenceStore
 
@@ -37,6 +37,7 @@ class PrepareReport:
     n_rows_read: int = 0
     dropped: Counter = field(default_factory=Counter)  # reason → rows
     null_categories: Counter = field(default_factory=Counter)  # column → nulls mapped to the unseen id
+    merged_client_ids: int = 0  # ids read as a number in one place and as text in another (3 and "3"): one client
     seconds: float = 0.0
 
     @property
@@ -47,6 +48,8 @@ class PrepareReport:
         dropped = sum(self.dropped.values())
         detail = f" ({', '.join(f'{k}: {v}' for k, v in self.dropped.items())})" if dropped else ""
         nulls = f", null categories → unseen id: {dict(self.null_categories)}" if self.null_categories else ""
+        if self.merged_client_ids:
+            nulls += f", {self.merged_client_ids:,} client ids given both as number and text merged"
         return (
             f"prepared {self.n_clients:,} clients, {self.n_events:,} events; dropped {dropped:,} rows{detail}{nulls}; "
             f"{self.seconds:.1f} s ({self.events_per_second:,.0f} events/s)"
@@ -125,7 +128,7 @@ def prepare(
 
     bar = tqdm(total=count_rows(source), unit="rows", unit_scale=True, desc="prepare", disable=not show_progress)
     for chunk in iter_chunks(source, schema.raw_columns, chunk_rows):
-        tbl = chunk.table
+        tbl = check_column_types(chunk.table, chunk.source)
         n = tbl.num_rows
         report.n_rows_read += n
         bad = np.zeros(n, dtype=bool)
@@ -191,7 +194,7 @@ def prepare(
         raise SchemaError(f"{_name(source)}: all {report.n_rows_read} rows were dropped as bad: {dict(report.dropped)}")
 
     # clients ordered by id, so the store does not depend on file order
-    client_values = clients.index.to_numpy()
+    client_values, client_code, report.merged_client_ids = _unify_id_types(clients.index.to_numpy(), client_code)
     order_of = _sort_order(client_values)
     rank = np.empty(len(order_of), np.int64)
     rank[order_of] = np.arange(len(order_of))
@@ -242,6 +245,25 @@ def prepare(
 
 def _name(source: Source) -> str:
     return type(source).__name__ if isinstance(source, (pd.DataFrame, pa.Table)) else str(source)
+
+
+def _unify_id_types(values: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Client ids that mix numbers and text (int ids in one file, strings in another) all
+    become text, and ``3`` and ``"3"`` become one client; returns (values, codes, merged)."""
+    if pd.api.types.infer_dtype(values, skipna=False) not in ("mixed", "mixed-integer"):
+        return values, codes, 0
+    # one Python call per distinct client, only on this rare path
+    keys = np.array([_id_text(v) for v in values], dtype=object).astype(str)
+    uniques, inverse = np.unique(keys, return_inverse=True)
+    merged = len(values) - len(uniques)
+    log.warning("client ids mix numbers and text; all are read as text (%d ids given both ways merged)", merged)
+    return uniques.astype(object), inverse[codes], merged
+
+
+def _id_text(value) -> str:
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _sort_order(values: np.ndarray) -> np.ndarray:

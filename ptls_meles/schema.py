@@ -77,6 +77,35 @@ class EventSchema:
         return cls(**json.loads(Path(path).read_text()))
 
 
+# ----------------------------------------------------------------- column types
+def check_column_types(table: pa.Table, source: str) -> pa.Table:
+    """Reject nested values (lists, structs, maps) and read bytes as UTF-8 text, so an odd
+    column type gives a :class:`SchemaError` naming it instead of a deep Arrow error."""
+    for i, name in enumerate(table.column_names):
+        col = table.column(i)
+        t = col.type
+        if pa.types.is_nested(t) or pa.types.is_dictionary(t) and pa.types.is_nested(t.value_type):
+            example = next((v for v in col.to_pylist() if v is not None), None)
+            raise SchemaError(f"{source}: column {name!r} holds nested values of type {t}, e.g. {example!r}; expected one plain value per event")
+        if pa.types.is_dictionary(t):
+            table = table.set_column(i, name, pc.cast(col, t.value_type))
+        elif pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_fixed_size_binary(t):
+            try:
+                table = table.set_column(i, name, pc.cast(pc.cast(col, pa.binary()), pa.string()))
+            except pa.ArrowInvalid:
+                bad = next(v for v in col.to_pylist() if v is not None and not _is_utf8(v))
+                raise SchemaError(f"{source}: column {name!r} holds bytes that are not UTF-8 text, e.g. {bad!r}") from None
+    return table
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
 # ----------------------------------------------------------------- column parsing
 @dataclass
 class Parsed:
@@ -97,7 +126,8 @@ def _first_bad(raw: pa.ChunkedArray | pa.Array, bad: np.ndarray) -> tuple[object
 def parse_number(raw: pa.Array | pa.ChunkedArray) -> Parsed:
     """Float64 values; non-numeric, null, NaN and inf rows are marked bad."""
     if pa.types.is_integer(raw.type) or pa.types.is_floating(raw.type) or pa.types.is_boolean(raw.type) or pa.types.is_decimal(raw.type):
-        values = pc.cast(raw, pa.float64()).to_numpy(zero_copy_only=False)
+        # safe=False: integers beyond 2**53 become the nearest float instead of raising
+        values = pc.cast(raw, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
         problem = "null, NaN or infinite value"
     else:
         text = pc.cast(raw, pa.string())

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+import warnings
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,6 +19,11 @@ from .nn import build_embedder
 from .store import SequenceStore
 
 log = logging.getLogger(__name__)
+
+# Lightning's advertising tip and a deprecation inside Lightning itself are noise to our users
+warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+warnings.filterwarnings("ignore", message=".*litlogger.*")
+logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
 def embedder_from_config(config: MeLESConfig, encoding: Encoding):
@@ -113,7 +120,12 @@ def fit(
         callbacks.append(ckpt_cb)
     if has_val and config.patience:
         callbacks.append(pl.callbacks.EarlyStopping("val_recall", mode="max", patience=config.patience))
-    logger = pl.loggers.CSVLogger(str(out_dir), name="logs", version="") if out_dir is not None else False
+    if not has_val:
+        trainer_kwargs.setdefault("limit_val_batches", 0)
+    # a resumed run logs beside the original run's metrics.csv instead of overwriting it
+    version = time.strftime("resumed-%Y%m%d-%H%M%S") if resume else ""
+    logger = pl.loggers.CSVLogger(str(out_dir), name="logs", version=version) if out_dir is not None else False
+    n_batches = -(-len(dm.train_clients) // config.batch_size)
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         accelerator=accelerator,
@@ -126,7 +138,7 @@ def fit(
         use_distributed_sampler=False,
         num_sanity_val_steps=0,
         deterministic=False,
-        log_every_n_steps=10,
+        log_every_n_steps=max(1, min(10, n_batches)),
         default_root_dir=str(out_dir) if out_dir else None,
         **trainer_kwargs,
     )

@@ -302,6 +302,9 @@ def load_feature_table(path: str | os.PathLike, id_col: str = "client_id") -> pd
 
 # --------------------------------------------------------------------------- helpers
 def _check_unique_ids(table: pd.DataFrame, id_col: str, what: str) -> None:
+    null = table[id_col].isna()
+    if null.any():
+        raise EvaluationError(f"{what}: column {id_col!r} has {int(null.sum())} null ids, e.g. at row {int(null.to_numpy().argmax())}")
     dup = table[id_col].duplicated()
     if dup.any():
         raise EvaluationError(
