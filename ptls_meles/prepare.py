@@ -85,7 +85,7 @@ class _GrowingDictionary:
         idx = enc.indices.to_numpy(zero_copy_only=False)
         if enc.indices.null_count:
             idx = np.where(pc.is_null(enc.indices).to_numpy(zero_copy_only=False), -1, np.nan_to_num(idx, nan=-1)).astype(np.int64)
-        out = np.where(idx >= 0, local[np.maximum(idx, 0)] if len(local) else -1, -1).astype(np.int64)
+        out = np.where(idx >= 0, local[np.maximum(idx, 0)] if len(local) else -1, -1).astype(np.int32)  # 4 bytes per event
         valid = out[out >= 0]
         self.counts += np.bincount(valid, minlength=len(self.counts))[: len(self.counts)]
         return out
@@ -196,7 +196,7 @@ def prepare(
     # clients ordered by id, so the store does not depend on file order
     client_values, client_code, report.merged_client_ids = _unify_id_types(clients.index.to_numpy(), client_code)
     order_of = _sort_order(client_values)
-    rank = np.empty(len(order_of), np.int64)
+    rank = np.empty(len(order_of), np.int32)
     rank[order_of] = np.arange(len(order_of))
     client_code = rank[client_code]
     client_values = client_values[order_of]
