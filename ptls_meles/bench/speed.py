@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clients", type=int, default=5000)
     ap.add_argument("--mean-events", type=float, default=320)
     ap.add_argument("--train-clients", type=int, default=0, help="train one epoch on this many clients (0: all)")
+    ap.add_argument("--format", choices=["parquet", "csv"], default="parquet", help="raw file format prepare reads")
     ap.add_argument("--phases", default="prepare,train,embed", help="comma-separated subset of prepare,train,embed")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/bench_speed", help="scratch directory")
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     work = Path(a.work)
     raw = work / "raw"
-    files = write(raw, n_clients=a.clients, seed=0, mean_events=a.mean_events, with_type=True, fmt="parquet")
+    files = write(raw, n_clients=a.clients, seed=0, mean_events=a.mean_events, with_type=True, fmt=a.format)
     args = {"raw": str(files["transactions"]), "store": str(work / "store"), "threads": a.threads, "train_clients": a.train_clients}
     res = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, threads={a.threads}"}
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
