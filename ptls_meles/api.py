@@ -65,11 +65,35 @@ class MeLES:
         if not hasattr(self, "module_"):
             raise RuntimeError("this MeLES instance is not fitted yet: call .fit(events) or MeLES.load(path)")
 
+    def _check_store_encoding(self, store: SequenceStore) -> None:
+        """A store prepared with another encoding maps values to other ids (or to ids past the
+        embedding tables): refuse it, naming the column, instead of embedding garbage."""
+        for c, vocab in self.encoding_.categorical.items():
+            other = store.encoding.categorical.get(c)
+            if other is None or c not in store.columns:
+                raise ValueError(f"the store has no categorical column {c!r} that the model was trained on; "
+                                 f"it has {sorted(store.columns)}")
+            if other.values != vocab.values:
+                raise ValueError(
+                    f"the store's column {c!r} was encoded with another vocabulary than the model's "
+                    f"({len(other.values)} vs {len(vocab.values)} values, e.g. {other.values[:3]} vs {vocab.values[:3]}); "
+                    "pass raw events, or prepare the store with the model's encoding (prepare(..., encoding=model.encoding_) / "
+                    "`ptls-meles prepare --encoding MODEL/encoding.json`)"
+                )
+        for c, transform in self.encoding_.numeric.items():
+            other = store.encoding.numeric.get(c)
+            if other is None or c not in store.columns:
+                raise ValueError(f"the store has no numeric column {c!r} that the model was trained on; it has {sorted(store.columns)}")
+            if other != transform:
+                raise ValueError(f"the store's column {c!r} was transformed as {other}, the model expects {transform}; "
+                                 "prepare the store with the model's encoding")
+
     def transform(self, events: Source | SequenceStore, show_progress: bool = False) -> pd.DataFrame:
         """Embeddings as a DataFrame ``client_id, emb_000, ..., emb_{D-1}``; new data is
         encoded with the training encoding (unseen categories → the reserved id)."""
         self._check_fitted()
         store = self._store(events, self.encoding_, show_progress)
+        self._check_store_encoding(store)
         return embed_frame(
             self.module_.embedder, store, max_events=self.config.max_events, batch_size=self.config.embed_batch_size, show_progress=show_progress
         )
@@ -82,6 +106,7 @@ class MeLES:
         """Stream the embedding table to Parquet (config and encoding in its metadata)."""
         self._check_fitted()
         store = self._store(events, self.encoding_, show_progress)
+        self._check_store_encoding(store)
         meta = {"config": self.config.to_dict(), "encoding": self.encoding_.to_dict()}
         return write_embeddings(
             self.module_.embedder, store, path, metadata=meta, max_events=self.config.max_events,
@@ -119,7 +144,9 @@ class MeLES:
         schema = EventSchema.load(path / "schema.json") if (path / "schema.json").exists() else None
         obj = cls(schema=schema, **config)
         module = MeLESModule(config, encoding.to_dict())
-        module.load_state_dict(torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True))
+        from .train import load_weights
+
+        module.load_state_dict(load_weights(path / MODEL_FILE))
         module.eval()
         obj.module_, obj.encoding_, obj.schema_ = module, encoding, schema
         return obj

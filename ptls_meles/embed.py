@@ -87,10 +87,15 @@ def write_embeddings(
     store: SequenceStore,
     path: str | Path,
     metadata: dict | None = None,
+    row_group_rows: int = 65_536,
     **kwargs,
 ) -> dict:
     """Stream embeddings into a Parquet table at ``path`` (written under a temporary name,
-    renamed when complete). ``metadata`` (config, encoding) is stored in the file's schema."""
+    renamed when complete). ``metadata`` (config, encoding) is stored in the file's schema.
+
+    Batches are buffered up to ``row_group_rows`` rows per Parquet row group: memory stays
+    bounded by one row group, and readers do not pay for thousands of tiny row groups.
+    """
     path = Path(path)
     t0 = time.perf_counter()
     dim = embedder.output_size
@@ -99,11 +104,27 @@ def write_embeddings(
         metadata={b"ptls_meles": json.dumps(metadata or {}).encode()},
     )
     rows = 0
+    buffered: list[tuple[np.ndarray, np.ndarray]] = []
+    n_buffered = 0
+
+    def flush(writer: pq.ParquetWriter) -> None:
+        nonlocal n_buffered
+        clients = np.concatenate([c for c, _ in buffered])
+        emb = np.concatenate([e for _, e in buffered]).astype(np.float32, copy=False).T.copy()  # [D, n]: contiguous columns
+        arrays = [pa.array(store.client_ids[clients])] + [pa.array(emb[j]) for j in range(dim)]
+        writer.write_table(pa.Table.from_arrays(arrays, schema=schema), row_group_size=len(clients))
+        buffered.clear()
+        n_buffered = 0
+
     with atomic_path(path) as tmp:
         with pq.ParquetWriter(tmp, schema) as writer:
             for clients, emb in iter_embeddings(embedder, store, **kwargs):
-                arrays = [pa.array(store.client_ids[clients])] + [pa.array(emb[:, j]) for j in range(dim)]
-                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+                buffered.append((clients, emb))
+                n_buffered += len(clients)
                 rows += len(clients)
+                if n_buffered >= row_group_rows:
+                    flush(writer)
+            if buffered:
+                flush(writer)
     seconds = time.perf_counter() - t0
     return {"clients": rows, "dim": dim, "seconds": seconds, "clients_per_s": rows / seconds if seconds else float("nan")}

@@ -169,6 +169,9 @@ def prepare(
             nums[c] = p.values
 
         keep = ~bad
+        if not keep.any():  # every row of the chunk dropped (and counted): nothing to encode
+            bar.update(n)
+            continue
         all_kept = bool(keep.all())
         if not all_kept:
             tbl = tbl.filter(pa.array(keep))
@@ -189,7 +192,7 @@ def prepare(
 
     if report.n_rows_read == 0:
         raise SchemaError(f"{_name(source)}: no events in the input (0 rows)")
-    client_code = np.concatenate(parts.pop("client"))
+    client_code = np.concatenate(parts.pop("client") or [np.zeros(0, np.int64)])
     if len(client_code) == 0:
         raise SchemaError(f"{_name(source)}: all {report.n_rows_read} rows were dropped as bad: {dict(report.dropped)}")
 
@@ -282,5 +285,5 @@ def _plain_ids(values: np.ndarray) -> np.ndarray:
     if inferred in ("floating", "mixed-integer-float"):
         x = s.astype(np.float64).to_numpy()
         # integer ids read as float (a null in a pandas int column) stay integers
-        return x.astype(np.int64) if np.all(np.mod(x, 1) == 0) and np.all(np.abs(x) < 2**53) else x
+        return x.astype(np.int64) if np.isfinite(x).all() and np.all(np.mod(x, 1) == 0) and np.all(np.abs(x) < 2**53) else x
     return s.astype(str).to_numpy()

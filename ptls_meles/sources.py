@@ -95,11 +95,16 @@ def _from_pandas(df: pd.DataFrame, source: str) -> pa.Table:
     for col in df.columns:
         try:
             arrays[str(col)] = pa.array(df[col], from_pandas=True)
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            # mixed Python types in an object column: read it as text, validation decides
-            arrays[str(col)] = pa.array(df[col].map(lambda v: None if pd.isna(v) else str(v)), type=pa.string())
-            del exc
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            # mixed Python types (or ints beyond int64) in an object column: read it as text, validation decides
+            arrays[str(col)] = pa.array(df[col].map(_text_or_none), type=pa.string())
     return pa.table(arrays)
+
+
+def _text_or_none(value) -> str | None:
+    if pd.api.types.is_scalar(value) and pd.isna(value):  # lists and dicts are not missing values
+        return None
+    return str(value)
 
 
 def _iter_parquet(file: Path, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:

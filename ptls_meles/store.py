@@ -104,7 +104,9 @@ class SequenceStore:
         path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path / STORE_FILE) as tmp:
             table = self.to_arrow()
-            meta = {b"ptls_meles": json.dumps(self.meta).encode()}
+            # the encoding travels inside the Parquet file too, so a store can never be
+            # paired with another run's encoding.json
+            meta = {b"ptls_meles": json.dumps(self.meta).encode(), b"ptls_meles_encoding": json.dumps(self.encoding.to_dict()).encode()}
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
             pq.write_table(table, tmp, row_group_size=row_group_size)
         self.encoding.save(path / ENCODING_FILE)
@@ -118,8 +120,9 @@ class SequenceStore:
         file = directory / STORE_FILE if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"no sequence store at {file}: run `ptls-meles prepare` first")
-        encoding = Encoding.load(directory / ENCODING_FILE)
         table = pq.read_table(file, columns=None if columns is None else ["client_id", TIME_COLUMN, *columns])
+        embedded = (table.schema.metadata or {}).get(b"ptls_meles_encoding")
+        encoding = Encoding.from_dict(json.loads(embedded)) if embedded else Encoding.load(directory / ENCODING_FILE)
         return cls.from_arrow(table, encoding)
 
     @classmethod

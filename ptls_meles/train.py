@@ -147,16 +147,41 @@ def fit(
         ckpt_path = Path(resume) if not isinstance(resume, bool) else (out_dir / "checkpoints" / "last.ckpt" if out_dir else None)
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None)
+        load_weights(ckpt_path)  # a corrupt or code-carrying checkpoint fails here with a clear error
+    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     if ckpt_cb is not None and ckpt_cb.best_model_path and has_val:
         best = load_checkpoint(ckpt_cb.best_model_path)
         return best
     return module
 
 
+class UnsafeOrCorruptModelError(ValueError):
+    """A model file that holds pickled code (refused) or is not a readable torch file."""
+
+
+def load_weights(path: str | os.PathLike):
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers only, so a
+    crafted file cannot run code; refusals and corrupt files raise a clear error."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        detail = str(exc).split("WeightsUnpickler error:")[-1].strip().split(". Please use")[0].split("\n")[0]
+        if "Unsupported global" not in detail:
+            raise UnsafeOrCorruptModelError(f"{path}: not a readable model file ({detail})") from None
+        raise UnsafeOrCorruptModelError(
+            f"{path}: refused to load, the file holds objects other than weights (loaded with weights_only=True): {detail}"
+        ) from None
+    except (RuntimeError, EOFError) as exc:
+        raise UnsafeOrCorruptModelError(f"{path}: not a readable model file ({str(exc).splitlines()[0]})") from None
+
+
 def load_checkpoint(path: str | os.PathLike) -> MeLESModule:
     """Load a checkpoint without unpickling arbitrary objects (``weights_only``)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    ckpt = load_weights(path)
     hp = ckpt["hyper_parameters"]
     module = MeLESModule(hp["config"], hp["encoding"])
     module.load_state_dict(ckpt["state_dict"])

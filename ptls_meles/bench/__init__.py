@@ -8,6 +8,8 @@ def run_bench(name: str, argv: list[str]) -> None:
         from .speed import main
     elif name == "paper":
         from .paper import main
+    elif name == "memory":
+        from .memory import main
     else:
-        raise ValueError(f"unknown benchmark {name!r}; choose speed or paper")
+        raise ValueError(f"unknown benchmark {name!r}; choose speed, paper or memory")
     main(argv)

@@ -274,8 +274,8 @@ def join_features_and_targets(
     if report.n_used == 0:
         raise EvaluationError(
             f"no labelled client of target {target_col!r} has features: check that {id_col!r} values match "
-            f"(features e.g. {joined[id_col].iloc[0] if len(joined) else None!r}, "
-            f"targets e.g. {labels[id_col].iloc[0] if len(labels) else None!r})"
+            f"(features e.g. {_plain(joined[id_col].iloc[0]) if len(joined) else None!r}, "
+            f"targets e.g. {_plain(labels[id_col].iloc[0]) if len(labels) else None!r})"
         )
     X = merged.drop(columns=[id_col, target_col])
     return X, merged[target_col].to_numpy(), report
@@ -308,7 +308,7 @@ def _check_unique_ids(table: pd.DataFrame, id_col: str, what: str) -> None:
     dup = table[id_col].duplicated()
     if dup.any():
         raise EvaluationError(
-            f"{what}: column {id_col!r} has {int(dup.sum())} duplicated ids, e.g. {table.loc[dup, id_col].iloc[0]!r}"
+            f"{what}: column {id_col!r} has {int(dup.sum())} duplicated ids, e.g. {_plain(table.loc[dup, id_col].iloc[0])!r}"
         )
 
 
@@ -325,7 +325,7 @@ def _encode_labels(y_raw: np.ndarray, target_col: str) -> tuple[list, np.ndarray
     classes, y = np.unique(y_raw, return_inverse=True)
     if len(classes) < 2:
         raise EvaluationError(
-            f"target {target_col!r} has a single class {classes[0]!r} among its labelled clients; nothing to predict"
+            f"target {target_col!r} has a single class {_plain(classes[0])!r} among its labelled clients; nothing to predict"
         )
     return [_plain(c) for c in classes], y.astype(np.int64)
 
