@@ -26,6 +26,32 @@ def embedding_columns(dim: int) -> list[str]:
     return [f"emb_{i:03d}" for i in range(dim)]
 
 
+# work allowed per batch: events for recurrent encoders, attention cells for Transformers
+# (their memory grows with the square of the length); long clients then come in smaller batches
+MAX_BATCH_EVENTS = 1 << 19
+MAX_BATCH_ATTENTION = 1 << 25
+
+
+def _cost_fn(embedder: torch.nn.Module):
+    from .nn.seq_encoder import TransformerSeqEncoder
+
+    if isinstance(getattr(embedder, "seq_encoder", None), TransformerSeqEncoder):
+        return lambda n, t: n * t * t <= MAX_BATCH_ATTENTION
+    return lambda n, t: n * t <= MAX_BATCH_EVENTS
+
+
+def _length_sorted_batches(order: np.ndarray, take: np.ndarray, batch_size: int, fits) -> Iterator[np.ndarray]:
+    """Consecutive runs of the length-sorted clients: at most ``batch_size`` clients, and at
+    most what ``fits(n_clients, longest)`` allows (at least one client)."""
+    s = 0
+    while s < len(order):
+        n = min(batch_size, len(order) - s)
+        while n > 1 and not fits(n, int(take[order[s + n - 1]])):
+            n //= 2
+        yield order[s : s + n]
+        s += n
+
+
 def iter_embeddings(
     embedder: torch.nn.Module,
     store: SequenceStore,
@@ -48,8 +74,7 @@ def iter_embeddings(
     bar = tqdm(total=store.n_clients, unit="clients", desc="embed", disable=not show_progress)
     try:
         with torch.inference_mode():
-            for s in range(0, len(order), batch_size):
-                clients = order[s : s + batch_size]
+            for clients in _length_sorted_batches(order, take, batch_size, _cost_fn(embedder)):
                 n = take[clients]
                 starts = store.offsets[clients + 1] - n
                 seg_offsets = np.zeros(len(clients) + 1, np.int64)

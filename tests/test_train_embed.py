@@ -151,3 +151,15 @@ def test_errors_are_clear(store):
         MeLES(**SMALL).fit(pd.DataFrame({"a": [1]}))
     with pytest.raises(ValueError, match="split"):
         MeLES(**{**SMALL, "split": "nope", "max_epochs": 1}).fit(store, show_progress=False)
+
+
+def test_length_sorted_batches_respect_the_work_budget():
+    from ptls_meles.embed import _length_sorted_batches
+
+    take = np.array([5, 1000, 3, 1000, 400, 2, 7, 999])
+    order = np.argsort(take, kind="stable")
+    batches = list(_length_sorted_batches(order, take, batch_size=4, fits=lambda n, t: n * t <= 2000))
+    assert np.array_equal(np.concatenate(batches), order)  # every client once, in length order
+    assert all(len(b) <= 4 for b in batches)
+    assert all(len(b) == 1 or len(b) * take[b].max() <= 2000 for b in batches)
+    assert [len(b) for b in batches][-2:] == [1, 1]  # the two 1000-event clients come alone

@@ -296,8 +296,13 @@ class Runs:
         return self.work / "runs" / self.run_id(config)
 
     def _done(self, config: MeLESConfig) -> bool:
+        """A finished run on disk (its ``run.json`` is written last); its record is restored into
+        the results, so changing only evaluation settings (trees, folds) never retrains."""
         d = self._dir(config)
-        return self.run_id(config) in self.results["runs"] and (d / "model" / "model.pt").exists() and (d / "embeddings.parquet").exists()
+        if not all((d / f).exists() for f in ("run.json", "model/model.pt", "embeddings.parquet")):
+            return False
+        self.results["runs"].setdefault(self.run_id(config), json.loads((d / "run.json").read_text()))
+        return True
 
     def model(self, config: MeLESConfig):
         """The trained :class:`~ptls_meles.api.MeLES` of this config (trains it if needed)."""
@@ -322,6 +327,7 @@ class Runs:
             self._embeddings[rid] = emb
             recall = _val_recall(d / "logs" / "metrics.csv")
             self.results["runs"][rid] = {"changes": changes, "train_seconds": seconds, **recall}
+            (d / "run.json").write_text(json.dumps(self.results["runs"][rid]))
             self.save()
             print(f"[meles] {rid}: {recall['epochs']} epochs in {seconds:.0f} s, val recall@(k-1) "
                   f"final {_fmt(recall['val_recall'])} best {_fmt(recall['best_val_recall'])}", flush=True)
@@ -506,7 +512,10 @@ class PaperBench:
             config = MeLESConfig.from_dict({**self.config.to_dict(), field: value})
             row = rows.setdefault(str(value), {"targets": {}})
             row["run"] = self.runs.run_id(config)
+            main_cells = self.results["table"].get(ROW_EMB, {}) if row["run"] == self.runs.run_id(self.config) else {}
             for t in self.target_list:
+                if t.name in main_cells and t.name not in row["targets"]:
+                    row["targets"][t.name] = main_cells[t.name]  # the main run: same embeddings, same protocol
                 self._cell_once(f"ablation {group}", row["targets"], t, f"{field}={value}",
                                 lambda t=t, config=config: self._lgbm([self.runs.embeddings(config)], t))
 

@@ -53,6 +53,8 @@ def score_text(cell: dict | None, part: str = "test") -> str:
 def _seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "—"
+    if s < 10:
+        return f"{s:.1f} s"
     return f"{s:.0f} s" if s < 600 else f"{s / 60:.1f} min"
 
 
@@ -137,6 +139,8 @@ def plot_quality_vs_size(results: dict, targets: list[str], path: Path) -> Path 
         if hand.get(t):
             ax.axhline(hand[t]["test_mean"], color="grey", linestyle="--", label="hand-crafted")
         ax.set_xscale("log", base=2)
+        ax.set_xticks([s for s, _ in points], [str(s) for s, _ in points])
+        ax.minorticks_off()
         ax.set_xlabel("hidden size")
         ax.set_title(t)
         ax.legend(fontsize=8)
@@ -162,6 +166,8 @@ def plot_quality_vs_fraction(results: dict, targets: list[str], path: Path) -> P
                 ax.errorbar([x for x, _ in pts], [c["test_mean"] for _, c in pts], yerr=[c["test_interval"] for _, c in pts],
                             marker="o", capsize=3, label=features)
         ax.set_xscale("log")
+        ax.set_xticks([float(f) for f in fractions], [f"{float(f):.0%}" for f in fractions])
+        ax.minorticks_off()
         ax.set_xlabel("labelled share of the training part")
         ax.set_ylabel(f"test {metric or 'score'}")
         ax.set_title(t)
