@@ -76,7 +76,7 @@ def cmd_prepare(args) -> None:
         schema = EventSchema.load(args.schema)
     else:
         if not (args.client_col and args.time_col):
-            raise SystemExit("prepare needs --schema FILE or both --client-col and --time-col")
+            raise ValueError("prepare needs --schema FILE or both --client-col and --time-col (e.g. --client-col client_id --time-col trans_date)")
         split = lambda s: [c for c in (s or "").split(",") if c]
         schema = EventSchema(args.client_col, args.time_col, split(args.cat), split(args.num), args.time_format, args.num_transform)
     encoding = Encoding.load(args.encoding) if args.encoding else None
@@ -88,8 +88,7 @@ def cmd_prepare(args) -> None:
 
         from .datasets.recipes import write_targets
 
-        t = pd.read_parquet(args.targets) if args.targets.endswith((".parquet", ".pq")) else pd.read_csv(args.targets)
-        write_targets(t, Path(args.out), args.target_id_col or schema.client_col)
+        write_targets(_read_table(args.targets), Path(args.out), args.target_id_col or schema.client_col)
     print(report.summary())
 
 
@@ -122,6 +121,20 @@ def cmd_embed(args) -> None:
           f"({stats['clients_per_s']:,.0f} clients/s) → {args.out}")
 
 
+def _read_table(path: str):
+    """A target table from CSV or Parquet, with errors that name the file."""
+    import pandas as pd
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"target table {path} does not exist")
+    try:
+        if path.endswith((".parquet", ".pq")) or Path(path).is_dir():
+            return pd.read_parquet(path)
+        return pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError) as exc:
+        raise ValueError(f"{path}: cannot read the target table ({exc})") from None
+
+
 def _feature_table(spec: str):
     from .downstream.evaluate import load_feature_table
 
@@ -139,10 +152,11 @@ def cmd_evaluate(args) -> None:
     from .downstream.evaluate import evaluate
 
     tables = [_feature_table(s) for s in args.features]
-    t = args.targets
-    targets = pd.read_parquet(t) if t.endswith((".parquet", ".pq")) or Path(t).is_dir() else pd.read_csv(t)
-    if args.target_id_col and args.target_id_col != "client_id":
-        targets = targets.rename(columns={args.target_id_col: "client_id"})
+    targets = _read_table(args.targets)
+    if args.target_id_col != "client_id":
+        if args.target_id_col not in targets.columns:
+            raise ValueError(f"{args.targets}: no id column {args.target_id_col!r}; it has columns {list(targets.columns)}")
+        targets = targets.drop(columns=["client_id"], errors="ignore").rename(columns={args.target_id_col: "client_id"})
     results = []
     for col in args.target_col:
         r = evaluate(tables, targets, col, n_folds=args.folds, test_size=args.test_size, seed=args.seed, n_jobs=args.jobs)
@@ -248,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks: speed | paper (ablation tables)")
-    b.add_argument("name", choices=["speed", "paper"])
+    b.add_argument("name", choices=["speed", "paper", "memory"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `ptls-meles bench NAME -- --help`)")
     common(b, threads=True)
     b.set_defaults(func=cmd_bench)
