@@ -1,12 +1,12 @@
 """``ptls-meles``: a thin command-line shell over the Python API.
 
     ptls-meles data synthetic|age|gender|physionet --out DIR [--raw PATH]
-    ptls-meles prepare INPUT --out DIR --client-col C --time-col T --cat A,B --num X
+    ptls-meles prepare INPUT --out DIR --client-col C --time-col T --cat A,B --num X [--engine spark]
     ptls-meles fit STORE --out RUN [--set key=value ...] [--resume]
     ptls-meles embed STORE|RAW --model RUN --out TABLE.parquet
     ptls-meles evaluate --features TABLE [TABLE|handcrafted:STORE ...] --targets FILE --target-col COL
     ptls-meles demo --out DIR
-    ptls-meles bench speed|paper ...
+    ptls-meles bench speed|paper|memory|spark ...
 """
 from __future__ import annotations
 
@@ -80,8 +80,14 @@ def cmd_prepare(args) -> None:
         split = lambda s: [c for c in (s or "").split(",") if c]
         schema = EventSchema(args.client_col, args.time_col, split(args.cat), split(args.num), args.time_format, args.num_transform)
     encoding = Encoding.load(args.encoding) if args.encoding else None
-    _, report = prepare(args.input, schema, out=args.out, encoding=encoding, on_error=args.on_error, min_count=args.min_count,
-                        max_vocab=args.max_vocab, show_progress=not args.quiet)
+    if args.engine == "spark":
+        from .spark import get_session, parse_conf, prepare_spark
+
+        report = prepare_spark(args.input, schema, args.out, encoding=encoding, on_error=args.on_error, min_count=args.min_count,
+                               max_vocab=args.max_vocab, spark=get_session(args.spark_master, parse_conf(args.spark_conf)))
+    else:
+        _, report = prepare(args.input, schema, out=args.out, encoding=encoding, on_error=args.on_error, min_count=args.min_count,
+                            max_vocab=args.max_vocab, show_progress=not args.quiet)
     schema.save(Path(args.out) / "schema.json")
     if args.targets:
         import pandas as pd
@@ -116,7 +122,13 @@ def cmd_embed(args) -> None:
         from .schema import EventSchema
 
         model.schema_ = EventSchema.load(args.schema)
-    stats = model.write_embeddings(args.input, args.out, show_progress=not args.quiet)
+    if args.engine == "spark":
+        from .spark import get_session, parse_conf
+        from .spark.embed import embed_input
+
+        stats = embed_input(model, args.input, args.out, get_session(args.spark_master, parse_conf(args.spark_conf)))
+    else:
+        stats = model.write_embeddings(args.input, args.out, show_progress=not args.quiet)
     print(f"embedded {stats['clients']:,} clients ({stats['dim']} dims) in {stats['seconds']:.1f} s "
           f"({stats['clients_per_s']:,.0f} clients/s) → {args.out}")
 
@@ -192,6 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
         if threads:
             sp.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 8)")
 
+    def engine(sp):
+        sp.add_argument("--engine", choices=["local", "spark"], default="local", help="spark: run on a Spark cluster (or local[N])")
+        sp.add_argument("--spark-master", help="Spark master URL (default: local[*]; ignored when a session is active)")
+        sp.add_argument("--spark-conf", action="append", metavar="KEY=VALUE", help="Spark setting, repeatable")
+
     d = sub.add_parser("data", help="build a store from a known dataset format (or the synthetic demo data)")
     d.add_argument("name", choices=["synthetic", "age", "gender", "physionet"])
     d.add_argument("--raw", help="the dataset's raw files (directory or archive)")
@@ -221,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--targets", help="optional target table (CSV/Parquet) to store beside the sequences")
     pr.add_argument("--target-id-col", help="client id column of the target table (default: the schema's)")
     common(pr)
+    engine(pr)
     pr.set_defaults(func=cmd_prepare)
 
     f = sub.add_parser("fit", help="self-supervised MeLES training on a store")
@@ -239,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--schema", help="schema JSON for raw input")
     common(e, threads=True)
+    engine(e)
     e.set_defaults(func=cmd_embed)
 
     ev = sub.add_parser("evaluate", help="LightGBM with stratified K-fold CV on feature tables")
@@ -262,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks: speed | paper (ablation tables)")
-    b.add_argument("name", choices=["speed", "paper", "memory"])
+    b.add_argument("name", choices=["speed", "paper", "memory", "spark"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `ptls-meles bench NAME -- --help`)")
     common(b, threads=True)
     b.set_defaults(func=cmd_bench)

@@ -25,7 +25,12 @@ class EpochBatchSampler(Sampler):
     """Yields ``(epoch, batch_number)`` keys; Lightning calls ``set_epoch`` every epoch.
 
     With ``num_replicas > 1`` (DDP) each process takes every ``num_replicas``-th batch, so
-    all views of a client stay inside one process's batch.
+    all views of a client stay inside one process's batch. Every process must run the same
+    number of steps (a process with one batch more waits forever in the gradient
+    all-reduce), so each takes ``n_batches // num_replicas`` batches: the last
+    ``n_batches % num_replicas`` batches of the epoch's shuffled order are left out (other
+    clients each epoch, as the order is reshuffled). With fewer batches than processes,
+    each process takes one batch and some processes share a batch.
     """
 
     def __init__(self, n_batches: int, num_replicas: int = 1, rank: int = 0, epoch_fn=None) -> None:
@@ -37,13 +42,20 @@ class EpochBatchSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def batch_numbers(self) -> list[int]:
+        """This process's batch numbers: as many for every rank (see the class docstring)."""
+        if self.num_replicas == 1 or self.n_batches == 0:
+            return list(range(self.n_batches))
+        per_rank = max(1, self.n_batches // self.num_replicas)
+        return [(self.rank + i * self.num_replicas) % self.n_batches for i in range(per_rank)]
+
     def __len__(self) -> int:
-        return len(range(self.rank, self.n_batches, self.num_replicas))
+        return len(self.batch_numbers())
 
     def __iter__(self):
         if self.epoch_fn is not None:
             self.epoch = int(self.epoch_fn())
-        return iter([(self.epoch, b) for b in range(self.rank, self.n_batches, self.num_replicas)])
+        return iter([(self.epoch, b) for b in self.batch_numbers()])
 
 
 class ViewBatches(Dataset):

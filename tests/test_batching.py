@@ -143,16 +143,19 @@ def test_batches_group_similar_lengths(make_store):
 
 
 # ------------------------------------------------------------------ sampler and client split
-def test_epoch_batch_sampler_shards_cover_everything_once():
-    for n_batches in (7, 8, 1):
+def test_epoch_batch_sampler_shards_are_equal_and_disjoint():
+    # every rank must run the same number of steps (DDP all-reduce); the remainder is left out
+    for n_batches, expected in ((7, 6), (8, 8)):
         shards = [EpochBatchSampler(n_batches, num_replicas=2, rank=r) for r in (0, 1)]
         for s in shards:
             s.set_epoch(4)
         keys = [list(s) for s in shards]
-        assert [len(s) for s in shards] == [len(k) for k in keys]
+        assert [len(s) for s in shards] == [len(k) for k in keys] == [expected // 2] * 2
         flat = [b for k in keys for (_, b) in k]
-        assert sorted(flat) == list(range(n_batches))
+        assert len(set(flat)) == len(flat) == expected
         assert all(e == 4 for k in keys for (e, _) in k)
+    tiny = [list(EpochBatchSampler(1, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert tiny == [[(0, 0)], [(0, 0)]]  # fewer batches than ranks: they share one
     single = EpochBatchSampler(3)
     assert list(single) == [(0, 0), (0, 1), (0, 2)]
     single.set_epoch(2)

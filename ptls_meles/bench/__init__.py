@@ -10,6 +10,8 @@ def run_bench(name: str, argv: list[str]) -> None:
         from .paper import main
     elif name == "memory":
         from .memory import main
+    elif name == "spark":
+        from .spark import main
     else:
-        raise ValueError(f"unknown benchmark {name!r}; choose speed, paper or memory")
+        raise ValueError(f"unknown benchmark {name!r}; choose speed, paper, memory or spark")
     main(argv)
