@@ -1,6 +1,7 @@
 """ptls-meles: client embeddings from event sequences by metric learning (MeLES / CoLES)."""
 from .config import MeLESConfig
 from .encoding import Encoding
+from .prepare import prepare  # the function; bound here so the submodule never shadows it
 from .schema import EventSchema, SchemaError
 from .store import SequenceStore
 
@@ -12,10 +13,6 @@ def __getattr__(name):  # the heavy (torch) parts load on first use
         from .api import MeLES
 
         return MeLES
-    if name == "prepare":
-        from .prepare import prepare
-
-        return prepare
     raise AttributeError(name)
 
 
