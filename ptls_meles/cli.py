@@ -18,8 +18,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 log = logging.getLogger("ptls_meles")
+
+if TYPE_CHECKING:
+    from .config import MeLESConfig
 
 
 def _threads(n: int | None) -> None:
@@ -90,8 +94,6 @@ def cmd_prepare(args) -> None:
                             max_vocab=args.max_vocab, show_progress=not args.quiet)
     schema.save(Path(args.out) / "schema.json")
     if args.targets:
-        import pandas as pd
-
         from .datasets.recipes import write_targets
 
         write_targets(_read_table(args.targets), Path(args.out), args.target_id_col or schema.client_col)
@@ -159,8 +161,6 @@ def _feature_table(spec: str):
 
 
 def cmd_evaluate(args) -> None:
-    import pandas as pd
-
     from .downstream.evaluate import evaluate
 
     tables = [_feature_table(s) for s in args.features]

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from .encoding import N_RESERVED, UNSEEN_ID, CategoryVocab, Encoding, NumericTransform, as_category_strings
+from .encoding import UNSEEN_ID, CategoryVocab, Encoding, NumericTransform, as_category_strings
 from .schema import EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time
 from .sources import Source, count_rows, iter_chunks
 from .store import TIME_COLUMN, SequenceStore

@@ -166,7 +166,7 @@ def test_labelled_subsample_is_stratified_nested_and_order_preserving():
     assert set(tenth) <= set(half)
     assert (np.diff(half) < 0).all()  # the order of train_idx is kept
     assert paper.labelled_subsample(y, train_idx, 1.0, 3, 1) is train_idx
-    with pytest.raises(paper.PaperBenchError, match="labelled fraction"):
+    with pytest.raises(ValueError, match="labelled fraction"):
         paper.labelled_subsample(y, train_idx, 0.0, 3, 1)
 
 

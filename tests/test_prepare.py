@@ -6,7 +6,6 @@ import json
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
 from ptls_meles.encoding import PAD_ID, UNSEEN_ID, CategoryVocab, Encoding, NumericTransform, as_category_strings

@@ -7,9 +7,8 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from ptls_meles import EventSchema, MeLES, MeLESConfig
+from ptls_meles import EventSchema, MeLES
 from ptls_meles.embed import embed_frame
 from ptls_meles.prepare import prepare
 from ptls_meles.train import load_checkpoint

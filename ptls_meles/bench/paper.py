@@ -23,7 +23,6 @@ import datetime as _dt
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import shlex
@@ -40,12 +39,8 @@ from ..config import MeLESConfig
 from ..downstream.evaluate import (
     PAPER_LGBM_PARAMS,
     EvalResult,
-    EvaluationError,
-    _check_enough_labels,
-    _encode_labels,
-    _resolve_task,
     evaluate,
-    join_features_and_targets,
+    labelled_subsample,  # noqa: F401  (re-exported for the fraction ablation)
 )
 from ..io_utils import atomic_path
 from ..store import SequenceStore
@@ -84,28 +79,6 @@ class Target:
 
 
 # --------------------------------------------------------------------------- labelled fraction
-def labelled_subsample(y: np.ndarray, train_idx: np.ndarray, fraction: float, min_per_class: int, seed: int) -> np.ndarray:
-    """The kept part of ``train_idx`` (its order preserved) when only ``fraction`` of it is labelled.
-
-    Stratified: per class ``ceil(fraction · n_c)`` clients (at least ``min_per_class``),
-    chosen by one seeded random rank per client, so a smaller fraction's clients are
-    always a subset of a larger one's. ``fraction = 1`` returns ``train_idx`` unchanged.
-    """
-    if not 0 < fraction <= 1:
-        raise PaperBenchError(f"labelled fraction must be in (0, 1], got {fraction}")
-    train_idx = np.asarray(train_idx)
-    if fraction == 1:
-        return train_idx
-    rank = np.random.default_rng([seed, 5]).random(len(train_idx))
-    labels = np.asarray(y)[train_idx]
-    keep = np.zeros(len(train_idx), bool)
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        n_keep = min(len(members), max(min_per_class, math.ceil(fraction * len(members))))
-        keep[members[np.argsort(rank[members], kind="stable")[:n_keep]]] = True
-    return train_idx[keep]
-
-
 def evaluate_labelled_fraction(
     features: pd.DataFrame | list[pd.DataFrame],
     targets: pd.DataFrame,
@@ -121,48 +94,12 @@ def evaluate_labelled_fraction(
 ) -> EvalResult:
     """:func:`evaluate` with only ``fraction`` of the training part labelled; the test part is unchanged.
 
-    Why not mask labels to NaN and call ``evaluate``: its test part is drawn from the
-    labelled clients, so dropping labels would move the test part. Here the test part and
-    the training part are drawn exactly as ``evaluate`` draws them (same calls, same seed),
-    the training part is subsampled (:func:`labelled_subsample`), and the K stratified
-    folds are drawn within the kept clients. ``fraction = 1`` gives ``evaluate``'s result.
+    (Masking labels to NaN would not do: the test part is drawn from the labelled clients.)
     """
-    from sklearn.metrics import accuracy_score, roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
-
-    from ..downstream.finetune import cv_split
-
     if task not in TASKS:
         raise PaperBenchError(f"task must be one of {TASKS}, got {task!r}")
-    X, y_raw, join = join_features_and_targets(features, targets, target_col, id_col)
-    classes, y = _encode_labels(y_raw, target_col)
-    task = _resolve_task(task, len(classes), target_col)
-    _check_enough_labels(y, classes, n_folds, test_size, target_col)
-    split = cv_split(y, n_folds, test_size, seed)  # the same test part as evaluate's
-    kept = labelled_subsample(y, split.train_idx, fraction, n_folds, seed)
-    if np.bincount(y[kept], minlength=len(classes)).min() < n_folds:
-        raise EvaluationError(f"target {target_col!r}: fewer than n_folds={n_folds} clients of some class outside the test part")
-    params = {**PAPER_LGBM_PARAMS, "random_state": seed, "n_jobs": n_jobs, **(lgbm_params or {})}
-    values = X.to_numpy(dtype=np.float32, na_value=np.nan)
-
-    def score(model, rows: np.ndarray) -> float:
-        if task == "binary":
-            return float(roc_auc_score(y[rows], model.predict_proba(values[rows])[:, 1]))
-        return float(accuracy_score(y[rows], model.predict(values[rows])))
-
-    import lightgbm as lgb
-
-    cv_scores, test_scores = [], []
-    for fit_pos, val_pos in StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(kept, y[kept]):
-        model = lgb.LGBMClassifier(**params).fit(values[kept[fit_pos]], y[kept[fit_pos]])
-        cv_scores.append(score(model, kept[val_pos]))
-        if len(split.test_idx):
-            test_scores.append(score(model, split.test_idx))
-    return EvalResult(
-        target=target_col, task=task, metric="auroc" if task == "binary" else "accuracy", n_folds=n_folds,
-        cv_scores=cv_scores, test_scores=test_scores, n_train=len(kept), n_test=len(split.test_idx),
-        n_features=X.shape[1], classes=list(classes), join=join, lgbm_params=params, seed=seed,
-    )
+    return evaluate(features, targets, target_col, task=task, n_folds=n_folds, test_size=test_size, seed=seed,
+                    lgbm_params=lgbm_params, n_jobs=n_jobs, id_col=id_col, labelled_fraction=fraction)
 
 
 # --------------------------------------------------------------------------- arguments

@@ -121,6 +121,29 @@ def interval_half_width(scores, ddof: int = INTERVAL_DDOF) -> float:
     return float(Z_95 * scores.std(ddof=ddof) / math.sqrt(len(scores)))
 
 
+
+def labelled_subsample(y: np.ndarray, train_idx: np.ndarray, fraction: float, min_per_class: int, seed: int) -> np.ndarray:
+    """The kept part of ``train_idx`` (its order preserved) when only ``fraction`` of it is labelled.
+
+    Stratified: per class ``ceil(fraction · n_c)`` clients (at least ``min_per_class``),
+    chosen by one seeded random rank per client, so a smaller fraction's clients are
+    always a subset of a larger one's. ``fraction = 1`` returns ``train_idx`` unchanged.
+    """
+    if not 0 < fraction <= 1:
+        raise EvaluationError(f"labelled fraction must be in (0, 1], got {fraction}")
+    train_idx = np.asarray(train_idx)
+    if fraction == 1:
+        return train_idx
+    rank = np.random.default_rng([seed, 5]).random(len(train_idx))
+    labels = np.asarray(y)[train_idx]
+    keep = np.zeros(len(train_idx), bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        n_keep = min(len(members), max(min_per_class, math.ceil(fraction * len(members))))
+        keep[members[np.argsort(rank[members], kind="stable")[:n_keep]]] = True
+    return train_idx[keep]
+
+
 def evaluate(
     features: pd.DataFrame | list[pd.DataFrame],
     targets: pd.DataFrame,
@@ -132,6 +155,7 @@ def evaluate(
     lgbm_params: dict | None = None,
     id_col: str = "client_id",
     n_jobs: int = 2,
+    labelled_fraction: float = 1.0,
 ) -> EvalResult:
     """Score feature table(s) on a target with LightGBM (stratified test part + K-fold CV).
 
@@ -139,6 +163,8 @@ def evaluate(
     ``id_col`` is a feature and must be numeric or bool. ``lgbm_params`` override
     :data:`PAPER_LGBM_PARAMS` key by key. Labels may be any values; they are mapped to
     ``0..C-1`` in sorted order (``EvalResult.classes``). ``test_size=0`` skips the test part.
+    ``labelled_fraction < 1`` keeps only that share of the training part labelled
+    (:func:`labelled_subsample`); the test part stays exactly the same.
     """
     from sklearn.metrics import accuracy_score, roc_auc_score
     from sklearn.model_selection import StratifiedKFold, train_test_split
@@ -160,6 +186,7 @@ def evaluate(
         train_idx, test_idx = train_test_split(index, test_size=test_size, stratify=y, random_state=seed)
     else:
         train_idx, test_idx = index, index[:0]
+    train_idx = labelled_subsample(y, train_idx, labelled_fraction, n_folds, seed)
     per_class = np.bincount(y[train_idx], minlength=len(classes))
     if per_class.min() < n_folds:
         raise EvaluationError(
