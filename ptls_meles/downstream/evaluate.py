@@ -144,6 +144,16 @@ def labelled_subsample(y: np.ndarray, train_idx: np.ndarray, fraction: float, mi
     return train_idx[keep]
 
 
+def check_protocol(n_folds: int, test_size: float, task: str, error: type[ValueError] = EvaluationError) -> None:
+    """The checks every evaluation row shares (LightGBM and the neural baselines)."""
+    if n_folds < 2:
+        raise error(f"n_folds must be >= 2, got {n_folds}")
+    if not 0 <= test_size < 1:
+        raise error(f"test_size must be in [0, 1), got {test_size}")
+    if task not in ("auto", "binary", "multiclass"):
+        raise error(f"task must be 'auto', 'binary' or 'multiclass', got {task!r}")
+
+
 def evaluate(
     features: pd.DataFrame | list[pd.DataFrame],
     targets: pd.DataFrame,
@@ -169,12 +179,7 @@ def evaluate(
     from sklearn.metrics import accuracy_score, roc_auc_score
     from sklearn.model_selection import StratifiedKFold, train_test_split
 
-    if n_folds < 2:
-        raise EvaluationError(f"n_folds must be >= 2, got {n_folds}")
-    if not 0 <= test_size < 1:
-        raise EvaluationError(f"test_size must be in [0, 1), got {test_size}")
-    if task not in ("auto", "binary", "multiclass"):
-        raise EvaluationError(f"task must be 'auto', 'binary' or 'multiclass', got {task!r}")
+    check_protocol(n_folds, test_size, task)
 
     X, y_raw, report = join_features_and_targets(features, targets, target_col, id_col)
     classes, y = _encode_labels(y_raw, target_col)

@@ -50,6 +50,7 @@ from .evaluate import (
     EvaluationError,
     JoinReport,
     _check_enough_labels,
+    check_protocol,
     _encode_labels,
     _resolve_task,
     join_features_and_targets,
@@ -322,12 +323,7 @@ def supervised_eval(
     frozen (head only) for that many first epochs. ``device``: default CUDA when present.
     Returns an :class:`EvalResult` like LightGBM's; ``lgbm_params`` holds the training settings.
     """
-    if n_folds < 2:
-        raise FineTuneError(f"n_folds must be >= 2, got {n_folds}")
-    if not 0 <= test_size < 1:
-        raise FineTuneError(f"test_size must be in [0, 1), got {test_size}")
-    if task not in ("auto", "binary", "multiclass"):
-        raise FineTuneError(f"task must be 'auto', 'binary' or 'multiclass', got {task!r}")
+    check_protocol(n_folds, test_size, task, FineTuneError)
     if max_epochs < 1 or batch_size < 1 or freeze_epochs < 0:
         raise FineTuneError(
             f"need max_epochs >= 1, batch_size >= 1, freeze_epochs >= 0; got {max_epochs}, {batch_size}, {freeze_epochs}"
