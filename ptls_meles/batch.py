@@ -39,7 +39,8 @@ def pad_segments(columns: dict[str, np.ndarray], index: np.ndarray, offsets: np.
     """Gather segments ``index[offsets[i]:offsets[i+1]]`` of flat columns into a padded batch.
 
     One fancy-index per column; categorical int columns become int64 (embedding ids),
-    the rest float32.
+    ``event_time`` stays float64 (Unix seconds in float32 would lose their gaps), the rest
+    become float32.
     """
     lengths = np.diff(offsets)
     n, t = len(lengths), int(lengths.max()) if len(lengths) else 0
@@ -47,7 +48,10 @@ def pad_segments(columns: dict[str, np.ndarray], index: np.ndarray, offsets: np.
     pos = np.arange(len(index)) - np.repeat(offsets[:-1], lengths)
     payload = {}
     for name, flat in columns.items():
-        dtype = np.int64 if np.issubdtype(flat.dtype, np.integer) else np.float32
+        if np.issubdtype(flat.dtype, np.integer):
+            dtype = np.int64
+        else:
+            dtype = np.float64 if name == "event_time" else np.float32
         out = np.zeros((n, t), dtype=dtype)
         out[row, pos] = flat[index]
         payload[name] = torch.from_numpy(out)

@@ -22,8 +22,10 @@ from pytorch_metric_learning.distances import LpDistance
 from pytorch_metric_learning import miners as pml_miners
 from pytorch_metric_learning.utils import loss_and_miner_utils as lmu
 
-LOSSES = ("contrastive", "triplet", "margin", "binomial_deviance", "histogram")
-MINERS = ("hard", "random", "distance_weighted", "all")
+from .config import CHOICES
+
+LOSSES = CHOICES["loss"]
+MINERS = CHOICES["miner"]
 
 IndicesTuple = tuple[torch.Tensor, ...]
 
@@ -310,11 +312,12 @@ def make_loss(
     ``margin`` goes to contrastive (default 0.5), triplet (0.2) and margin (0.2) losses;
     giving it for binomial_deviance or histogram is an error. ``kwargs`` go to the
     loss (e.g. ``alpha``, ``beta``, ``C``, ``n_bins``), ``miner_kwargs`` to the miner.
-    The histogram loss always scores all pairs: the miner is validated but not used.
+    The histogram and InfoNCE (``temperature``, default 0.1) losses always score all pairs:
+    the miner is validated but not used.
     """
     _check_choice("loss", name, LOSSES)
     _check_choice("miner", miner, MINERS)
-    if margin is not None and name in ("binomial_deviance", "histogram"):
+    if margin is not None and name in ("binomial_deviance", "histogram", "infonce"):
         raise ValueError(f"margin is not a parameter of loss {name!r} (got margin={margin!r}); leave it None")
     if name == "contrastive":
         loss = SquaredHingeContrastiveLoss(margin=0.5 if margin is None else margin, **kwargs)
@@ -324,7 +327,10 @@ def make_loss(
         loss = pml_losses.MarginLoss(margin=0.2 if margin is None else margin, **kwargs)
     elif name == "binomial_deviance":
         loss = BinomialDevianceLoss(**kwargs)
+    elif name == "infonce":
+        # NT-Xent: every other view of the batch is a negative, weighted by its softmax share
+        loss = pml_losses.NTXentLoss(**{"temperature": 0.1, **kwargs})
     else:
         loss = AllPairsHistogramLoss(**{"n_bins": 100, **kwargs})
-    mining = None if name == "histogram" else make_miner(miner, neg_count=neg_count, **(miner_kwargs or {}))
+    mining = None if name in ("histogram", "infonce") else make_miner(miner, neg_count=neg_count, **(miner_kwargs or {}))
     return MinedLoss(loss, mining, wants_triplets=name in ("triplet", "margin"))

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import CHOICES
 from .store import ragged_arange
 
-SPLITS = ("slices", "samples", "disjoint")
+SPLITS = CHOICES["split"]
 
 
 @dataclass

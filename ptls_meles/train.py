@@ -29,24 +29,42 @@ logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "
 def embedder_from_config(config: MeLESConfig, encoding: Encoding):
     """The embedder a config describes, sized by the encoding's vocabularies."""
     categorical = {c: (v.size, config.embedding_dim_of(c)) for c, v in encoding.categorical.items()}
-    kwargs = dict(config.encoder_kwargs)
-    if config.encoder != "transformer":
-        kwargs.setdefault("num_layers", config.num_layers)
+    kwargs = {"num_layers": config.num_layers, **config.encoder_kwargs}
+    if config.encoder == "transformer":
+        # for the Transformer, "last" (the default) is its learned summary (CLS) token
+        kwargs.setdefault("pooling", "cls" if config.pooling == "last" else config.pooling)
     else:
-        kwargs.setdefault("num_layers", max(config.num_layers, 2))
-    return build_embedder(categorical, list(encoding.numeric), config.encoder, config.hidden_size, config.time_features, **kwargs)
+        kwargs.setdefault("pooling", config.pooling)
+    if "daytime" in config.parts("time_features") and encoding.time_format not in ("timestamp", "day_hms"):
+        raise ValueError(
+            f"time_features 'daytime' needs event times in seconds (time format 'timestamp' or 'day_hms'); "
+            f"this store's time column {encoding.time_col!r} has format {encoding.time_format!r}"
+        )
+    return build_embedder(
+        categorical,
+        list(encoding.numeric),
+        config.encoder,
+        config.hidden_size,
+        time_features=config.parts("time_features"),
+        numeric_encoding=config.parts("numeric_encoding"),
+        **kwargs,
+    )
 
 
 class MeLESModule(pl.LightningModule):
     """Step logic only: embed views, mine pairs, compute the loss; validation recall@(k−1)."""
 
-    def __init__(self, config: dict, encoding: dict) -> None:
+    def __init__(self, config: MeLESConfig | dict, encoding: Encoding | dict) -> None:
         super().__init__()
-        self.save_hyperparameters()  # config + encoding travel inside every checkpoint
-        self.cfg = MeLESConfig.from_dict(config)
-        self.encoding = Encoding.from_dict(encoding)
+        self.cfg = config if isinstance(config, MeLESConfig) else MeLESConfig.from_dict(config)
+        self.encoding = encoding if isinstance(encoding, Encoding) else Encoding.from_dict(encoding)
+        # plain dicts travel inside every checkpoint (loadable with weights_only)
+        self.save_hyperparameters({"config": self.cfg.to_dict(), "encoding": self.encoding.to_dict()})
         self.embedder = embedder_from_config(self.cfg, self.encoding)
-        self.loss_fn = make_loss(self.cfg.loss, miner=self.cfg.miner, margin=self.cfg.margin, neg_count=self.cfg.neg_count)
+        self.loss_fn = make_loss(
+            self.cfg.loss, miner=self.cfg.miner, margin=self.cfg.margin, neg_count=self.cfg.neg_count,
+            **({"temperature": self.cfg.temperature} if self.cfg.loss == "infonce" else {}),
+        )
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch):
@@ -78,8 +96,15 @@ class MeLESModule(pl.LightningModule):
         self.log("val_recall", r, prog_bar=True)
 
     def configure_optimizers(self):
-        opt = torch.optim.Adam(self.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=self.cfg.lr_step_size, gamma=self.cfg.lr_gamma)
+        c = self.cfg
+        if c.weight_decay:
+            opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
+        else:
+            opt = torch.optim.Adam(self.parameters(), lr=c.lr)
+        if c.lr_schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, c.max_epochs), eta_min=c.lr * 0.01)
+        else:
+            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step_size, gamma=c.lr_gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
@@ -103,7 +128,8 @@ def fit(
         raise ValueError(f"training needs at least 2 clients, the store has {store.n_clients}")
     out_dir = Path(out_dir) if out_dir is not None else None
     dm = MeLESDataModule(store, config)
-    module = MeLESModule(config.to_dict(), store.encoding.to_dict())
+    module = MeLESModule(config, store.encoding)
+    module.embedder.event_encoder.fit_value_moments(store.columns)  # no labels: all clients may inform the scale
     has_val = len(dm.val_clients) >= 2
     callbacks: list[pl.Callback] = []
     ckpt_cb = None
@@ -126,6 +152,10 @@ def fit(
     version = time.strftime("resumed-%Y%m%d-%H%M%S") if resume else ""
     logger = pl.loggers.CSVLogger(str(out_dir), name="logs", version=version) if out_dir is not None else False
     n_batches = -(-len(dm.train_clients) // config.batch_size)
+    if config.max_minutes is not None:
+        trainer_kwargs.setdefault("max_time", {"seconds": int(round(config.max_minutes * 60))})
+    if config.grad_clip is not None:
+        trainer_kwargs.setdefault("gradient_clip_val", config.grad_clip)
     trainer = pl.Trainer(
         max_epochs=config.max_epochs,
         accelerator=accelerator,

@@ -26,7 +26,7 @@ def test_pad_segments_by_hand():
     assert isinstance(batch, PaddedBatch) and batch.batch_size == 3 and batch.max_len == 4
     assert batch.lengths.dtype == torch.int64 and batch.lengths.tolist() == [2, 0, 4]
     assert batch.payload["mcc"].dtype == torch.int64
-    assert batch.payload["amount"].dtype == torch.float32 and batch.payload["event_time"].dtype == torch.float32
+    assert batch.payload["amount"].dtype == torch.float32 and batch.payload["event_time"].dtype == torch.float64
     assert batch.payload["mcc"].tolist() == [[13, 14, 0, 0], [0, 0, 0, 0], [10, 15, 11, 12]]
     assert batch.payload["amount"].tolist() == [[3.5, 4.5, 0, 0], [0, 0, 0, 0], [0.5, 5.5, 1.5, 2.5]]
     assert batch.payload["event_time"].tolist() == [[103, 104, 0, 0], [0, 0, 0, 0], [100, 105, 101, 102]]
@@ -99,7 +99,7 @@ def test_every_training_client_once_per_epoch(store, split):
             for pos in range(n):  # views with one label come from one client, distinct labels from distinct clients
                 assert len(set(own[labels.numpy() == pos])) == 1
             seen.extend(own[::3].tolist())
-            assert batch.payload["event_time"].dtype == torch.float32 and batch.payload["owner"].dtype == torch.int64
+            assert batch.payload["event_time"].dtype == torch.float64 and batch.payload["owner"].dtype == torch.int64
         assert sorted(seen) == train.tolist()
 
 

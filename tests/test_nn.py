@@ -196,7 +196,7 @@ def test_unknown_names_and_missing_fields_raise():
     with pytest.raises(ValueError, match="rnn kind"):
         RnnSeqEncoder(4, 4, kind="rnn")
     with pytest.raises(ValueError, match="pooling"):
-        TransformerSeqEncoder(4, d_model=8, nhead=2, pooling="max")
+        TransformerSeqEncoder(4, d_model=8, nhead=2, pooling="median")
     gen = torch.Generator().manual_seed(6)
     batch = pad([random_sequence(3, gen)])
     del batch.payload["channel"]

@@ -11,7 +11,9 @@ from ptls_meles.batch import PaddedBatch
 from ptls_meles.nn.event_encoder import TIME_FIELD, EventEncoder
 from ptls_meles.nn.seq_encoder import RnnSeqEncoder, TransformerSeqEncoder
 
-ENCODERS = ("gru", "lstm", "transformer")
+from ptls_meles.config import CHOICES
+
+ENCODERS = CHOICES["encoder"]
 
 
 class Embedder(nn.Module):
@@ -39,18 +41,19 @@ def build_embedder(
     numeric: list[str],
     encoder: str = "gru",
     hidden_size: int = 256,
-    time_features: bool = False,
+    time_features: bool | tuple[str, ...] = (),
+    numeric_encoding: tuple[str, ...] = ("scalar",),
     **encoder_kwargs: Any,
 ) -> Embedder:
     """Event encoder + ``encoder`` in ("gru", "lstm", "transformer").
 
     ``hidden_size`` is the RNN hidden size or the Transformer's ``d_model``; other keyword
-    arguments go to the sequence encoder (``normalize`` goes to the Embedder).
+    arguments go to the sequence encoder (e.g. ``pooling``; ``normalize`` goes to the Embedder).
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}, e.g. 'gru'")
     normalize = encoder_kwargs.pop("normalize", True)
-    event_encoder = EventEncoder(categorical, numeric, time_features=time_features)
+    event_encoder = EventEncoder(categorical, numeric, time_features=time_features, numeric_encoding=numeric_encoding)
     if encoder == "transformer":
         seq_encoder: nn.Module = TransformerSeqEncoder(
             event_encoder.output_size, d_model=hidden_size, **encoder_kwargs

@@ -6,6 +6,8 @@ scaling statistics are taken over real events only, so whatever sits in the padd
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -71,32 +73,111 @@ def time_deltas(event_time: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.log1p(delta.clamp(min=0)).to(torch.float32)
 
 
+def time_scalars(event_time: torch.Tensor, mask: torch.Tensor, parts: tuple[str, ...]) -> list[torch.Tensor]:
+    """The scalar time features named in ``parts`` (``[B, T]`` float32 each, 0 on padding):
+    ``gap`` log1p of the gap to the previous event, ``elapsed`` log1p of the time since the
+    sequence's first event, ``absolute`` the event time itself (scaled later by BatchNorm)."""
+    t = event_time.to(torch.float64)
+    zero = torch.zeros((), dtype=t.dtype, device=t.device)
+    out = []
+    if "gap" in parts:
+        out.append(time_deltas(event_time, mask))
+    if "elapsed" in parts:
+        elapsed = torch.where(mask, t - t[:, :1], zero).clamp(min=0)
+        out.append(torch.log1p(elapsed).to(torch.float32))
+    if "absolute" in parts:
+        out.append(torch.where(mask, t, zero).to(torch.float32))
+    return out
+
+
+SECONDS_PER_DAY = 86_400.0
+
+
+def daytime_features(event_time: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, T, 4]``: sin/cos of the time of day and of the day of the week, for times in
+    seconds (timestamps, ``d hh:mm:ss``). Periodic, so 23:59 sits next to 00:00."""
+    t = event_time.to(torch.float64)
+    day_angle = 2 * math.pi * torch.remainder(t, SECONDS_PER_DAY) / SECONDS_PER_DAY
+    week_angle = 2 * math.pi * torch.remainder(torch.floor(t / SECONDS_PER_DAY), 7.0) / 7.0
+    feats = torch.stack([day_angle.sin(), day_angle.cos(), week_angle.sin(), week_angle.cos()], dim=-1)
+    return torch.where(mask.unsqueeze(-1), feats, torch.zeros((), dtype=feats.dtype, device=feats.device)).to(torch.float32)
+
+
+class PeriodicEncoding(nn.Module):
+    """Each scalar ``x`` -> ``ReLU(Linear([sin(2π c x), cos(2π c x)]))`` with learned
+    frequencies ``c`` (Gorishniy et al. 2022, "On Embeddings for Numerical Features"):
+    lets the network read thresholds and bands of a value instead of one slope."""
+
+    def __init__(self, n_features: int, out_dim: int, n_frequencies: int = 16, sigma: float = 1.0):
+        super().__init__()
+        self.frequencies = nn.Parameter(torch.randn(n_features, n_frequencies) * sigma)
+        self.linear = nn.ModuleList(nn.Linear(2 * n_frequencies, out_dim) for _ in range(n_features))
+        self.out_dim = out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, F]`` -> ``[B, T, F * out_dim]``."""
+        angles = 2 * math.pi * x.unsqueeze(-1) * self.frequencies
+        periodic = torch.cat([angles.sin(), angles.cos()], dim=-1)  # [B, T, F, 2k]
+        return torch.cat([torch.relu(lin(periodic[..., i, :])) for i, lin in enumerate(self.linear)], dim=-1)
+
+
 class EventEncoder(nn.Module):
-    """Concatenates per-field embeddings, batch-normed numbers and optional time gaps.
+    """One vector per event: per-field category embeddings, numbers and time features.
 
     ``categorical`` maps field -> ``(vocab_size, embedding_dim)``; id 0 is padding and
-    embeds to zeros. ``numeric`` lists float fields already transformed (e.g. signed log);
-    the masked BatchNorm makes their raw scale irrelevant.
+    embeds to zeros. ``numeric`` lists float fields already transformed (e.g. signed log).
+    ``numeric_encoding`` (any of):
+
+    - ``scalar``: the numbers, scaled by a masked BatchNorm, as plain inputs;
+    - ``by_category``: the number standardised within its event's category of the first
+      categorical field (moments set by :meth:`fit_value_moments`) scales a learned
+      vector of that category: "120" is then read differently for heart rate and glucose;
+    - ``periodic``: a learned periodic encoding of each (scaled) number.
+
+    ``time_features`` (any of): ``gap``, ``elapsed``, ``absolute`` (scalars, BatchNorm) and
+    ``daytime`` (time of day / day of week; needs times in seconds).
     """
 
     def __init__(
         self,
         categorical: dict[str, tuple[int, int]],
         numeric: list[str],
-        time_features: bool = False,
+        time_features: bool | tuple[str, ...] = (),
+        numeric_encoding: tuple[str, ...] = ("scalar",),
+        periodic_dim: int = 16,
     ):
         super().__init__()
+        if isinstance(time_features, bool):
+            time_features = ("gap",) if time_features else ()
         if not categorical and not numeric and not time_features:
             raise ValueError("EventEncoder needs at least one field, got categorical={}, numeric=[]")
         self.categorical_fields = list(categorical)
         self.numeric_fields = list(numeric)
-        self.time_features = time_features
+        self.time_parts = tuple(p for p in ("gap", "elapsed", "absolute") if p in time_features)
+        self.daytime = "daytime" in time_features
+        self.numeric_encoding = tuple(numeric_encoding)
         self.embeddings = nn.ModuleDict(
             {name: nn.Embedding(vocab, dim, padding_idx=0) for name, (vocab, dim) in categorical.items()}
         )
-        n_scaled = len(self.numeric_fields) + int(time_features)
+        size = sum(dim for _, dim in categorical.values())
+        n_numeric = len(self.numeric_fields)
+        self.by_category = "by_category" in self.numeric_encoding and n_numeric > 0 and bool(categorical)
+        if self.by_category:
+            vocab, dim = next(iter(categorical.values()))
+            self.value_vectors = nn.Embedding(vocab, dim * n_numeric, padding_idx=0)
+            nn.init.normal_(self.value_vectors.weight, std=0.1)
+            self.register_buffer("value_mean", torch.zeros(n_numeric, vocab))
+            self.register_buffer("value_std", torch.ones(n_numeric, vocab))
+            size += dim * n_numeric
+        n_scaled = (n_numeric if "scalar" in self.numeric_encoding or "periodic" in self.numeric_encoding else 0) + len(self.time_parts)
         self.numeric_norm = MaskedBatchNorm(n_scaled) if n_scaled else None
-        self._output_size = sum(dim for _, dim in categorical.values()) + n_scaled
+        self._n_scalar_outputs = (n_numeric if "scalar" in self.numeric_encoding else 0) + len(self.time_parts)
+        size += self._n_scalar_outputs
+        self.periodic = PeriodicEncoding(n_numeric, periodic_dim) if "periodic" in self.numeric_encoding and n_numeric else None
+        if self.periodic is not None:
+            size += n_numeric * periodic_dim
+        size += 4 * int(self.daytime)
+        self._output_size = size
 
     @property
     def output_size(self) -> int:
@@ -110,16 +191,60 @@ class EventEncoder(nn.Module):
                 f"field {name!r} is missing from the batch; present fields: {sorted(batch.payload)}"
             ) from None
 
+    @torch.no_grad()
+    def fit_value_moments(self, columns: dict) -> None:
+        """Per-category mean/std of every numeric field over the given flat store columns
+        (category = the first categorical field); categories with < 2 values keep 0 / 1."""
+        if not self.by_category:
+            return
+        ids = torch.as_tensor(columns[self.categorical_fields[0]]).long()
+        vocab = self.value_mean.shape[1]
+        for i, name in enumerate(self.numeric_fields):
+            x = torch.as_tensor(columns[name]).double()
+            ok = torch.isfinite(x)
+            c, v = ids[ok], x[ok]
+            n = torch.bincount(c, minlength=vocab).double()
+            s = torch.bincount(c, weights=v, minlength=vocab)
+            mean = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
+            sq = torch.bincount(c, weights=(v - mean[c]) ** 2, minlength=vocab)
+            std = torch.sqrt(sq / (n - 1).clamp(min=1))
+            std = torch.where((n > 1) & (std > 1e-6), std, torch.ones_like(std))
+            self.value_mean[i] = mean.float()
+            self.value_std[i] = std.float()
+
     def forward(self, batch: PaddedBatch) -> torch.Tensor:
         """``[B, T, output_size]`` float32, zeros at padded positions."""
         mask = batch.mask()
+        keep = mask.unsqueeze(-1)
+        zero = torch.zeros((), device=mask.device)
         parts = [
             emb(self._field(batch, name).masked_fill(~mask, 0))
             for name, emb in self.embeddings.items()
         ]
+        numbers = [self._field(batch, name).to(torch.float32) for name in self.numeric_fields]
+        if self.by_category:
+            ids = self._field(batch, self.categorical_fields[0]).masked_fill(~mask, 0)
+            z = torch.stack(
+                [(x - self.value_mean[i][ids]) / self.value_std[i][ids] for i, x in enumerate(numbers)], dim=-1
+            )
+            z = torch.where(keep, torch.nan_to_num(z, nan=0.0).clamp(-10, 10), zero)
+            vectors = self.value_vectors(ids).view(*ids.shape, len(numbers), -1)
+            parts.append((vectors * z.unsqueeze(-1)).flatten(-2))
+        scalars = []
+        if "scalar" in self.numeric_encoding or self.periodic is not None:
+            scalars += numbers
+        if self.time_parts:
+            scalars += time_scalars(self._field(batch, TIME_FIELD), mask, self.time_parts)
         if self.numeric_norm is not None:
-            columns = [self._field(batch, name).to(torch.float32) for name in self.numeric_fields]
-            if self.time_features:
-                columns.append(time_deltas(self._field(batch, TIME_FIELD), mask))
-            parts.append(self.numeric_norm(torch.stack(columns, dim=-1), mask))
+            scaled = self.numeric_norm(torch.stack(scalars, dim=-1), mask)
+            n_num = len(scalars) - len(self.time_parts)
+            if self.periodic is not None:
+                periodic = self.periodic(scaled[..., :n_num])
+                parts.append(torch.where(keep, periodic, zero))
+            if "scalar" in self.numeric_encoding:
+                parts.append(scaled)
+            elif self.time_parts:
+                parts.append(scaled[..., n_num:])
+        if self.daytime:
+            parts.append(daytime_features(self._field(batch, TIME_FIELD), mask))
         return torch.cat(parts, dim=-1)

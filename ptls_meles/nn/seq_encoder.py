@@ -10,9 +10,12 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from ptls_meles.nn.pooling import SequencePooling
+
 
 class RnnSeqEncoder(nn.Module):
-    """GRU/LSTM; the client vector is the last real hidden state.
+    """GRU/LSTM; the client vector pools the hidden states (``pooling``: the last real
+    state by default, or any of mean / max / attention, concatenated).
 
     Unidirectional RNNs run on the padded batch and read each row's output at its last
     real event: padding comes after that event, so it cannot change the result. This is
@@ -32,6 +35,7 @@ class RnnSeqEncoder(nn.Module):
         dropout: float = 0.0,
         learn_initial_state: bool = False,
         length_buckets: int = 4,
+        pooling: str | tuple[str, ...] = "last",
     ):
         super().__init__()
         self.length_buckets = length_buckets
@@ -48,7 +52,10 @@ class RnnSeqEncoder(nn.Module):
             bidirectional=bidirectional,
             dropout=dropout if num_layers > 1 else 0.0,
         )
-        self._output_size = hidden_size * self.num_directions
+        self.pooling = SequencePooling(pooling, hidden_size * self.num_directions)
+        if bidirectional and self.pooling.parts != ("last",):
+            raise ValueError(f"a bidirectional RNN pools by its final states only; got pooling={pooling!r}")
+        self._output_size = self.pooling.output_size
         n_states = 2 if kind == "lstm" else 1
         self.initial_state = (
             nn.Parameter(torch.zeros(n_states, num_layers * self.num_directions, 1, hidden_size))
@@ -68,8 +75,7 @@ class RnnSeqEncoder(nn.Module):
 
     def _run_last(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x[:, : int(lengths.max())], self._initial_state(x.shape[0]))
-        index = (lengths - 1).to(out.device).view(-1, 1, 1).expand(-1, 1, out.shape[-1])
-        return out.gather(1, index).squeeze(1)
+        return self.pooling(out, lengths.to(out.device))
 
     def _padded_last_states(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Rows sorted by length and run in up to ``length_buckets`` groups, each padded only
@@ -135,10 +141,10 @@ class TransformerSeqEncoder(nn.Module):
         time_encoding: bool = False,
     ):
         super().__init__()
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"unknown pooling {pooling!r}; expected 'cls' or 'mean'")
         self.d_model = d_model
         self.pooling = pooling
+        # "cls": a learned summary token; otherwise parts of SequencePooling over the tokens
+        self.token_pooling = None if pooling == "cls" else SequencePooling(pooling, d_model)
         self.max_len = max_len
         self.time_encoding = time_encoding
         self.input_projection = nn.Linear(input_size, d_model)
@@ -156,7 +162,7 @@ class TransformerSeqEncoder(nn.Module):
 
     @property
     def output_size(self) -> int:
-        return self.d_model
+        return self.d_model if self.token_pooling is None else self.token_pooling.output_size
 
     def _position_encoding(self, lengths_t: int, event_time: torch.Tensor | None) -> torch.Tensor:
         if self.time_encoding:
@@ -187,5 +193,4 @@ class TransformerSeqEncoder(nn.Module):
         h = self.encoder(h, src_key_padding_mask=padding_mask)
         if self.cls_token is not None:
             return h[:, 0]
-        h = torch.where(real.unsqueeze(-1), h, torch.zeros((), dtype=h.dtype, device=h.device))
-        return h.sum(dim=1) / lengths.clamp(min=1).unsqueeze(-1).to(h.dtype)
+        return self.token_pooling(h, lengths.clamp(min=1))
