@@ -81,7 +81,7 @@ def test_handcrafted_features_undo_numeric_transform_and_main_numeric():
 
 
 def test_handcrafted_features_top_k_truncates():
-    f = handcrafted_features(make_store(), top_k=2)
+    f = handcrafted_features(make_store(), top_k=2, detailed=False)
     cat_cols = [c for c in f.columns if c.startswith("mcc_")]
     assert cat_cols == [f"mcc_{v}_{s}" for v in ("5411", "6011") for s in ("count", "amount_mean", "amount_std")]
     assert not any(c.startswith("mcc_") for c in handcrafted_features(make_store(), top_k=0).columns)
@@ -121,7 +121,15 @@ def test_handcrafted_features_match_pandas_groupby():
         np.testing.assert_array_equal(f[f"g_{value}_count"], counts)
         np.testing.assert_allclose(f[f"g_{value}_amount_mean"], sub.mean().reindex(f.index), rtol=1e-9)
         np.testing.assert_allclose(f[f"g_{value}_amount_std"], sub.std().reindex(f.index), rtol=1e-9)
+        # the detailed features: pandas' first/last skip missing values, as ours do
+        for stat in ("min", "max", "first", "last"):
+            np.testing.assert_allclose(f[f"g_{value}_amount_{stat}"], sub.agg(stat).reindex(f.index), rtol=1e-9, err_msg=stat)
+        last_t = df[df.g == cat_id].groupby("client_id")["t"].max().reindex(f.index)
+        end_t = df.groupby("client_id")["t"].max()
+        np.testing.assert_allclose(f[f"g_{value}_recency"], end_t - last_t, rtol=1e-9)
     assert "g_14_count" not in f.columns
+    plain = handcrafted_features(store, top_k=4, detailed=False)
+    assert not any(c.endswith(("_first", "_last", "_recency")) for c in plain.columns)
 
 
 # --------------------------------------------------------------------------- evaluate

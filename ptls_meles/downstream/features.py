@@ -2,7 +2,11 @@
 
 Per client: event count, time span, sum/mean/std/min/max of every numeric field, and,
 for the top-K values of every categorical field, the number of events with that value
-and the mean/std of the main numeric field over those events. Everything is computed
+and the mean/std of the main numeric field over those events. A careful practitioner's
+additions, on by default (``detailed``): per category value also the min, max, first and
+last value of the main numeric field and the recency of the value (time from its last
+event to the client's last event) — on ICU data, e.g., the last lab value and when it
+was taken are the standard strong features. Everything is computed
 over the store's flat arrays with ``reduceat`` / ``bincount`` (one pass per field, no
 Python loop per client or event), so 50k clients × 44M events take well under a minute.
 """
@@ -24,6 +28,7 @@ def handcrafted_features(
     top_k: int = 50,
     main_numeric: str | None = None,
     raw_numeric: bool = True,
+    detailed: bool = True,
 ) -> pd.DataFrame:
     """One row per client (column ``client_id`` first, store order) of aggregate features.
 
@@ -32,6 +37,7 @@ def handcrafted_features(
     numeric field) is the one averaged per category value. ``raw_numeric`` undoes the
     store's numeric transform (log / standardize) first, so sums and means are of the
     original amounts as in the paper; pass ``False`` to aggregate the stored values.
+    ``detailed=False`` gives the paper's features only (count, mean, std per value).
 
     Stds are sample stds (ddof=1, as pandas), NaN for fewer than two events; means,
     mins and maxes are NaN for no events. NaN numeric values are ignored.
@@ -61,6 +67,7 @@ def handcrafted_features(
 
     client_of_event = np.repeat(np.arange(n, dtype=np.int64), lengths)
     main = values.get(main_numeric) if main_numeric is not None else None
+    time = np.asarray(store.columns[TIME_COLUMN], dtype=np.float64) if TIME_COLUMN in store.columns else None
     for field, vocab in store.encoding.categorical.items():
         if field not in store.columns:
             continue
@@ -68,6 +75,8 @@ def handcrafted_features(
         if k == 0:
             continue
         out.update(_category_aggregates(field, vocab.values[:k], store.columns[field], client_of_event, n, main, main_numeric))
+        if detailed:
+            out.update(_category_details(field, vocab.values[:k], store.columns[field], client_of_event, n, main, main_numeric, time, segments))
 
     frame = pd.DataFrame(out, copy=False)
     duplicated = frame.columns[frame.columns.duplicated()]
@@ -175,4 +184,60 @@ def _category_aggregates(
         if mean is not None:
             result[f"{prefix}_{main_name}_mean"] = mean[:, j]
             result[f"{prefix}_{main_name}_std"] = std[:, j]
+    return result
+
+
+def _category_details(
+    field: str,
+    value_names: list[str],
+    ids: np.ndarray,
+    client_of_event: np.ndarray,
+    n_clients: int,
+    main: np.ndarray | None,
+    main_name: str | None,
+    time: np.ndarray | None,
+    segments: _Segments,
+) -> dict[str, np.ndarray]:
+    """Per (client, top-K value): min / max / first / last of the main numeric field and the
+    recency of the value. Events are in time order within a client, so a stable sort by
+    ``client * K + slot`` keeps each group's events in time order: first and last are the
+    group's ends, min and max one ``reduceat`` each."""
+    k = len(value_names)
+    ids = np.asarray(ids)
+    in_top = (ids >= N_RESERVED) & (ids < N_RESERVED + k)
+    event = np.flatnonzero(in_top)
+    key = client_of_event[event] * k + (ids[event].astype(np.int64) - N_RESERVED)
+    size = n_clients * k
+    result: dict[str, np.ndarray] = {}
+
+    def grouped(values: np.ndarray, keys: np.ndarray) -> dict[str, np.ndarray]:
+        order = np.argsort(keys, kind="stable")
+        keys, values = keys[order], values[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(keys)] - 1
+        out = {}
+        for name, reduced in (
+            ("min", np.fmin.reduceat(values, starts) if len(starts) else values[:0]),
+            ("max", np.fmax.reduceat(values, starts) if len(starts) else values[:0]),
+            ("first", values[starts]),
+            ("last", values[ends]),
+        ):
+            flat = np.full(size, np.nan)
+            flat[keys[starts]] = reduced
+            out[name] = flat.reshape(n_clients, k)
+        return out
+
+    if main is not None:
+        x = main[event]
+        valid = ~np.isnan(x)
+        stats = grouped(x[valid], key[valid])
+        for j, value in enumerate(value_names):
+            for name, table in stats.items():
+                result[f"{field}_{value}_{main_name}_{name}"] = table[:, j]
+    if time is not None:
+        last_time = grouped(time[event], key)["last"]
+        client_end = segments.reduce(np.fmax, time)
+        recency = client_end[:, None] - last_time
+        for j, value in enumerate(value_names):
+            result[f"{field}_{value}_recency"] = recency[:, j]
     return result
