@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="benchmarks: speed | paper (ablation tables)")
-    b.add_argument("name", choices=["speed", "paper", "memory", "spark"])
+    b.add_argument("name", choices=["speed", "paper", "quality", "memory", "spark"])
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `ptls-meles bench NAME -- --help`)")
     common(b, threads=True)
     b.set_defaults(func=cmd_bench)

@@ -12,6 +12,8 @@ def run_bench(name: str, argv: list[str]) -> None:
         from .memory import main
     elif name == "spark":
         from .spark import main
+    elif name == "quality":
+        from .quality import main
     else:
-        raise ValueError(f"unknown benchmark {name!r}; choose speed, paper, memory or spark")
+        raise ValueError(f"unknown benchmark {name!r}; choose speed, paper, quality, memory or spark")
     main(argv)

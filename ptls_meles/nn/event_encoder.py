@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -197,10 +198,10 @@ class EventEncoder(nn.Module):
         (category = the first categorical field); categories with < 2 values keep 0 / 1."""
         if not self.by_category:
             return
-        ids = torch.as_tensor(columns[self.categorical_fields[0]]).long()
+        ids = torch.from_numpy(np.asarray(columns[self.categorical_fields[0]], dtype=np.int64))
         vocab = self.value_mean.shape[1]
         for i, name in enumerate(self.numeric_fields):
-            x = torch.as_tensor(columns[name]).double()
+            x = torch.from_numpy(np.asarray(columns[name], dtype=np.float64))
             ok = torch.isfinite(x)
             c, v = ids[ok], x[ok]
             n = torch.bincount(c, minlength=vocab).double()

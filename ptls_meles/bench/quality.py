@@ -1,0 +1,271 @@
+"""Quality bench: named MeLES configurations trained for the same budget, scored downstream.
+
+    ptls-meles bench quality -- --dataset physionet --raw ../shared/datasets/physionet2012 \
+        --out runs/quality_physionet --budget-min 30 --configs paper,default [--define NAME:K=V;K=V]
+
+Each configuration trains for ``--budget-min`` minutes of wall-clock time (or
+``--epochs``, whichever comes first), then its embeddings are scored by LightGBM alone
+and beside the hand-crafted features, with :func:`evaluate`'s protocol, on every target.
+Rows are cached in ``OUT/rows/NAME.json`` (keyed by the configuration, data and budget):
+a rerun skips finished rows. ``--report docs/results/quality_physionet`` writes the
+Markdown table, the same rows as JSON, and a PNG of score against training minutes.
+Every configuration run is reported, including those that lose.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import platform
+import shlex
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..config import MeLESConfig
+from ..downstream.evaluate import PAPER_LGBM_PARAMS, evaluate
+from ..downstream.features import handcrafted_features
+from ..embed import embed_frame
+from ..io_utils import atomic_path
+from ..store import SequenceStore
+
+log = logging.getLogger(__name__)
+
+#: the configurations compared; each is a set of overrides of MeLESConfig's defaults
+CONFIGS: dict[str, dict] = {
+    "paper": {"preset": "paper"},
+    "paper+gap": {"preset": "paper", "time_features": "gap"},
+    "default": {},
+    "value": {"preset": "paper", "numeric_encoding": "scalar,by_category", "time_features": "gap,elapsed,absolute"},
+    "value+pool": {"preset": "paper", "numeric_encoding": "scalar,by_category",
+                   "time_features": "gap,elapsed,absolute", "pooling": "last,mean,max"},
+    "value+pool+infonce": {"preset": "paper", "numeric_encoding": "scalar,by_category",
+                           "time_features": "gap,elapsed,absolute", "pooling": "last,mean,max", "loss": "infonce"},
+    "value+pool+periodic": {"preset": "paper", "numeric_encoding": "scalar,by_category,periodic",
+                            "time_features": "gap,elapsed,absolute", "pooling": "last,mean,max"},
+}
+#: LightGBM budgets: the paper's, and a lighter one for quick screening (same for every row)
+LGBM = {
+    "paper": PAPER_LGBM_PARAMS,
+    "fast": {**PAPER_LGBM_PARAMS, "n_estimators": 200, "learning_rate": 0.07, "num_leaves": 31,
+             "colsample_bytree": 0.5},
+}
+DEFAULT_TARGETS = {
+    "physionet": ["in_hospital_death", "gender", "age_group"],
+    "synthetic": ["bins", "gender"],
+}
+
+
+def parse_define(text: str) -> tuple[str, dict]:
+    """``NAME:key=value;key=value`` -> (name, overrides); values parse as JSON where they can."""
+    name, _, body = text.partition(":")
+    if not name or not body:
+        raise ValueError(f"--define {text!r}: expected NAME:KEY=VALUE;KEY=VALUE, e.g. wide:hidden_size=512;pooling=last,mean")
+    overrides = {}
+    for item in body.split(";"):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--define {text!r}: {item!r} is not KEY=VALUE")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return name, overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ptls-meles bench quality", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", required=True,
+                    help="physionet | synthetic | a store directory with targets.parquet")
+    ap.add_argument("--raw", help="raw data for the physionet recipe, e.g. ../shared/datasets/physionet2012")
+    ap.add_argument("--clients", type=int, default=3000, help="synthetic: number of clients to generate")
+    ap.add_argument("--out", required=True, help="work directory: store, trained models, cached rows")
+    ap.add_argument("--configs", default="paper,default", help=f"comma-separated names among {', '.join(CONFIGS)}")
+    ap.add_argument("--define", action="append", default=[], help="an extra configuration NAME:KEY=VALUE;KEY=VALUE")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE applied to every configuration (e.g. hidden_size=128)")
+    ap.add_argument("--budget-min", type=float, default=30.0, help="wall-clock training minutes per configuration")
+    ap.add_argument("--epochs", type=int, default=100, help="epoch cap per configuration")
+    ap.add_argument("--targets", help="comma-separated target columns (default: the dataset's)")
+    ap.add_argument("--lgbm", choices=sorted(LGBM), default="paper", help="LightGBM budget, the same for every row")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
+    ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
+    return ap
+
+
+def _store_dir(a, work: Path) -> tuple[Path, str]:
+    if a.dataset not in ("physionet", "synthetic"):
+        return Path(a.dataset), Path(a.dataset).name
+    from ..datasets.recipes import RECIPES
+
+    out = work / "data"
+    if not (out / "targets.parquet").exists():
+        if a.dataset == "physionet":
+            if not a.raw:
+                raise ValueError("--dataset physionet needs --raw PATH (e.g. ../shared/datasets/physionet2012)")
+            RECIPES["physionet"](a.raw, out, show_progress=False)
+        else:
+            RECIPES["synthetic"](out, n_clients=a.clients, show_progress=False)
+    return out, a.dataset
+
+
+def _digest(obj) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _score(features, targets, target_list, lgbm: dict, threads: int) -> dict:
+    out = {}
+    for t in target_list:
+        r = evaluate(features, targets, t, lgbm_params=lgbm, n_jobs=threads)
+        out[t] = {"test": r.test_mean, "test_interval": r.test_interval, "cv": r.cv_mean, "cv_interval": r.cv_interval,
+                  "metric": r.metric}
+    return out
+
+
+def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a) -> dict:
+    from ..api import MeLES
+
+    config = MeLESConfig.from_dict({**overrides, "max_minutes": a.budget_min, "max_epochs": a.epochs,
+                                    "patience": None})
+    run_dir = work / "runs" / name
+    t0 = time.perf_counter()
+    model = MeLES(**config.to_dict()).fit(store, out_dir=run_dir, show_progress=False)
+    minutes = (time.perf_counter() - t0) / 60
+    metrics = pd.read_csv(next((run_dir / "logs").rglob("metrics.csv")))
+    val = metrics.dropna(subset=["val_recall"]) if "val_recall" in metrics else metrics.iloc[:0]
+    emb = embed_frame(model.module_.embedder, store, max_events=config.max_events,
+                      batch_size=config.embed_batch_size, show_progress=False)
+    emb.to_parquet(run_dir / "embeddings.parquet")
+    return {
+        "config": config.to_dict(),
+        "train_minutes": minutes,
+        "epochs": int(val["epoch"].max()) + 1 if len(val) else None,
+        "best_epoch": int(val.loc[val["val_recall"].idxmax(), "epoch"]) + 1 if len(val) else None,
+        "val_recall": float(val["val_recall"].max()) if len(val) else None,
+    }, emb
+
+
+def main(argv: list[str] | None = None) -> None:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(a.threads)
+    work = Path(a.out)
+    work.mkdir(parents=True, exist_ok=True)
+    store_dir, dataset = _store_dir(a, work)
+    store = SequenceStore.load(store_dir)
+    targets = pd.read_parquet(store_dir / "targets.parquet")
+    id_col = store.encoding.client_col
+    targets = targets.rename(columns={id_col: "client_id"}) if id_col in targets and "client_id" not in targets else targets
+    target_list = a.targets.split(",") if a.targets else DEFAULT_TARGETS.get(dataset) or [
+        c for c in targets.columns if c != "client_id" and 2 <= targets[c].nunique() <= 20]
+    lgbm = LGBM[a.lgbm]
+    common = dict(parse_define("all:" + ";".join(a.set))[1]) if a.set else {}
+    configs = {n: {**CONFIGS[n], **common} for n in a.configs.split(",") if n}
+    unknown = [n for n in a.configs.split(",") if n and n not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)} (or --define NAME:K=V)")
+    for text in a.define:
+        name, overrides = parse_define(text)
+        configs[name] = {**overrides, **common}
+    data_key = {"store": str(store_dir.resolve()), "n_clients": store.n_clients, "n_events": store.n_events,
+                "targets": target_list, "lgbm": a.lgbm}
+    rows_dir = work / "rows"
+    rows_dir.mkdir(exist_ok=True)
+
+    hand_file = rows_dir / f"_handcrafted-{_digest(data_key)}.json"
+    hand = handcrafted_features(store)
+    if not hand_file.exists():
+        t0 = time.perf_counter()
+        row = {"name": "hand-crafted", "scores": _score(hand, targets, target_list, lgbm, a.threads),
+               "n_features": hand.shape[1] - 1, "eval_minutes": (time.perf_counter() - t0) / 60}
+        _write_json(hand_file, row)
+    rows = [json.loads(hand_file.read_text())]
+    log.info("hand-crafted: %s", _brief(rows[0]["scores"]))
+
+    for name, overrides in configs.items():
+        key = _digest({"data": data_key, "config": overrides, "budget": a.budget_min, "epochs": a.epochs})
+        file = rows_dir / f"{name}-{key}.json"
+        if not file.exists():
+            row, emb = _train_row(name, overrides, store, work, a)
+            t0 = time.perf_counter()
+            row.update(name=name, overrides=overrides,
+                       scores=_score(emb, targets, target_list, lgbm, a.threads),
+                       scores_both=_score([hand, emb], targets, target_list, lgbm, a.threads),
+                       eval_minutes=(time.perf_counter() - t0) / 60, budget_min=a.budget_min, epoch_cap=a.epochs)
+            _write_json(file, row)
+        row = json.loads(file.read_text())
+        rows.append(row)
+        log.info("%s (%.1f min, %s epochs): emb %s | both %s", name, row["train_minutes"], row["epochs"],
+                 _brief(row["scores"]), _brief(row["scores_both"]))
+    if a.report:
+        write_report(rows, target_list, Path(a.report), a, argv)
+
+
+def _brief(scores: dict) -> str:
+    return " ".join(f"{t} {s['test']:.3f}±{s['test_interval']:.3f}" for t, s in scores.items())
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(obj, indent=1, default=float))
+
+
+def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv) -> None:
+    """Markdown table (configuration × target, embeddings alone and beside hand-crafted),
+    the rows as JSON, and a PNG of score against training minutes."""
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    hand = rows[0]["scores"]
+    metric = {t: hand[t]["metric"] for t in target_list}
+    head = "| configuration | features | " + " | ".join(f"{t} ({metric[t]})" for t in target_list) + \
+        " | train min | epochs (best) | val recall |"
+    lines = [
+        f"# Quality bench: {Path(a.out).name}", "",
+        "Command: `ptls-meles bench quality -- " + shlex.join(argv or []) + "`", "",
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), LightGBM budget `{a.lgbm}`; "
+        f"training budget {a.budget_min:g} min or {a.epochs} epochs per configuration. Cells: test mean ± 95% "
+        "interval over 5 folds (CV mean below).", "",
+        head, "|" + "---|" * (head.count("|") - 1),
+    ]
+
+    def cells(scores):
+        return " | ".join(f"{scores[t]['test']:.3f} ± {scores[t]['test_interval']:.3f} (cv {scores[t]['cv']:.3f})"
+                          for t in target_list)
+
+    lines.append(f"| hand-crafted | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – |")
+    for r in rows[1:]:
+        best = f"{r['epochs']} ({r['best_epoch']})" if r.get("epochs") else "–"
+        vr = f"{r['val_recall']:.3f}" if r.get("val_recall") is not None else "–"
+        lines.append(f"| {r['name']} | embeddings | {cells(r['scores'])} | {r['train_minutes']:.1f} | {best} | {vr} |")
+        lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | |")
+    lines += ["", "Configurations (overrides of `MeLESConfig` defaults):", ""]
+    lines += [f"- `{r['name']}`: `{json.dumps(r['overrides'])}`" for r in rows[1:]]
+    prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    prefix.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=float))
+    _plot(rows, target_list, prefix.with_suffix(".png"))
+
+
+def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(target_list), figsize=(4.5 * len(target_list), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], target_list):
+        ax.axhline(rows[0]["scores"][t]["test"], color="k", ls="--", lw=1, label="hand-crafted")
+        for r in rows[1:]:
+            x = r["train_minutes"]
+            ax.errorbar([x], [r["scores"][t]["test"]], yerr=[r["scores"][t]["test_interval"]], fmt="o", capsize=3,
+                        label=r["name"])
+            ax.plot([x], [r["scores_both"][t]["test"]], "x", color=ax.lines[-1].get_color())
+        ax.set_title(f"{t} ({rows[0]['scores'][t]['metric']})")
+        ax.set_xlabel("training minutes")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    axes[0][0].set_ylabel("test score (o: embeddings, x: + hand-crafted)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
