@@ -1,0 +1,188 @@
+"""The quality levers: config choices, value-aware numbers, time features, pooling, InfoNCE."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ptls_meles.batch import PaddedBatch
+from ptls_meles.config import CHOICES, PRESETS, MeLESConfig
+from ptls_meles.encoding import Encoding
+from ptls_meles.losses import make_loss
+from ptls_meles.nn.event_encoder import EventEncoder, daytime_features, time_scalars
+from ptls_meles.nn.pooling import SequencePooling
+from ptls_meles.train import MeLESModule, embedder_from_config
+
+
+# --------------------------------------------------------------------------- config
+def test_bad_choices_are_refused_when_the_config_is_built_with_the_valid_ones_named():
+    with pytest.raises(ValueError, match="loss='arcface'.*contrastive.*infonce"):
+        MeLESConfig(loss="arcface")
+    with pytest.raises(ValueError, match="encoder='cnn'.*gru, lstm, transformer"):
+        MeLESConfig(encoder="cnn")
+    with pytest.raises(ValueError, match="'median' is not one of last, mean, max, attention"):
+        MeLESConfig(pooling="last,median")
+    with pytest.raises(ValueError, match="pooling needs at least one"):
+        MeLESConfig(pooling="")
+    with pytest.raises(ValueError, match="cnt_min"):
+        MeLESConfig(cnt_min=50, cnt_max=10)
+    with pytest.raises(ValueError, match="'hidden_size' must be int"):
+        MeLESConfig(hidden_size="abc")
+    with pytest.raises(ValueError, match="'grad_clip' must be float or None"):
+        MeLESConfig(grad_clip="x")
+
+
+def test_sets_are_canonical_and_old_boolean_time_features_still_load():
+    c = MeLESConfig(pooling="max, last,max", time_features="")
+    assert c.pooling == "last,max" and c.parts("pooling") == ("last", "max") and c.parts("time_features") == ()
+    assert MeLESConfig(time_features=True).time_features == "gap"
+    assert MeLESConfig(time_features=False).time_features == ""
+    assert MeLESConfig.from_dict(MeLESConfig(pooling="mean,last").to_dict()) == MeLESConfig(pooling="last,mean")
+
+
+def test_paper_preset_fills_settings_and_explicit_ones_win():
+    c = MeLESConfig.from_dict({"preset": "paper", "hidden_size": 64, "pooling": "mean"})
+    assert c.hidden_size == 64 and c.pooling == "mean"
+    assert c.loss == PRESETS["paper"]["loss"] and c.numeric_encoding == "scalar"
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        MeLESConfig.from_dict({"preset": "nope"})
+
+
+def test_choices_table_is_the_one_the_factories_read():
+    from ptls_meles.losses import LOSSES, MINERS
+    from ptls_meles.nn.embedder import ENCODERS
+    from ptls_meles.split import SPLITS
+
+    assert (LOSSES, MINERS, ENCODERS, SPLITS) == (CHOICES["loss"], CHOICES["miner"], CHOICES["encoder"], CHOICES["split"])
+
+
+# --------------------------------------------------------------------------- event encoder
+def _batch(ids, values, times, lengths) -> PaddedBatch:
+    return PaddedBatch(
+        {"p": torch.tensor(ids), "v": torch.tensor(values, dtype=torch.float32),
+         "event_time": torch.tensor(times, dtype=torch.float64)},
+        torch.tensor(lengths),
+    )
+
+
+def test_by_category_standardises_within_the_category_and_scales_its_vector():
+    enc = EventEncoder({"p": (5, 3)}, ["v"], numeric_encoding=("by_category",))
+    columns = {"p": np.array([2, 2, 2, 3, 3, 4]), "v": np.array([100.0, 120.0, 140.0, 5.0, 7.0, 1.0], np.float32)}
+    enc.fit_value_moments(columns)
+    assert enc.value_mean[0, 2].item() == pytest.approx(120.0) and enc.value_std[0, 2].item() == pytest.approx(20.0)
+    assert enc.value_mean[0, 3].item() == pytest.approx(6.0) and enc.value_std[0, 3].item() == pytest.approx(math.sqrt(2))
+    assert enc.value_std[0, 4].item() == 1.0  # one value: no spread to divide by
+    # the same raw 120 is typical for category 2 and extreme for category 3
+    out = enc(_batch([[2, 3, 2]], [[120.0, 120.0, 140.0]], [[0.0, 1.0, 2.0]], [3]))
+    emb = enc.embeddings["p"].weight
+    value_block = out[0, :, 3:]
+    assert torch.allclose(value_block[0], torch.zeros(3), atol=1e-6)
+    z3 = min((120.0 - 6.0) / math.sqrt(2), 10.0)
+    assert torch.allclose(value_block[1], enc.value_vectors.weight[3] * z3, atol=1e-5)
+    assert torch.allclose(value_block[2], enc.value_vectors.weight[2] * 1.0, atol=1e-5)
+    assert torch.allclose(out[0, :, :3], emb[[2, 3, 2]])
+
+
+def test_every_numeric_encoding_ignores_padding_garbage_and_has_the_announced_size():
+    torch.manual_seed(0)
+    enc = EventEncoder({"p": (5, 3)}, ["v"], time_features=("gap", "elapsed", "absolute", "daytime"),
+                       numeric_encoding=("scalar", "by_category", "periodic"), periodic_dim=4).eval()
+    clean = _batch([[2, 3, 0]], [[1.0, 2.0, 0.0]], [[10.0, 70.0, 0.0]], [2])
+    dirty = _batch([[2, 3, 4]], [[1.0, 2.0, float("nan")]], [[10.0, 70.0, 1e9]], [2])
+    a, b = enc(clean), enc(dirty)
+    assert a.shape == (1, 3, enc.output_size) == (1, 3, 3 + 3 + 4 + 4 + 4)
+    assert torch.equal(a, b) and torch.all(a[0, 2] == 0)
+
+
+def test_time_scalars_and_daytime_by_hand():
+    t = torch.tensor([[100.0, 103.0, 110.0, 0.0]], dtype=torch.float64)
+    mask = torch.tensor([[True, True, True, False]])
+    gap, elapsed, absolute = time_scalars(t, mask, ("gap", "elapsed", "absolute"))
+    assert torch.allclose(gap, torch.log1p(torch.tensor([[0.0, 3.0, 7.0, 0.0]])))
+    assert torch.allclose(elapsed, torch.log1p(torch.tensor([[0.0, 3.0, 10.0, 0.0]])))
+    assert absolute.tolist() == [[100.0, 103.0, 110.0, 0.0]]
+    day = 86_400.0
+    feats = daytime_features(torch.tensor([[0.0, day / 4, day + day / 2]], dtype=torch.float64), torch.ones(1, 3, dtype=torch.bool))
+    np.testing.assert_allclose(feats[0, :, :2].numpy(), [[0, 1], [1, 0], [0, -1]], atol=1e-6)  # sin, cos of the hour
+    np.testing.assert_allclose(feats[0, 2, 2:].numpy(), [math.sin(2 * math.pi / 7), math.cos(2 * math.pi / 7)], atol=1e-6)
+
+
+def test_daytime_needs_times_in_seconds():
+    enc = Encoding("c", "t", "number", numeric={})
+    with pytest.raises(ValueError, match="daytime.*seconds.*'number'"):
+        embedder_from_config(MeLESConfig(time_features="daytime"), enc)
+
+
+# --------------------------------------------------------------------------- pooling
+def test_pooling_by_hand_with_garbage_in_padding():
+    out = torch.tensor([[[1.0, 5.0], [3.0, -1.0], [float("nan"), 99.0]], [[2.0, 2.0], [7.0, 7.0], [9.0, 9.0]]])
+    pool = SequencePooling("max,last,mean", 2)
+    assert pool.parts == ("last", "mean", "max") and pool.output_size == 6
+    got = pool(out, torch.tensor([2, 3]))
+    expected = torch.tensor([[3.0, -1.0, 2.0, 2.0, 3.0, 5.0], [9.0, 9.0, 6.0, 6.0, 9.0, 9.0]])
+    assert torch.allclose(got, expected)
+    attention = SequencePooling("attention", 2)
+    a = attention(out, torch.tensor([2, 3]))
+    assert torch.isfinite(a).all() and a.shape == (2, 2)
+
+
+def test_gru_with_pooled_states_gives_the_same_vector_alone_or_in_a_batch():
+    enc = Encoding("c", "t", "number", numeric={})
+    enc.categorical = {}
+    from ptls_meles.encoding import CategoryVocab
+
+    enc.categorical["p"] = CategoryVocab(values=["a", "b", "c"])
+    torch.manual_seed(0)
+    emb = embedder_from_config(MeLESConfig(hidden_size=8, pooling="last,mean,max,attention"), enc).eval()
+    assert emb.output_size == 32
+    rows = [torch.randint(2, 5, (n,)) for n in (3, 7, 5)]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([3, 7, 5]))
+    together = emb(batch)
+    for i, r in enumerate(rows):
+        alone = emb(PaddedBatch({"p": r[None]}, torch.tensor([len(r)])))
+        assert torch.allclose(alone[0], together[i], atol=1e-5)
+
+
+# --------------------------------------------------------------------------- InfoNCE
+def test_infonce_matches_the_formula_and_rewards_closer_positives():
+    emb = F.normalize(torch.tensor([[1.0, 0.1], [0.9, 0.2], [-1.0, 0.3], [-0.8, -0.4]]), dim=1)
+    labels = torch.tensor([0, 0, 1, 1])
+    tau = 0.5
+    loss = make_loss("infonce", temperature=tau)(emb, labels)
+    sim = emb @ emb.T / tau
+    terms = []
+    for a in range(4):
+        for p in range(4):
+            if a != p and labels[a] == labels[p]:
+                negatives = sim[a][labels != labels[a]]
+                terms.append(-sim[a, p] + torch.logsumexp(torch.cat([sim[a, p : p + 1], negatives]), 0))
+    assert loss.item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-5)
+    closer = F.normalize(torch.tensor([[1.0, 0.1], [1.0, 0.12], [-1.0, 0.3], [-1.0, 0.31]]), dim=1)
+    assert make_loss("infonce", temperature=tau)(closer, labels) < loss
+    with pytest.raises(ValueError, match="margin"):
+        make_loss("infonce", margin=0.2)
+
+
+# --------------------------------------------------------------------------- end to end
+def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_state(tmp_path):
+    from conftest import events_frame
+    from ptls_meles.prepare import prepare
+    from ptls_meles.schema import EventSchema
+    from ptls_meles.train import fit, load_checkpoint
+
+    tx = events_frame(n_clients=40, max_len=30, seed=1)
+    store, _ = prepare(tx, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), show_progress=False)
+    config = MeLESConfig(hidden_size=8, batch_size=8, max_epochs=2, num_workers=0, val_fraction=0.25, cnt_min=2,
+                         cnt_max=10, patience=None, numeric_encoding="scalar,by_category,periodic",
+                         time_features="gap,elapsed,absolute", pooling="last,mean,max", loss="infonce",
+                         lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01)
+    module = fit(store, config, out_dir=tmp_path, show_progress=False)
+    moments = module.embedder.event_encoder.value_mean
+    assert moments.abs().sum() > 0  # fitted from the store, not left at zero
+    loaded = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    assert torch.equal(loaded.embedder.event_encoder.value_mean, moments)
+    assert isinstance(loaded.cfg, MeLESConfig) and loaded.cfg.pooling == "last,mean,max"
+    assert module.embedder.output_size == 24
