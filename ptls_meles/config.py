@@ -25,8 +25,9 @@ SET_CHOICES: dict[str, tuple[str, ...]] = {
     "numeric_encoding": ("scalar", "by_category", "periodic"),
     "time_features": ("gap", "elapsed", "absolute", "daytime"),
     "pooling": ("last", "mean", "max", "attention"),
+    "aux_objective": ("next_event",),
 }
-_SETS_THAT_MAY_BE_EMPTY = ("time_features",)
+_SETS_THAT_MAY_BE_EMPTY = ("time_features", "aux_objective")
 
 #: The MeLES paper's recipe (age-group dataset, scaled to hidden 256 for a CPU): kept as a
 #: named preset so the original result stays reproducible whatever the defaults become.
@@ -39,6 +40,7 @@ PRESETS: dict[str, dict] = {
         miner="hard",
         lr_schedule="step",
         grad_clip=None,
+        aux_objective="",
     ),
 }
 
@@ -69,6 +71,8 @@ class MeLESConfig:
     margin: float | None = None  # None: the loss's own default (contrastive 0.5, triplet/margin 0.2)
     neg_count: int = 5
     temperature: float = 0.1  # infonce only
+    aux_objective: str = ""  # "" | next_event: also predict each next event (recurrent encoders)
+    aux_weight: float = 1.0
     # optimisation
     batch_size: int = 64  # clients per batch (× split_count views)
     lr: float = 1e-3
@@ -103,6 +107,8 @@ class MeLESConfig:
             raise ValueError(f"need 1 <= cnt_min <= cnt_max, got cnt_min={self.cnt_min}, cnt_max={self.cnt_max}")
         if self.split_count < 2:
             raise ValueError(f"split_count must be >= 2 (views per client make the positive pairs), got {self.split_count}")
+        if self.aux_objective and self.encoder == "transformer":
+            raise ValueError("aux_objective 'next_event' needs a recurrent encoder (gru, lstm): a Transformer sees the future")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 

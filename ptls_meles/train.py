@@ -65,6 +65,15 @@ class MeLESModule(pl.LightningModule):
             self.cfg.loss, miner=self.cfg.miner, margin=self.cfg.margin, neg_count=self.cfg.neg_count,
             **({"temperature": self.cfg.temperature} if self.cfg.loss == "infonce" else {}),
         )
+        self.next_event = None
+        if "next_event" in self.cfg.parts("aux_objective"):
+            from .nn.next_event import NextEventHead
+
+            first = next(iter(self.encoding.categorical), None)
+            self.next_event = NextEventHead(
+                self.cfg.hidden_size, first, self.encoding.categorical[first].size if first else 0,
+                list(self.encoding.numeric), predict_gap=bool(self.cfg.parts("time_features")),
+            )
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch):
@@ -76,8 +85,14 @@ class MeLESModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         padded, labels = batch
-        emb = self.embedder(padded)
-        loss = self.loss_fn(emb, labels)
+        if self.next_event is None:
+            emb = self.embedder(padded)
+            loss = self.loss_fn(emb, labels)
+        else:
+            emb, sequence = self.embedder(padded, return_sequence=True)
+            aux = self.next_event(sequence, padded)
+            loss = self.loss_fn(emb, labels) + self.cfg.aux_weight * aux
+            self.log("aux_loss", aux, on_step=False, on_epoch=True, batch_size=int(labels.max()) + 1)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(labels.max()) + 1)
         return loss
 

@@ -186,3 +186,41 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     assert torch.equal(loaded.embedder.event_encoder.value_mean, moments)
     assert isinstance(loaded.cfg, MeLESConfig) and loaded.cfg.pooling == "last,mean,max"
     assert module.embedder.output_size == 24
+
+
+# --------------------------------------------------------------------------- next-event objective
+def test_next_event_head_scores_only_events_with_a_successor():
+    from ptls_meles.nn.next_event import NextEventHead
+
+    torch.manual_seed(0)
+    head = NextEventHead(4, "p", 6, ["v"], predict_gap=False)
+    with torch.no_grad():
+        head.category.weight.zero_()
+        head.category.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0, 0.0]))  # always predicts category 2
+        head.regression.weight.zero_()
+        head.regression.bias.zero_()
+    seq = torch.randn(2, 3, 4)
+    good = _batch([[2, 2, 2], [2, 2, 9]], [[1.0, 3.0, 0.0], [1.0, 3.0, 0.0]], [[0.0] * 3] * 2, [3, 2])
+    bad = _batch([[2, 3, 3], [2, 2, 9]], [[1.0, 3.0, 0.0], [1.0, 3.0, 0.0]], [[0.0] * 3] * 2, [3, 2])
+    # three successors: values (3, 0, 3) standardise to (0.707, -1.414, 0.707) → MSE 1 against 0
+    ce_right = F.cross_entropy(torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0, 0.0]]), torch.tensor([2])).item()
+    assert head(seq, good).item() == pytest.approx(ce_right + 1.0, rel=1e-4)  # the padded 9 is never a target
+    assert head(seq, bad).item() > head(seq, good).item()
+
+
+def test_next_event_objective_trains_and_is_refused_for_a_transformer():
+    with pytest.raises(ValueError, match="recurrent encoder"):
+        MeLESConfig(encoder="transformer", aux_objective="next_event")
+    enc = Encoding("c", "t", "number", numeric={})
+    from ptls_meles.encoding import CategoryVocab
+
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
+    module = MeLESModule(MeLESConfig(hidden_size=8, aux_objective="next_event", time_features="gap"), enc)
+    rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
+                         "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
+    emb, seq = module.embedder(batch, return_sequence=True)
+    aux = module.next_event(seq, batch)
+    aux.backward()
+    assert seq.shape == (4, 6, 8) and torch.isfinite(aux)
+    assert module.embedder.seq_encoder.rnn.weight_ih_l0.grad.abs().sum() > 0

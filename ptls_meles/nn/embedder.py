@@ -30,10 +30,15 @@ class Embedder(nn.Module):
     def output_size(self) -> int:
         return self.seq_encoder.output_size
 
-    def forward(self, batch: PaddedBatch) -> torch.Tensor:
+    def forward(self, batch: PaddedBatch, return_sequence: bool = False):
+        """``[B, D]``; with ``return_sequence`` (recurrent encoders) also ``[B, T, H]`` per-event states."""
         events = self.event_encoder(batch)
-        vectors = self.seq_encoder(events, batch.lengths, batch.payload.get(TIME_FIELD))
-        return F.normalize(vectors, dim=-1) if self.normalize else vectors
+        if return_sequence:
+            vectors, sequence = self.seq_encoder(events, batch.lengths, batch.payload.get(TIME_FIELD), return_sequence=True)
+        else:
+            vectors = self.seq_encoder(events, batch.lengths, batch.payload.get(TIME_FIELD))
+        vectors = F.normalize(vectors, dim=-1) if self.normalize else vectors
+        return (vectors, sequence) if return_sequence else vectors
 
 
 def build_embedder(
