@@ -141,7 +141,7 @@ def test_evaluate_separable_binary_and_result_format():
     assert res.cv_mean > 0.97 and res.test_mean > 0.97
     assert len(res.cv_scores) == 5 and len(res.test_scores) == 5
     assert res.n_test == 30 and res.n_train == 270 and res.n_features == 2
-    assert res.lgbm_params["n_estimators"] == 30 and res.lgbm_params["subsample"] == 0.75
+    assert res.params["n_estimators"] == 30 and res.params["subsample"] == 0.75
     assert re.fullmatch(r"label: auroc test \d\.\d{3} ± \d\.\d{3} \(cv \d\.\d{3} ± \d\.\d{3}\), 5 folds, "
                         r"270 train / 30 test clients", res.summary()), res.summary()
     d = json.loads(json.dumps(res.to_dict()))
@@ -180,7 +180,7 @@ def test_evaluate_protocol_and_interval_by_hand():
     rest, test = train_test_split(np.arange(200), test_size=0.2, stratify=y, random_state=7)
     cv, te = [], []
     for fit, val in StratifiedKFold(4, shuffle=True, random_state=7).split(rest, y[rest]):
-        params = {**res.lgbm_params}
+        params = {**res.params}
         model = lgb.LGBMClassifier(**params).fit(X[rest[fit]], y[rest[fit]])
         cv.append(roc_auc_score(y[rest[val]], model.predict_proba(X[rest[val]])[:, 1]))
         te.append(roc_auc_score(y[test], model.predict_proba(X[test])[:, 1]))
@@ -200,7 +200,7 @@ def test_evaluate_join_report_counts_every_left_out_client(caplog):
     targets["label"] = targets["label"].astype(float)
     targets.loc[targets.client_id == 8, "label"] = np.nan
     targets = pd.concat([targets, pd.DataFrame({"client_id": [1000, 1001], "label": [0.0, 1.0]})])
-    with caplog.at_level(logging.INFO, logger="ptls_meles.downstream.evaluate"):
+    with caplog.at_level(logging.INFO, logger="ptls_meles.downstream"):
         res = evaluate([feats.drop(columns="signal"), emb], targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1)
     j = res.join
     assert j.rows_per_table == [120, 120]
