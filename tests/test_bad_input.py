@@ -25,7 +25,7 @@ from ptls_meles.config import MeLESConfig
 from ptls_meles.downstream.evaluate import EvaluationError, evaluate
 from ptls_meles.prepare import prepare
 from ptls_meles.store import SequenceStore
-from ptls_meles.train import UnsafeOrCorruptModelError, load_checkpoint
+from ptls_meles.train import UnsafeOrCorruptModelError, load_model
 
 SCHEMA = EventSchema("client", "day", ["mcc"], ["amount"], time_format="number")
 SMALL = dict(hidden_size=8, cat_embedding_dim=4, batch_size=8, max_epochs=1, num_workers=0, val_fraction=0.0,
@@ -482,7 +482,7 @@ def case_crafted_pickles_are_refused(ctx, tmp, capsys):
     (tmp / "run" / "checkpoints").mkdir(parents=True)
     torch.save(ckpt, tmp / "run" / "checkpoints" / "last.ckpt")
     with pytest.raises(UnsafeOrCorruptModelError, match="refused to load"):
-        load_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt")
+        load_model(tmp / "run" / "checkpoints" / "last.ckpt")
     with pytest.raises(UnsafeOrCorruptModelError, match="refused to load"):
         MeLES.load(tmp / "run" / "checkpoints" / "last.ckpt")
     assert_cli_error(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--resume", "--set", "num_workers=0", "-q", "--threads", "1",

@@ -249,3 +249,30 @@ def test_load_feature_table(tmp_path):
         load_feature_table(tmp_path / "bad.parquet")
     with pytest.raises(FileNotFoundError):
         load_feature_table(tmp_path / "missing.parquet")
+
+
+def test_evaluate_early_stopping_on_each_validation_fold():
+    import lightgbm as lgb
+    from sklearn.metrics import roc_auc_score
+
+    from ptls_meles.downstream.protocol import join_features_and_targets, plan_cv
+
+    feats, targets = separable(n=200, seed=5)
+    feats["signal"] += np.random.default_rng(9).normal(0, 0.8, size=200)
+    params = {**SMALL_LGBM, "n_estimators": 400}
+    plain = evaluate(feats, targets, "label", n_folds=3, seed=4, lgbm_params=params, n_jobs=1)
+    early = evaluate(feats, targets, "label", n_folds=3, seed=4, lgbm_params=params, n_jobs=1, early_stopping_rounds=10)
+    assert plain.best_epochs == [] and "best" not in plain.summary()
+    assert len(early.best_epochs) == 3 and all(1 <= b < 400 for b in early.best_epochs)
+    assert early.params["early_stopping_rounds"] == 10 and f"best round per fold {early.best_epochs}" in early.summary()
+    # by hand: each fold stops on its own validation part and is scored with its best round
+    X, y_raw, report = join_features_and_targets(feats, targets, "label")
+    plan = plan_cv(y_raw, report, "label", n_folds=3, seed=4)
+    values = X.to_numpy(np.float32)
+    for (fit, val), best, cv in zip(plan.folds, early.best_epochs, early.cv_scores):
+        model = lgb.LGBMClassifier(**{k: v for k, v in early.params.items() if k != "early_stopping_rounds"})
+        model.fit(values[fit], plan.y[fit], eval_set=[(values[val], plan.y[val])], callbacks=[lgb.early_stopping(10, verbose=False)])
+        assert model.best_iteration_ == best
+        assert cv == pytest.approx(roc_auc_score(plan.y[val], model.predict_proba(values[val])[:, 1]))
+    with pytest.raises(EvaluationError, match="early_stopping_rounds"):
+        evaluate(feats, targets, "label", early_stopping_rounds=0)
