@@ -276,3 +276,19 @@ def test_evaluate_early_stopping_on_each_validation_fold():
         assert cv == pytest.approx(roc_auc_score(plan.y[val], model.predict_proba(values[val])[:, 1]))
     with pytest.raises(EvaluationError, match="early_stopping_rounds"):
         evaluate(feats, targets, "label", early_stopping_rounds=0)
+
+
+def test_cli_evaluate_early_stopping_rounds(tmp_path):
+    from ptls_meles.cli import main
+
+    feats, targets = separable(n=150, seed=3)
+    feats.to_parquet(tmp_path / "f.parquet")
+    targets.to_csv(tmp_path / "t.csv", index=False)
+    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col", "label",
+            "--folds", "2", "--jobs", "1", "-q"]
+    main(args + ["--out", str(tmp_path / "plain.json")])
+    main(args + ["--early-stopping-rounds", "5", "--out", str(tmp_path / "early.json")])
+    plain, early = (json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("plain", "early"))
+    assert plain["best_epochs"] == [] and plain["model"] == "lightgbm" and "early_stopping_rounds" not in plain["params"]
+    assert len(early["best_epochs"]) == 2 and all(1 <= b < 1000 for b in early["best_epochs"])
+    assert early["params"]["early_stopping_rounds"] == 5
