@@ -198,7 +198,7 @@ def load_model(source: str | os.PathLike | BinaryIO) -> MeLESModule:
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
     if path is not None and (path / "model" / MODEL_FILE).exists():
         path = path / "model"
-    if path is not None and path.is_dir():
+    if path is not None and path.suffix != ".ckpt":
         if not (path / MODEL_FILE).exists():
             raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
         state = load_weights(path / MODEL_FILE)

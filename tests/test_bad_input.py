@@ -354,7 +354,7 @@ def case_fit_wrong_setting_types(ctx, tmp, capsys):
     with pytest.raises(ValueError, match=r"setting 'hidden_size' must be int, got 'abc'"):
         MeLESConfig(hidden_size="abc")
     with pytest.raises(ValueError, match=r"setting 'lr' must be float"):
-        MeLES(lr=[0.1])
+        MeLES(lr=[0.1]).fit(ctx.store, show_progress=False)  # checked when fitting, not in __init__ (scikit-learn)
     assert_cli_error(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--set", "hidden_size=abc", "-q", "--threads", "1",
                      names=("'hidden_size'", "'abc'"))
     assert_cli_error(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--set", "hiden_size=8", "-q", "--threads", "1",

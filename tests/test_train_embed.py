@@ -142,7 +142,7 @@ def test_resume_continues_from_last_checkpoint(store, tmp_path):
 
 
 def test_errors_are_clear(store):
-    with pytest.raises(ValueError, match="unknown MeLES setting"):
+    with pytest.raises(TypeError, match="unknown MeLES setting"):
         MeLES(hidden=3)
     with pytest.raises(RuntimeError, match="not fitted"):
         MeLES().transform(store)
