@@ -96,29 +96,6 @@ class MeLES(TransformerMixin, BaseEstimator):
         if not hasattr(self, "module_"):
             raise RuntimeError("this MeLES instance is not fitted yet: call .fit(events) or MeLES.load(path)")
 
-    def _check_store_encoding(self, store: SequenceStore) -> None:
-        """A store prepared with another encoding maps values to other ids (or to ids past the
-        embedding tables): refuse it, naming the column, instead of embedding garbage."""
-        for c, vocab in self.encoding_.categorical.items():
-            other = store.encoding.categorical.get(c)
-            if other is None or c not in store.columns:
-                raise ValueError(f"the store has no categorical column {c!r} that the model was trained on; "
-                                 f"it has {sorted(store.columns)}")
-            if other.values != vocab.values:
-                raise ValueError(
-                    f"the store's column {c!r} was encoded with another vocabulary than the model's "
-                    f"({len(other.values)} vs {len(vocab.values)} values, e.g. {other.values[:3]} vs {vocab.values[:3]}); "
-                    "pass raw events, or prepare the store with the model's encoding (prepare(..., encoding=model.encoding_) / "
-                    "`ptls-meles prepare --encoding MODEL/encoding.json`)"
-                )
-        for c, transform in self.encoding_.numeric.items():
-            other = store.encoding.numeric.get(c)
-            if other is None or c not in store.columns:
-                raise ValueError(f"the store has no numeric column {c!r} that the model was trained on; it has {sorted(store.columns)}")
-            if other != transform:
-                raise ValueError(f"the store's column {c!r} was transformed as {other}, the model expects {transform}; "
-                                 "prepare the store with the model's encoding")
-
     def transform(self, X, show_progress: bool = False) -> pd.DataFrame:
         """Embeddings, one row per client (see the class docstring for the row order); new
         data is encoded with the training encoding (unseen categories → the reserved id)."""
@@ -134,7 +111,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         return self._embed(store, ids, False)
 
     def _embed(self, store: SequenceStore, ids: list | None, show_progress: bool) -> pd.DataFrame:
-        self._check_store_encoding(store)
+        check_store_encoding(self.encoding_, store)
         cfg = self.module_.cfg
         table = embed_frame(self.module_.embedder, store, max_events=cfg.max_events, batch_size=cfg.embed_batch_size,
                             show_progress=show_progress)
@@ -150,7 +127,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         """Stream the embedding table to Parquet (config and encoding in its metadata)."""
         self._check_fitted()
         store, _ = self._store(events, self.encoding_, show_progress)
-        self._check_store_encoding(store)
+        check_store_encoding(self.encoding_, store)
         cfg = self.module_.cfg
         meta = {"config": cfg.to_dict(), "encoding": self.encoding_.to_dict()}
         return write_embeddings(
@@ -182,6 +159,30 @@ class MeLES(TransformerMixin, BaseEstimator):
         obj = cls(schema=schema, **module.cfg.to_dict())
         obj.module_, obj.encoding_, obj.schema_ = module, module.encoding, schema
         return obj
+
+
+def check_store_encoding(encoding: Encoding, store: SequenceStore) -> None:
+    """A store prepared with another encoding than a model's maps values to other ids (or to
+    ids past the embedding tables): refuse it, naming the column, instead of embedding garbage."""
+    for c, vocab in encoding.categorical.items():
+        other = store.encoding.categorical.get(c)
+        if other is None or c not in store.columns:
+            raise ValueError(f"the store has no categorical column {c!r} that the model was trained on; "
+                             f"it has {sorted(store.columns)}")
+        if other.values != vocab.values:
+            raise ValueError(
+                f"the store's column {c!r} was encoded with another vocabulary than the model's "
+                f"({len(other.values)} vs {len(vocab.values)} values, e.g. {other.values[:3]} vs {vocab.values[:3]}); "
+                "pass raw events, or prepare the store with the model's encoding (prepare(..., encoding=model.encoding_) / "
+                "`ptls-meles prepare --encoding MODEL/encoding.json`)"
+            )
+    for c, transform in encoding.numeric.items():
+        other = store.encoding.numeric.get(c)
+        if other is None or c not in store.columns:
+            raise ValueError(f"the store has no numeric column {c!r} that the model was trained on; it has {sorted(store.columns)}")
+        if other != transform:
+            raise ValueError(f"the store's column {c!r} was transformed as {other}, the model expects {transform}; "
+                             "prepare the store with the model's encoding")
 
 
 def _single_client(frame: pd.DataFrame, client_col: str, i: int):

@@ -65,7 +65,7 @@ _POSITION_COLUMN = "__store_position__"
 
 
 class FineTuneError(EvaluationError):
-    """Bad input for the neural baselines: mismatched encoding, bad settings."""
+    """Bad settings for the neural baselines."""
 
 
 def labelled_clients(
@@ -175,29 +175,6 @@ class ValidationScore(pl.Callback):
         pl_module.log("val_score", self.scores[-1], prog_bar=True)
 
 
-def _check_encoding(pretrained, store: SequenceStore) -> None:
-    """The pretrained embedder's ids must mean what the store's ids mean."""
-    mine, theirs = store.encoding, pretrained.encoding
-    for name in set(mine.categorical) | set(theirs.categorical):
-        if name not in mine.categorical or name not in theirs.categorical:
-            raise FineTuneError(
-                f"categorical field {name!r} is in only one of the store ({sorted(mine.categorical)}) and "
-                f"the pretrained model ({sorted(theirs.categorical)}); prepare the data with the model's encoding"
-            )
-        a, b = mine.categorical[name].values, theirs.categorical[name].values
-        if list(a) != list(b):
-            diff = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
-            raise FineTuneError(
-                f"categorical field {name!r}: the store's vocabulary ({len(a)} values) differs from the pretrained "
-                f"model's ({len(b)} values) at position {diff}, e.g. {a[diff] if diff < len(a) else None!r} vs "
-                f"{b[diff] if diff < len(b) else None!r}; prepare the data with the model's encoding"
-            )
-    if sorted(mine.numeric) != sorted(theirs.numeric):
-        raise FineTuneError(
-            f"numeric fields differ: store {sorted(mine.numeric)}, pretrained model {sorted(theirs.numeric)}"
-        )
-
-
 # --------------------------------------------------------------------------- one fold
 def train_fold(
     model: SequenceClassifier,
@@ -270,7 +247,9 @@ def supervised_eval(
 
         pretrained = load_model(Path(pretrained))
     if pretrained is not None:
-        _check_encoding(pretrained, store)
+        from ..api import check_store_encoding
+
+        check_store_encoding(pretrained.encoding, store)  # its ids must mean what the store's ids mean
 
     clients, y_raw, report = labelled_clients(store, targets, target_col, id_col)
     plan = plan_cv(y_raw, report, target_col, task, n_folds, test_size, seed)
