@@ -1,11 +1,13 @@
-"""The scikit-learn shaped Python API: ``MeLES(...).fit(events).transform(events)``."""
+"""The scikit-learn compatible Python API: ``MeLES(...).fit(events).transform(events)``."""
 from __future__ import annotations
 
-import json
+import inspect
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 import pandas as pd
 import torch
+from sklearn.base import BaseEstimator, TransformerMixin
 
 from .config import MeLESConfig
 from .embed import embed_frame, write_embeddings
@@ -14,103 +16,123 @@ from .prepare import prepare
 from .schema import EventSchema
 from .sources import Source
 from .store import SequenceStore
-from .train import MeLESModule, fit as fit_module
+from .train import MODEL_FILE, fit as fit_module, load_model
 
-MODEL_FILE = "model.pt"
+#: MeLES's parameters besides ``schema``: every MeLESConfig field, with its default (a field
+#: whose default is a fresh dict defaults to None here, "the config's default", as
+#: scikit-learn wants immutable defaults)
+_CONFIG_DEFAULTS = {f.name: (f.default if f.default is not MISSING else None) for f in fields(MeLESConfig)}
+_FACTORY_FIELDS = {f.name for f in fields(MeLESConfig) if f.default is MISSING}
 
 
-class MeLES:
-    """Self-supervised client embeddings from event sequences.
+class MeLES(TransformerMixin, BaseEstimator):
+    """Self-supervised client embeddings from event sequences, a scikit-learn transformer.
 
     Parameters are the fields of :class:`MeLESConfig` (``encoder``, ``hidden_size``,
     ``loss``, ``split``, ``max_epochs``, ...) plus an optional ``schema`` naming the raw
-    columns (needed when fitting raw events rather than a prepared store).
-    Learned state: ``encoding_``, ``module_``, ``schema_``.
+    columns (needed when fitting raw events rather than a prepared store). They are stored
+    as given and checked when fitting (scikit-learn's contract, so ``clone``,
+    ``set_params`` and ``GridSearchCV`` work). Learned state: ``module_`` (which owns the
+    config it was trained with), ``encoding_``, ``schema_``.
+
+    ``X`` (``events``) is one of:
+
+    * raw events (a DataFrame, Arrow table or file path; one row per event, with the
+      schema's client column) or a prepared store: ``transform`` returns one row per client,
+      ``client_id, emb_000, ...``, clients in store order (sorted by client id). Align labels
+      on the ``client_id`` column;
+    * a list of DataFrames, one per client, each holding that client's events: one sample
+      is one client, so ``transform`` returns row ``i`` for ``X[i]``: only the embedding
+      columns (indexed by client id), a feature matrix for the next step of a ``Pipeline``,
+      and ``y[i]`` is ``X[i]``'s label in ``Pipeline.fit(X, y)`` and ``GridSearchCV``.
     """
 
     def __init__(self, schema: EventSchema | None = None, **params) -> None:
         self.schema = schema
-        self.config = MeLESConfig.from_dict(params)
+        unknown = sorted(set(params) - set(_CONFIG_DEFAULTS))
+        if unknown:
+            raise TypeError(f"unknown MeLES setting(s) {unknown}; known settings: {sorted(_CONFIG_DEFAULTS)}")
+        for name, default in _CONFIG_DEFAULTS.items():
+            setattr(self, name, params.get(name, default))
 
-    def get_params(self) -> dict:
-        return {"schema": self.schema, **self.config.to_dict()}
-
-    def __repr__(self) -> str:
-        changed = {k: v for k, v in self.config.to_dict().items() if v != getattr(MeLESConfig(), k)}
-        return f"MeLES({', '.join(f'{k}={v!r}' for k, v in changed.items())})"
+    @property
+    def config(self) -> MeLESConfig:
+        """The :class:`MeLESConfig` the current parameters describe (validated here)."""
+        params = {name: getattr(self, name) for name in _CONFIG_DEFAULTS}
+        return MeLESConfig.from_dict({k: v for k, v in params.items() if not (v is None and k in _FACTORY_FIELDS)})
 
     # ------------------------------------------------------------------ data
-    def _store(self, events: Source | SequenceStore, encoding: Encoding | None, show_progress: bool) -> SequenceStore:
+    def _store(self, events, encoding: Encoding | None, show_progress: bool) -> tuple[SequenceStore, list | None]:
+        """The store of ``events`` and, for a list of per-client frames, the client id of each."""
         if isinstance(events, SequenceStore):
-            return events
+            return events, None
         if isinstance(events, (str, Path)) and (Path(events) / "sequences.parquet").exists():
-            return SequenceStore.load(events)
+            return SequenceStore.load(events), None
         schema = getattr(self, "schema_", None) or self.schema
         if schema is None:
             raise ValueError("raw events need a schema: MeLES(schema=EventSchema(client_col=..., time_col=..., categorical=[...], numeric=[...]))")
+        ids = None
+        if isinstance(events, (list, tuple)):
+            ids = [_single_client(frame, schema.client_col, i) for i, frame in enumerate(events)]
+            events = pd.concat(events, ignore_index=True)
         store, _ = prepare(events, schema, encoding=encoding, show_progress=show_progress)
-        return store
+        return store, ids
 
     # ------------------------------------------------------------------ fit / transform
-    def fit(self, events: Source | SequenceStore, out_dir: str | Path | None = None, show_progress: bool = True, **trainer_kwargs) -> "MeLES":
-        """Prepare (if raw) and train; ``out_dir`` keeps checkpoints and CSV logs."""
-        store = self._store(events, None, show_progress)
+    def fit(self, X, y=None, out_dir: str | Path | None = None, show_progress: bool = True, **trainer_kwargs) -> "MeLES":
+        """Prepare (if raw) and train; ``out_dir`` keeps checkpoints and CSV logs. ``y`` is
+        not used (MeLES is self-supervised); it is accepted so a ``Pipeline`` can pass it."""
+        self._fit_store(self._store(X, None, show_progress)[0], out_dir, show_progress, **trainer_kwargs)
+        return self
+
+    def _fit_store(self, store: SequenceStore, out_dir, show_progress: bool, **trainer_kwargs) -> None:
+        config = self.config
         self.schema_ = self.schema or (EventSchema(**store.meta["schema"]) if "schema" in store.meta else None)
         self.encoding_ = store.encoding
-        self.module_ = fit_module(store, self.config, out_dir=out_dir, show_progress=show_progress, **trainer_kwargs)
+        self.module_ = fit_module(store, config, out_dir=out_dir, show_progress=show_progress, **trainer_kwargs)
         self.module_.eval()
-        return self
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "module_"):
             raise RuntimeError("this MeLES instance is not fitted yet: call .fit(events) or MeLES.load(path)")
 
-    def _check_store_encoding(self, store: SequenceStore) -> None:
-        """A store prepared with another encoding maps values to other ids (or to ids past the
-        embedding tables): refuse it, naming the column, instead of embedding garbage."""
-        for c, vocab in self.encoding_.categorical.items():
-            other = store.encoding.categorical.get(c)
-            if other is None or c not in store.columns:
-                raise ValueError(f"the store has no categorical column {c!r} that the model was trained on; "
-                                 f"it has {sorted(store.columns)}")
-            if other.values != vocab.values:
-                raise ValueError(
-                    f"the store's column {c!r} was encoded with another vocabulary than the model's "
-                    f"({len(other.values)} vs {len(vocab.values)} values, e.g. {other.values[:3]} vs {vocab.values[:3]}); "
-                    "pass raw events, or prepare the store with the model's encoding (prepare(..., encoding=model.encoding_) / "
-                    "`ptls-meles prepare --encoding MODEL/encoding.json`)"
-                )
-        for c, transform in self.encoding_.numeric.items():
-            other = store.encoding.numeric.get(c)
-            if other is None or c not in store.columns:
-                raise ValueError(f"the store has no numeric column {c!r} that the model was trained on; it has {sorted(store.columns)}")
-            if other != transform:
-                raise ValueError(f"the store's column {c!r} was transformed as {other}, the model expects {transform}; "
-                                 "prepare the store with the model's encoding")
-
-    def transform(self, events: Source | SequenceStore, show_progress: bool = False) -> pd.DataFrame:
-        """Embeddings as a DataFrame ``client_id, emb_000, ..., emb_{D-1}``; new data is
-        encoded with the training encoding (unseen categories → the reserved id)."""
+    def transform(self, X, show_progress: bool = False) -> pd.DataFrame:
+        """Embeddings, one row per client (see the class docstring for the row order); new
+        data is encoded with the training encoding (unseen categories → the reserved id)."""
         self._check_fitted()
-        store = self._store(events, self.encoding_, show_progress)
-        self._check_store_encoding(store)
-        return embed_frame(
-            self.module_.embedder, store, max_events=self.config.max_events, batch_size=self.config.embed_batch_size, show_progress=show_progress
-        )
+        store, ids = self._store(X, self.encoding_, show_progress)
+        return self._embed(store, ids, show_progress)
 
-    def fit_transform(self, events: Source | SequenceStore, **kwargs) -> pd.DataFrame:
-        store = self._store(events, None, kwargs.get("show_progress", True))
-        return self.fit(store, **kwargs).transform(store)
+    def fit_transform(self, X, y=None, **fit_params) -> pd.DataFrame:
+        """``fit(X).transform(X)``, preparing raw events once."""
+        show_progress = fit_params.pop("show_progress", True)
+        store, ids = self._store(X, None, show_progress)
+        self._fit_store(store, fit_params.pop("out_dir", None), show_progress, **fit_params)
+        return self._embed(store, ids, False)
+
+    def _embed(self, store: SequenceStore, ids: list | None, show_progress: bool) -> pd.DataFrame:
+        check_store_encoding(self.encoding_, store)
+        cfg = self.module_.cfg
+        table = embed_frame(self.module_.embedder, store, max_events=cfg.max_events, batch_size=cfg.embed_batch_size,
+                            show_progress=show_progress)
+        if ids is None:
+            return table
+        table = table.set_index("client_id")
+        missing = [c for c in ids if c not in table.index]
+        if missing:
+            raise ValueError(f"{len(missing)} client(s) of X have no valid events after preparing, e.g. {missing[:3]}")
+        return table.loc[ids]
 
     def write_embeddings(self, events: Source | SequenceStore, path: str | Path, show_progress: bool = True) -> dict:
         """Stream the embedding table to Parquet (config and encoding in its metadata)."""
         self._check_fitted()
-        store = self._store(events, self.encoding_, show_progress)
-        self._check_store_encoding(store)
-        meta = {"config": self.config.to_dict(), "encoding": self.encoding_.to_dict()}
+        store, _ = self._store(events, self.encoding_, show_progress)
+        check_store_encoding(self.encoding_, store)
+        cfg = self.module_.cfg
+        meta = {"config": cfg.to_dict(), "encoding": self.encoding_.to_dict()}
         return write_embeddings(
-            self.module_.embedder, store, path, metadata=meta, max_events=self.config.max_events,
-            batch_size=self.config.embed_batch_size, show_progress=show_progress,
+            self.module_.embedder, store, path, metadata=meta, max_events=cfg.max_events,
+            batch_size=cfg.embed_batch_size, show_progress=show_progress,
         )
 
     # ------------------------------------------------------------------ persistence
@@ -120,7 +142,7 @@ class MeLES:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         torch.save(self.module_.state_dict(), path / MODEL_FILE)
-        (path / "config.json").write_text(self.config.to_json())
+        (path / "config.json").write_text(self.module_.cfg.to_json())
         self.encoding_.save(path / "encoding.json")
         if self.schema_ is not None:
             self.schema_.save(path / "schema.json")
@@ -128,25 +150,56 @@ class MeLES:
 
     @classmethod
     def load(cls, path: str | Path) -> "MeLES":
-        """Load a saved model or a training checkpoint (``.ckpt``); never unpickles code."""
+        """Load a saved model, a run directory holding one (``model/``) or a training
+        checkpoint (``.ckpt``) with :func:`~ptls_meles.train.load_model`; never unpickles code."""
         path = Path(path)
-        if path.suffix == ".ckpt":
-            from .train import load_checkpoint
-
-            module = load_checkpoint(path)
-            obj = cls(**module.cfg.to_dict())
-            obj.module_, obj.encoding_, obj.schema_ = module, module.encoding, None
-            return obj
-        if not (path / MODEL_FILE).exists():
-            raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
-        config = json.loads((path / "config.json").read_text())
-        encoding = Encoding.load(path / "encoding.json")
-        schema = EventSchema.load(path / "schema.json") if (path / "schema.json").exists() else None
-        obj = cls(schema=schema, **config)
-        module = MeLESModule(config, encoding.to_dict())
-        from .train import load_weights
-
-        module.load_state_dict(load_weights(path / MODEL_FILE))
-        module.eval()
-        obj.module_, obj.encoding_, obj.schema_ = module, encoding, schema
+        module = load_model(path)
+        model_dir = path / "model" if (path / "model" / MODEL_FILE).exists() else path
+        schema = EventSchema.load(model_dir / "schema.json") if (model_dir / "schema.json").exists() else None
+        obj = cls(schema=schema, **module.cfg.to_dict())
+        obj.module_, obj.encoding_, obj.schema_ = module, module.encoding, schema
         return obj
+
+
+def check_store_encoding(encoding: Encoding, store: SequenceStore) -> None:
+    """A store prepared with another encoding than a model's maps values to other ids (or to
+    ids past the embedding tables): refuse it, naming the column, instead of embedding garbage."""
+    for c, vocab in encoding.categorical.items():
+        other = store.encoding.categorical.get(c)
+        if other is None or c not in store.columns:
+            raise ValueError(f"the store has no categorical column {c!r} that the model was trained on; "
+                             f"it has {sorted(store.columns)}")
+        if other.values != vocab.values:
+            raise ValueError(
+                f"the store's column {c!r} was encoded with another vocabulary than the model's "
+                f"({len(other.values)} vs {len(vocab.values)} values, e.g. {other.values[:3]} vs {vocab.values[:3]}); "
+                "pass raw events, or prepare the store with the model's encoding (prepare(..., encoding=model.encoding_) / "
+                "`ptls-meles prepare --encoding MODEL/encoding.json`)"
+            )
+    for c, transform in encoding.numeric.items():
+        other = store.encoding.numeric.get(c)
+        if other is None or c not in store.columns:
+            raise ValueError(f"the store has no numeric column {c!r} that the model was trained on; it has {sorted(store.columns)}")
+        if other != transform:
+            raise ValueError(f"the store's column {c!r} was transformed as {other}, the model expects {transform}; "
+                             "prepare the store with the model's encoding")
+
+
+def _single_client(frame: pd.DataFrame, client_col: str, i: int):
+    """The one client id of ``X[i]`` when ``X`` is a list of per-client event frames."""
+    if not isinstance(frame, pd.DataFrame) or client_col not in frame.columns:
+        raise ValueError(f"X[{i}]: a list X must hold one events DataFrame per client, with the column {client_col!r}")
+    ids = frame[client_col].dropna().unique()
+    if len(ids) != 1:
+        raise ValueError(f"X[{i}]: a list X must hold one client per DataFrame; column {client_col!r} has "
+                         f"{len(ids)} distinct ids, e.g. {list(ids[:3])}")
+    return ids[0].item() if hasattr(ids[0], "item") else ids[0]
+
+
+# scikit-learn reads an estimator's parameters from its __init__ signature: name every
+# MeLESConfig field there, so the config stays the one list of settings
+MeLES.__init__.__signature__ = inspect.Signature(
+    [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("schema", inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None)]
+    + [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in _CONFIG_DEFAULTS.items()]
+)

@@ -171,7 +171,8 @@ def cmd_evaluate(args) -> None:
         targets = targets.drop(columns=["client_id"], errors="ignore").rename(columns={args.target_id_col: "client_id"})
     results = []
     for col in args.target_col:
-        r = evaluate(tables, targets, col, n_folds=args.folds, test_size=args.test_size, seed=args.seed, n_jobs=args.jobs)
+        r = evaluate(tables, targets, col, n_folds=args.folds, test_size=args.test_size, seed=args.seed, n_jobs=args.jobs,
+                     early_stopping_rounds=args.early_stopping_rounds)
         print(r.summary())
         results.append(r.to_dict())
     if args.out:
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--test-size", type=float, default=0.1)
     ev.add_argument("--seed", type=int, default=42)
     ev.add_argument("--jobs", type=int, default=2)
+    ev.add_argument("--early-stopping-rounds", type=int,
+                    help="stop each fold's LightGBM after this many rounds without a better validation-part loss (default off)")
     ev.add_argument("--out", help="write the results as JSON")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)

@@ -47,7 +47,10 @@ PRESETS: dict[str, dict] = {
 
 @dataclass
 class MeLESConfig:
-    """Everything that defines a MeLES run."""
+    """Everything that defines a MeLES run. ``preset`` (e.g. ``"paper"``) fills every
+    setting left at its default with the preset's value, then is cleared."""
+
+    preset: str | None = None
 
     # event encoder
     cat_embedding_dim: int = 16
@@ -95,6 +98,14 @@ class MeLESConfig:
     def __post_init__(self) -> None:
         if isinstance(self.time_features, bool):  # configs saved before time_features was a set
             self.time_features = "gap" if self.time_features else ""
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
+            defaults = {f.name: f.default for f in fields(self)}
+            for name, value in PRESETS[self.preset].items():
+                if getattr(self, name) == defaults[name]:
+                    setattr(self, name, value)
+            self.preset = None
         hints = typing.get_type_hints(type(self))
         for f in fields(self):
             _check_type(f.name, getattr(self, f.name), hints[f.name])
@@ -126,15 +137,9 @@ class MeLESConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "MeLESConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"preset"})
+        unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MeLES setting(s) {unknown}; known settings: {sorted(known)}")
-        d = dict(d)
-        preset = d.pop("preset", None)
-        if preset is not None:
-            if preset not in PRESETS:
-                raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
-            d = {**PRESETS[preset], **d}
         return cls(**d)
 
     def embedding_dim_of(self, column: str) -> int:

@@ -1,11 +1,13 @@
 """Self-supervised MeLES training: the LightningModule and the ``fit`` function."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import pytorch_lightning as pl
 import torch
@@ -19,6 +21,8 @@ from .nn import build_embedder
 from .store import SequenceStore
 
 log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"  # the weights of a saved model directory (MeLES.save)
 
 # Lightning's advertising tip and a deprecation inside Lightning itself are noise to our users
 warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
@@ -171,22 +175,8 @@ def fit(
         trainer_kwargs.setdefault("max_time", {"seconds": int(round(config.max_minutes * 60))})
     if config.grad_clip is not None:
         trainer_kwargs.setdefault("gradient_clip_val", config.grad_clip)
-    trainer = pl.Trainer(
-        max_epochs=config.max_epochs,
-        accelerator=accelerator,
-        devices=devices,
-        callbacks=callbacks,
-        logger=logger,
-        enable_checkpointing=out_dir is not None,
-        enable_progress_bar=show_progress,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        deterministic=False,
-        log_every_n_steps=max(1, min(10, n_batches)),
-        default_root_dir=str(out_dir) if out_dir else None,
-        **trainer_kwargs,
-    )
+    trainer = build_trainer(config.max_epochs, callbacks, n_batches, show_progress, logger=logger, accelerator=accelerator,
+                            devices=devices, default_root_dir=str(out_dir) if out_dir else None, **trainer_kwargs)
     ckpt_path = None
     if resume:
         ckpt_path = Path(resume) if not isinstance(resume, bool) else (out_dir / "checkpoints" / "last.ckpt" if out_dir else None)
@@ -195,16 +185,36 @@ def fit(
         load_weights(ckpt_path)  # a corrupt or code-carrying checkpoint fails here with a clear error
     trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     if ckpt_cb is not None and ckpt_cb.best_model_path and has_val:
-        best = load_checkpoint(ckpt_cb.best_model_path)
+        best = load_model(ckpt_cb.best_model_path)
         return best
     return module
+
+
+def build_trainer(max_epochs: int, callbacks: list[pl.Callback], n_batches: int, show_progress: bool = True,
+                  **trainer_kwargs) -> pl.Trainer:
+    """The one Trainer set-up of every network the package trains (MeLES and the neural
+    baselines): no sanity steps, no model summary, our own batch samplers, checkpointing
+    exactly when a ``ModelCheckpoint`` is among ``callbacks``."""
+    trainer_kwargs.setdefault("logger", False)
+    return pl.Trainer(
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+        enable_progress_bar=show_progress,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        deterministic=False,
+        log_every_n_steps=max(1, min(10, n_batches)),
+        **trainer_kwargs,
+    )
 
 
 class UnsafeOrCorruptModelError(ValueError):
     """A model file that holds pickled code (refused) or is not a readable torch file."""
 
 
-def load_weights(path: str | os.PathLike):
+def load_weights(path: str | os.PathLike | BinaryIO):
     """``torch.load`` with ``weights_only=True``: tensors and plain containers only, so a
     crafted file cannot run code; refusals and corrupt files raise a clear error."""
     import pickle
@@ -222,13 +232,28 @@ def load_weights(path: str | os.PathLike):
         raise UnsafeOrCorruptModelError(f"{path}: not a readable model file ({str(exc).splitlines()[0]})") from None
 
 
-def load_checkpoint(path: str | os.PathLike) -> MeLESModule:
-    """Load a checkpoint without unpickling arbitrary objects (``weights_only``)."""
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = load_weights(path)
-    hp = ckpt["hyper_parameters"]
+def load_model(source: str | os.PathLike | BinaryIO) -> MeLESModule:
+    """The one way a trained MeLES module is rebuilt from disk, weights only (never unpickles code).
+
+    ``source``: a saved model directory (``model.pt``, ``config.json``, ``encoding.json``,
+    as ``MeLES.save`` writes it), a run directory holding one in ``model/``, a training
+    checkpoint (``.ckpt``), or an open binary file holding a checkpoint-shaped dict
+    ``{"hyper_parameters": {"config", "encoding"}, "state_dict"}`` (what Spark broadcasts).
+    """
+    path = Path(source) if isinstance(source, (str, os.PathLike)) else None
+    if path is not None and (path / "model" / MODEL_FILE).exists():
+        path = path / "model"
+    if path is not None and path.suffix != ".ckpt":
+        if not (path / MODEL_FILE).exists():
+            raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
+        state = load_weights(path / MODEL_FILE)
+        hp = {"config": json.loads((path / "config.json").read_text()), "encoding": Encoding.load(path / "encoding.json").to_dict()}
+    else:
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        ckpt = load_weights(source)
+        hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
     module = MeLESModule(hp["config"], hp["encoding"])
-    module.load_state_dict(ckpt["state_dict"])
+    module.load_state_dict(state)
     module.eval()
     return module

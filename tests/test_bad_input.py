@@ -25,7 +25,7 @@ from ptls_meles.config import MeLESConfig
 from ptls_meles.downstream.evaluate import EvaluationError, evaluate
 from ptls_meles.prepare import prepare
 from ptls_meles.store import SequenceStore
-from ptls_meles.train import UnsafeOrCorruptModelError, load_checkpoint
+from ptls_meles.train import UnsafeOrCorruptModelError, load_model
 
 SCHEMA = EventSchema("client", "day", ["mcc"], ["amount"], time_format="number")
 SMALL = dict(hidden_size=8, cat_embedding_dim=4, batch_size=8, max_epochs=1, num_workers=0, val_fraction=0.0,
@@ -354,7 +354,7 @@ def case_fit_wrong_setting_types(ctx, tmp, capsys):
     with pytest.raises(ValueError, match=r"setting 'hidden_size' must be int, got 'abc'"):
         MeLESConfig(hidden_size="abc")
     with pytest.raises(ValueError, match=r"setting 'lr' must be float"):
-        MeLES(lr=[0.1])
+        MeLES(lr=[0.1]).fit(ctx.store, show_progress=False)  # checked when fitting, not in __init__ (scikit-learn)
     assert_cli_error(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--set", "hidden_size=abc", "-q", "--threads", "1",
                      names=("'hidden_size'", "'abc'"))
     assert_cli_error(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--set", "hiden_size=8", "-q", "--threads", "1",
@@ -482,7 +482,7 @@ def case_crafted_pickles_are_refused(ctx, tmp, capsys):
     (tmp / "run" / "checkpoints").mkdir(parents=True)
     torch.save(ckpt, tmp / "run" / "checkpoints" / "last.ckpt")
     with pytest.raises(UnsafeOrCorruptModelError, match="refused to load"):
-        load_checkpoint(tmp / "run" / "checkpoints" / "last.ckpt")
+        load_model(tmp / "run" / "checkpoints" / "last.ckpt")
     with pytest.raises(UnsafeOrCorruptModelError, match="refused to load"):
         MeLES.load(tmp / "run" / "checkpoints" / "last.ckpt")
     assert_cli_error(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--resume", "--set", "num_workers=0", "-q", "--threads", "1",

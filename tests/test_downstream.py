@@ -149,7 +149,7 @@ def test_evaluate_separable_binary_and_result_format():
     assert res.cv_mean > 0.97 and res.test_mean > 0.97
     assert len(res.cv_scores) == 5 and len(res.test_scores) == 5
     assert res.n_test == 30 and res.n_train == 270 and res.n_features == 2
-    assert res.lgbm_params["n_estimators"] == 30 and res.lgbm_params["subsample"] == 0.75
+    assert res.params["n_estimators"] == 30 and res.params["subsample"] == 0.75
     assert re.fullmatch(r"label: auroc test \d\.\d{3} ± \d\.\d{3} \(cv \d\.\d{3} ± \d\.\d{3}\), 5 folds, "
                         r"270 train / 30 test clients", res.summary()), res.summary()
     d = json.loads(json.dumps(res.to_dict()))
@@ -188,7 +188,7 @@ def test_evaluate_protocol_and_interval_by_hand():
     rest, test = train_test_split(np.arange(200), test_size=0.2, stratify=y, random_state=7)
     cv, te = [], []
     for fit, val in StratifiedKFold(4, shuffle=True, random_state=7).split(rest, y[rest]):
-        params = {**res.lgbm_params}
+        params = {**res.params}
         model = lgb.LGBMClassifier(**params).fit(X[rest[fit]], y[rest[fit]])
         cv.append(roc_auc_score(y[rest[val]], model.predict_proba(X[rest[val]])[:, 1]))
         te.append(roc_auc_score(y[test], model.predict_proba(X[test])[:, 1]))
@@ -208,7 +208,7 @@ def test_evaluate_join_report_counts_every_left_out_client(caplog):
     targets["label"] = targets["label"].astype(float)
     targets.loc[targets.client_id == 8, "label"] = np.nan
     targets = pd.concat([targets, pd.DataFrame({"client_id": [1000, 1001], "label": [0.0, 1.0]})])
-    with caplog.at_level(logging.INFO, logger="ptls_meles.downstream.evaluate"):
+    with caplog.at_level(logging.INFO, logger="ptls_meles.downstream"):
         res = evaluate([feats.drop(columns="signal"), emb], targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1)
     j = res.join
     assert j.rows_per_table == [120, 120]
@@ -257,3 +257,46 @@ def test_load_feature_table(tmp_path):
         load_feature_table(tmp_path / "bad.parquet")
     with pytest.raises(FileNotFoundError):
         load_feature_table(tmp_path / "missing.parquet")
+
+
+def test_evaluate_early_stopping_on_each_validation_fold():
+    import lightgbm as lgb
+    from sklearn.metrics import roc_auc_score
+
+    from ptls_meles.downstream.protocol import join_features_and_targets, plan_cv
+
+    feats, targets = separable(n=200, seed=5)
+    feats["signal"] += np.random.default_rng(9).normal(0, 0.8, size=200)
+    params = {**SMALL_LGBM, "n_estimators": 400}
+    plain = evaluate(feats, targets, "label", n_folds=3, seed=4, lgbm_params=params, n_jobs=1)
+    early = evaluate(feats, targets, "label", n_folds=3, seed=4, lgbm_params=params, n_jobs=1, early_stopping_rounds=10)
+    assert plain.best_epochs == [] and "best" not in plain.summary()
+    assert len(early.best_epochs) == 3 and all(1 <= b < 400 for b in early.best_epochs)
+    assert early.params["early_stopping_rounds"] == 10 and f"best round per fold {early.best_epochs}" in early.summary()
+    # by hand: each fold stops on its own validation part and is scored with its best round
+    X, y_raw, report = join_features_and_targets(feats, targets, "label")
+    plan = plan_cv(y_raw, report, "label", n_folds=3, seed=4)
+    values = X.to_numpy(np.float32)
+    for (fit, val), best, cv in zip(plan.folds, early.best_epochs, early.cv_scores):
+        model = lgb.LGBMClassifier(**{k: v for k, v in early.params.items() if k != "early_stopping_rounds"})
+        model.fit(values[fit], plan.y[fit], eval_set=[(values[val], plan.y[val])], callbacks=[lgb.early_stopping(10, verbose=False)])
+        assert model.best_iteration_ == best
+        assert cv == pytest.approx(roc_auc_score(plan.y[val], model.predict_proba(values[val])[:, 1]))
+    with pytest.raises(EvaluationError, match="early_stopping_rounds"):
+        evaluate(feats, targets, "label", early_stopping_rounds=0)
+
+
+def test_cli_evaluate_early_stopping_rounds(tmp_path):
+    from ptls_meles.cli import main
+
+    feats, targets = separable(n=150, seed=3)
+    feats.to_parquet(tmp_path / "f.parquet")
+    targets.to_csv(tmp_path / "t.csv", index=False)
+    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col", "label",
+            "--folds", "2", "--jobs", "1", "-q"]
+    main(args + ["--out", str(tmp_path / "plain.json")])
+    main(args + ["--early-stopping-rounds", "5", "--out", str(tmp_path / "early.json")])
+    plain, early = (json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("plain", "early"))
+    assert plain["best_epochs"] == [] and plain["model"] == "lightgbm" and "early_stopping_rounds" not in plain["params"]
+    assert len(early["best_epochs"]) == 2 and all(1 <= b < 1000 for b in early["best_epochs"])
+    assert early["params"]["early_stopping_rounds"] == 5

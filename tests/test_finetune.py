@@ -1,4 +1,4 @@
-"""The neural baselines: supervised encoder and MeLES fine-tuning, on evaluate()'s protocol."""
+"""The neural baselines (Lightning, early stopping) on evaluate()'s protocol."""
 from __future__ import annotations
 
 import lightgbm
@@ -10,7 +10,8 @@ import torch
 from ptls_meles.config import MeLESConfig
 from ptls_meles.downstream import finetune
 from ptls_meles.downstream.evaluate import evaluate
-from ptls_meles.downstream.finetune import FineTuneError, cv_split, labelled_clients, supervised_eval
+from ptls_meles.downstream.finetune import FineTuneError, SequenceClassifier, labelled_clients, supervised_eval
+from ptls_meles.downstream.protocol import plan_cv
 from ptls_meles.encoding import CategoryVocab, Encoding, NumericTransform
 from ptls_meles.store import SequenceStore
 from ptls_meles.train import MeLESModule
@@ -72,9 +73,10 @@ def test_supervised_binary_learns_well_above_chance(data):
     assert all(0 <= s <= 1 for s in r.cv_scores + r.test_scores)
     assert r.n_test == 48 and r.n_train == 192 and r.join.n_used == 240
     assert r.classes == [0, 1] and r.n_features == 16
-    assert r.lgbm_params["model"] == "supervised_encoder"
-    assert r.lgbm_params["encoder_lr"] == r.lgbm_params["lr"] == 0.01
-    assert all(1 <= e <= 3 for e in r.lgbm_params["best_epochs"])
+    assert r.model == "supervised_encoder" and r.to_dict()["model"] == "supervised_encoder"
+    assert r.params["encoder_lr"] == r.params["lr"] == 0.01 and r.params["max_epochs"] == 3
+    assert len(r.best_epochs) == 2 and all(1 <= e <= 3 for e in r.best_epochs)
+    assert f"best epoch per fold {r.best_epochs}" in r.summary()
     assert np.isfinite(r.test_interval) and "auroc" in r.summary()
     assert r.to_dict()["test_mean"] == pytest.approx(r.test_mean)
 
@@ -128,26 +130,35 @@ def test_splits_identical_to_evaluate(data, monkeypatch, target_col):
     assert [kind for kind, _ in log] == ["fit", "predict", "predict"] * 3
     lgbm_folds = [(log[i][1], log[i + 1][1], log[i + 2][1]) for i in range(0, 9, 3)]
 
-    # the helpers reproduce the same rows ...
+    # the protocol reproduces the same rows ...
     clients, y_raw, report = labelled_clients(store, t, target_col)
     assert report.n_used == len(clients) == store.n_clients - 9
-    split = cv_split(np.unique(y_raw, return_inverse=True)[1], n_folds=3, test_size=0.15, seed=11)
-    for (fit, val, test), (fit_rows, val_rows) in zip(lgbm_folds, split.folds):
+    plan = plan_cv(y_raw, report, target_col, n_folds=3, test_size=0.15, seed=11)
+    for (fit, val, test), (fit_rows, val_rows) in zip(lgbm_folds, plan.folds):
         assert clients[fit_rows].tolist() == fit
         assert clients[val_rows].tolist() == val
-        assert clients[split.test_idx].tolist() == test
+        assert clients[plan.test_idx].tolist() == test
 
-    # ... and supervised_eval trains and scores on exactly those clients
-    seen = []
+    # ... and supervised_eval trains, validates and tests on exactly those clients
+    position = {cid: i for i, cid in enumerate(store.client_ids)}
+    seen, tested = [], []
 
-    def record(make_model, store_, clients_, y, fit_rows, val_rows, test_rows, **kw):
-        seen.append((clients_[fit_rows].tolist(), clients_[val_rows].tolist(), clients_[test_rows].tolist()))
-        return finetune._FoldResult(0.5, 0.5, 0, 0.0, 16)
+    def record(model, data, validation, **kw):
+        seen.append((data.clients.tolist(), [position[c] for c in validation.store.client_ids]))
+        validation.scores.append(0.5)
+        return 0
 
-    monkeypatch.setattr(finetune, "_train_fold", record)
+    def predict(self, store_, batch_size=256):
+        tested.append([position[c] for c in store_.client_ids])
+        return np.full((store_.n_clients, self.head.out_features), 1 / self.head.out_features, np.float32)
+
+    monkeypatch.setattr(finetune, "train_fold", record)
+    monkeypatch.setattr(SequenceClassifier, "predict_proba", predict)
     r = supervised_eval(store, t, target_col, CONFIG, n_folds=3, test_size=0.15, seed=11, show_progress=False)
-    assert seen == lgbm_folds
+    assert seen == [(fit, val) for fit, val, _ in lgbm_folds]
+    assert tested == [test for _, _, test in lgbm_folds]
     assert r.n_test == len(lgbm_folds[0][2]) and r.n_train == len(lgbm_folds[0][0]) + len(lgbm_folds[0][1])
+    assert r.best_epochs == [1, 1, 1]
 
 
 def _state(module: torch.nn.Module) -> dict:
@@ -160,20 +171,16 @@ def test_finetune_starts_from_pretrained_and_leaves_it_alone(data, monkeypatch):
     pretrained = MeLESModule(CONFIG.to_dict(), store.encoding.to_dict())
     before, before_embedder = _state(pretrained), _state(pretrained.embedder)
     created = []
-    real_train_fold = finetune._train_fold
+    real_train_fold = finetune.train_fold
 
-    def spy(make_model, *args, **kwargs):
-        def make():
-            model = make_model()
-            created.append((model, _state(model.embedder)))
-            return model
+    def spy(model, *args, **kwargs):
+        created.append((model, _state(model.embedder)))
+        return real_train_fold(model, *args, **kwargs)
 
-        return real_train_fold(make, *args, **kwargs)
-
-    monkeypatch.setattr(finetune, "_train_fold", spy)
+    monkeypatch.setattr(finetune, "train_fold", spy)
     r = supervised_eval(store, targets, "is_zero", CONFIG, pretrained=pretrained, seed=3, **{**FAST, "max_epochs": 2})
-    assert r.lgbm_params["model"] == "meles_finetuned"
-    assert r.lgbm_params["encoder_lr"] == pytest.approx(0.001)
+    assert r.model == "meles_finetuned"
+    assert r.params["encoder_lr"] == pytest.approx(0.001)
     assert len(created) == 2
     for model, at_start in created:
         assert model.embedder is not pretrained.embedder and model.embedder.normalize is False
@@ -190,16 +197,13 @@ def test_frozen_encoder_stays_pretrained(data, monkeypatch):
     store, targets = data
     pretrained = MeLESModule(CONFIG.to_dict(), store.encoding.to_dict())
     created = []
-    real_train_fold = finetune._train_fold
+    real_train_fold = finetune.train_fold
 
-    def spy(make_model, *args, **kwargs):
-        def make():
-            created.append(make_model())
-            return created[-1]
+    def spy(model, *args, **kwargs):
+        created.append(model)
+        return real_train_fold(model, *args, **kwargs)
 
-        return real_train_fold(make, *args, **kwargs)
-
-    monkeypatch.setattr(finetune, "_train_fold", spy)
+    monkeypatch.setattr(finetune, "train_fold", spy)
     settings = {**FAST, "max_epochs": 1, "freeze_epochs": 1, "test_size": 0.0}
     r = supervised_eval(store, targets, "is_zero", CONFIG, pretrained=pretrained, **settings)
     assert r.n_test == 0 and r.test_scores == [] and r.test_mean is None
@@ -213,7 +217,45 @@ def test_encoding_mismatch_is_refused(data):
     other = store.encoding.to_dict()
     other["categorical"]["mcc"]["values"] = list(reversed(VALUES))
     pretrained = MeLESModule(CONFIG.to_dict(), other)
-    with pytest.raises(FineTuneError, match="'mcc'.*differs"):
+    with pytest.raises(ValueError, match="column 'mcc' was encoded with another vocabulary"):
         supervised_eval(store, targets, "is_zero", CONFIG, pretrained=pretrained, **FAST)
     with pytest.raises(ValueError, match="n_folds"):
         supervised_eval(store, targets, "is_zero", CONFIG, n_folds=1, show_progress=False)
+
+
+def test_early_stopping_keeps_and_reports_the_best_epoch(data, monkeypatch):
+    store, targets = data
+    histories = []
+    real_train_fold = finetune.train_fold
+
+    def spy(model, data_, validation, **kwargs):
+        best = real_train_fold(model, data_, validation, **kwargs)
+        histories.append((list(validation.scores), best))
+        return best
+
+    monkeypatch.setattr(finetune, "train_fold", spy)
+    settings = {**FAST, "max_epochs": 50, "lr": 0.05}
+    r = supervised_eval(store, targets, "group", CONFIG, seed=2, patience=2, **settings)
+    assert len(histories) == 2 and r.params["patience"] == 2 and r.params["max_epochs"] == 50
+    for (scores, best), best_epoch, cv in zip(histories, r.best_epochs, r.cv_scores):
+        assert len(scores) < 50  # stopped early ...
+        assert best == int(np.argmax(scores)) and best_epoch == best + 1  # ... kept the first best epoch ...
+        assert len(scores) == best + 1 + 2  # ... after exactly `patience` epochs without improvement
+        assert cv == max(scores)
+
+
+def test_without_patience_every_fold_runs_to_the_cap(data, monkeypatch):
+    store, targets = data
+    lengths = []
+    real_train_fold = finetune.train_fold
+
+    def spy(model, data_, validation, **kwargs):
+        best = real_train_fold(model, data_, validation, **kwargs)
+        lengths.append(len(validation.scores))
+        return best
+
+    monkeypatch.setattr(finetune, "train_fold", spy)
+    r = supervised_eval(store, targets, "is_zero", CONFIG, patience=None, **{**FAST, "max_epochs": 4, "test_size": 0.0})
+    assert lengths == [4, 4] and all(1 <= e <= 4 for e in r.best_epochs)
+    with pytest.raises(FineTuneError, match="patience"):
+        supervised_eval(store, targets, "is_zero", CONFIG, patience=0, **FAST)

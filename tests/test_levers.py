@@ -171,7 +171,7 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     from conftest import events_frame
     from ptls_meles.prepare import prepare
     from ptls_meles.schema import EventSchema
-    from ptls_meles.train import fit, load_checkpoint
+    from ptls_meles.train import fit, load_model
 
     tx = events_frame(n_clients=40, max_len=30, seed=1)
     store, _ = prepare(tx, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), show_progress=False)
@@ -182,7 +182,7 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     module = fit(store, config, out_dir=tmp_path, show_progress=False)
     moments = module.embedder.event_encoder.value_mean
     assert moments.abs().sum() > 0  # fitted from the store, not left at zero
-    loaded = load_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    loaded = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.equal(loaded.embedder.event_encoder.value_mean, moments)
     assert isinstance(loaded.cfg, MeLESConfig) and loaded.cfg.pooling == "last,mean,max"
     assert module.embedder.output_size == 24

@@ -12,6 +12,7 @@ import pytest
 from ptls_meles.bench import paper
 from ptls_meles.bench.report import FRACTION_PLOT, PROJECTION_PLOT, SIZE_PLOT, markdown_table
 from ptls_meles.downstream.evaluate import evaluate
+from ptls_meles.downstream.protocol import JoinReport, labelled_subsample, plan_cv
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TARGETS = ["bins", "gender"]
@@ -84,6 +85,8 @@ def test_report_tables_have_expected_rows_and_columns(bench):
                                                     ("100%", "hand-crafted"), ("100%", "MeLES embeddings")]
     text = (out / "report.md").read_text()
     assert "ptls-meles bench paper --dataset synthetic" in text and "torch threads 1" in text
+    assert "until 5 epochs pass without a better validation-fold score, at most 1 epochs" in text
+    assert f"{paper.ROW_SUPERVISED}: bins [1, 1], gender [1, 1]" in text
 
 
 def test_results_numbers_finite_in_unit_interval_and_consistent(bench):
@@ -97,6 +100,14 @@ def test_results_numbers_finite_in_unit_interval_and_consistent(bench):
             assert math.isfinite(v) and 0 <= v <= 1
         assert len(c["cv_scores"]) == len(c["test_scores"]) == 2
         assert c["test_mean"] == pytest.approx(np.mean(c["test_scores"]))
+    # each cell names its model; the neural rows report the epoch each fold kept (cap 1 here)
+    for t in TARGETS:
+        assert results["table"][paper.ROW_HAND][t]["model"] == "lightgbm"
+        assert results["table"][paper.ROW_HAND][t]["best_epochs"] == []  # LightGBM early stopping is off
+        assert results["table"][paper.ROW_SUPERVISED][t]["model"] == "supervised_encoder"
+        assert results["table"][paper.ROW_FINETUNED][t]["model"] == "meles_finetuned"
+        assert results["table"][paper.ROW_FINETUNED][t]["best_epochs"] == [1, 1]
+    assert results["settings"]["finetune_patience"] == 5 and results["settings"]["early_stopping_rounds"] is None
     # the same protocol everywhere: every table row tests on the same number of clients
     for t in TARGETS:
         assert len({results["table"][row][t]["n_test"] for row in TABLE_ROWS}) == 1
@@ -133,7 +144,6 @@ def test_rerun_skips_cached_rows(bench, monkeypatch, capsys):
         raise AssertionError("a cached row was recomputed")
 
     monkeypatch.setattr(paper, "evaluate", boom)
-    monkeypatch.setattr(paper, "evaluate_labelled_fraction", boom)
     monkeypatch.setattr("ptls_meles.downstream.finetune.supervised_eval", boom)
     monkeypatch.setattr("ptls_meles.api.MeLES.fit", boom)
     capsys.readouterr()
@@ -158,16 +168,16 @@ def test_rerun_skips_cached_rows(bench, monkeypatch, capsys):
 def test_labelled_subsample_is_stratified_nested_and_order_preserving():
     y = np.array([0] * 10 + [1] * 4)
     train_idx = np.arange(14)[::-1]
-    half = paper.labelled_subsample(y, train_idx, 0.5, min_per_class=3, seed=1)
-    tenth = paper.labelled_subsample(y, train_idx, 0.1, min_per_class=3, seed=1)
+    half = labelled_subsample(y, train_idx, 0.5, min_per_class=3, seed=1)
+    tenth = labelled_subsample(y, train_idx, 0.1, min_per_class=3, seed=1)
     # ceil(0.5·10)=5 of class 0, max(3, ceil(0.5·4)=2)=3 of class 1; at 10%: 3 and 3 (the minimum)
     assert np.bincount(y[half]).tolist() == [5, 3]
     assert np.bincount(y[tenth]).tolist() == [3, 3]
     assert set(tenth) <= set(half)
     assert (np.diff(half) < 0).all()  # the order of train_idx is kept
-    assert paper.labelled_subsample(y, train_idx, 1.0, 3, 1) is train_idx
+    assert labelled_subsample(y, train_idx, 1.0, 3, 1) is train_idx
     with pytest.raises(ValueError, match="labelled fraction"):
-        paper.labelled_subsample(y, train_idx, 0.0, 3, 1)
+        labelled_subsample(y, train_idx, 0.0, 3, 1)
 
 
 def test_fraction_one_is_evaluate_and_the_test_part_is_fixed():
@@ -177,21 +187,19 @@ def test_fraction_one_is_evaluate_and_the_test_part_is_fixed():
     feats = pd.DataFrame({"client_id": np.arange(n), "a": y + rng.normal(0, 1.0, n), "b": rng.normal(size=n)})
     targets = pd.DataFrame({"client_id": np.arange(n), "label": y})
     kw = dict(n_folds=3, test_size=0.2, seed=7, lgbm_params={"n_estimators": 15, "min_child_samples": 5}, n_jobs=1)
-    full = paper.evaluate_labelled_fraction(feats, targets, "label", 1.0, **kw)
+    full = evaluate(feats, targets, "label", labelled_fraction=1.0, **kw)
     ref = evaluate(feats, targets, "label", **kw)
     assert full.test_scores == ref.test_scores and full.cv_scores == ref.cv_scores
-    part = paper.evaluate_labelled_fraction(feats, targets, "label", 0.3, **kw)
+    part = evaluate(feats, targets, "label", labelled_fraction=0.3, **kw)
     assert part.n_test == ref.n_test and part.n_train < 0.35 * ref.n_train
     # the test part is evaluate's, whatever the fraction: flip the feature on exactly those clients and
     # every fold model (which learnt a = y on training clients) must score AUROC 0 on it
-    from ptls_meles.downstream.finetune import cv_split
-
-    test_idx = cv_split(y, 3, 0.2, 7).test_idx
+    test_idx = plan_cv(y, JoinReport([n], n, 0, n, 0, 0, 0, n), "label", n_folds=3, test_size=0.2, seed=7).test_idx
     a = y.astype(float)
     a[test_idx] = 1 - a[test_idx]
     flipped = feats.assign(a=a)
     for fraction in (1.0, 0.3):
-        assert paper.evaluate_labelled_fraction(flipped, targets, "label", fraction, **kw).test_scores == [0.0] * 3
+        assert evaluate(flipped, targets, "label", labelled_fraction=fraction, **kw).test_scores == [0.0] * 3
 
 
 def test_parse_targets_defaults_tasks_and_errors():

@@ -11,7 +11,7 @@ import pytest
 from ptls_meles import EventSchema, MeLES
 from ptls_meles.embed import embed_frame
 from ptls_meles.prepare import prepare
-from ptls_meles.train import load_checkpoint
+from ptls_meles.train import load_model
 
 SCHEMA = EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number")
 SMALL = dict(hidden_size=24, cat_embedding_dim=16, batch_size=16, max_epochs=3, num_workers=0, val_fraction=0.2,
@@ -53,7 +53,7 @@ def test_training_beats_chance_and_logs(fitted):
 
 def test_checkpoint_carries_config_and_encoding_and_loads_weights_only(fitted, store):
     model, out = fitted
-    module = load_checkpoint(out / "checkpoints" / "last.ckpt")
+    module = load_model(out / "checkpoints" / "last.ckpt")
     assert module.cfg.hidden_size == SMALL["hidden_size"]
     assert module.encoding.categorical["small_group"].values == store.encoding.categorical["small_group"].values
 
@@ -142,7 +142,7 @@ def test_resume_continues_from_last_checkpoint(store, tmp_path):
 
 
 def test_errors_are_clear(store):
-    with pytest.raises(ValueError, match="unknown MeLES setting"):
+    with pytest.raises(TypeError, match="unknown MeLES setting"):
         MeLES(hidden=3)
     with pytest.raises(RuntimeError, match="not fitted"):
         MeLES().transform(store)

@@ -7,11 +7,14 @@
 1. Comparison table (rows × targets): LightGBM on hand-crafted features, on MeLES
    embeddings, on both; a supervised encoder; MeLES fine-tuned. One MeLES run feeds the
    embedding rows and the fine-tuned row. Every row uses the same labelled clients,
-   seed, test part and folds (``evaluate``'s protocol; ``supervised_eval`` reproduces it).
+   seed, test part and folds (:mod:`~ptls_meles.downstream.protocol`). The neural rows train
+   until their validation fold stops improving (``--finetune-patience``, at most
+   ``--finetune-epochs``); ``--early-stopping-rounds`` stops LightGBM on the same folds.
 2. Ablations: each row retrains MeLES at the same budget with one setting changed and
    scores LightGBM on its embeddings alone; runs with identical settings are trained once
    (the default row of every ablation is the main run). Plus quality vs the share of
-   labelled clients (embeddings vs hand-crafted), see :func:`evaluate_labelled_fraction`.
+   labelled clients (embeddings vs hand-crafted): ``evaluate(labelled_fraction=...)``, whose
+   test part is the same for every fraction.
 3. ``--out`` receives ``report.md``, PNG plots and ``results.json``. Every finished cell
    is saved to ``results.json`` at once; a rerun with the same settings skips those
    cells and reuses trained models (``OUT/work/runs/``), so long runs can be resumed.
@@ -36,12 +39,8 @@ import numpy as np
 import pandas as pd
 
 from ..config import MeLESConfig
-from ..downstream.evaluate import (
-    PAPER_LGBM_PARAMS,
-    EvalResult,
-    evaluate,
-    labelled_subsample,  # noqa: F401  (re-exported for the fraction ablation)
-)
+from ..downstream.evaluate import PAPER_LGBM_PARAMS, EvalResult, evaluate
+from ..downstream.protocol import TASKS, to_plain
 from ..io_utils import atomic_path
 from ..store import SequenceStore
 from . import report as report_mod
@@ -49,7 +48,6 @@ from . import report as report_mod
 log = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.json"
-TASKS = ("auto", "binary", "multiclass")
 ABLATIONS = ("split", "loss", "miner", "encoder", "size", "fraction")
 ABLATION_VALUES = {
     "split": ("split", ("slices", "samples", "disjoint")),
@@ -76,30 +74,6 @@ class PaperBenchError(ValueError):
 class Target:
     name: str
     task: str = "auto"
-
-
-# --------------------------------------------------------------------------- labelled fraction
-def evaluate_labelled_fraction(
-    features: pd.DataFrame | list[pd.DataFrame],
-    targets: pd.DataFrame,
-    target_col: str,
-    fraction: float,
-    task: str = "auto",
-    n_folds: int = 5,
-    test_size: float = 0.1,
-    seed: int = 42,
-    lgbm_params: dict | None = None,
-    n_jobs: int = 2,
-    id_col: str = "client_id",
-) -> EvalResult:
-    """:func:`evaluate` with only ``fraction`` of the training part labelled; the test part is unchanged.
-
-    (Masking labels to NaN would not do: the test part is drawn from the labelled clients.)
-    """
-    if task not in TASKS:
-        raise PaperBenchError(f"task must be one of {TASKS}, got {task!r}")
-    return evaluate(features, targets, target_col, task=task, n_folds=n_folds, test_size=test_size, seed=seed,
-                    lgbm_params=lgbm_params, n_jobs=n_jobs, id_col=id_col, labelled_fraction=fraction)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -154,7 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fractions", default="0.05,0.1,0.25,0.5,1.0", help="labelled shares of the fraction ablation")
     budget = ap.add_argument_group("budget")
     budget.add_argument("--epochs", type=int, default=10, help="self-supervised epochs per MeLES run")
-    budget.add_argument("--finetune-epochs", type=int, default=10, help="epochs of the supervised / fine-tuned rows")
+    budget.add_argument("--finetune-epochs", type=int, default=50, help="epoch cap of the supervised / fine-tuned rows")
+    budget.add_argument("--finetune-patience", type=int, default=5,
+                        help="the neural rows stop after this many epochs without a better validation-fold score")
+    budget.add_argument("--early-stopping-rounds", type=int,
+                        help="LightGBM rows: stop on each fold's validation part after this many rounds without improvement "
+                             "(every feature table alike; default off)")
     budget.add_argument("--hidden-size", type=int, default=256)
     budget.add_argument("--folds", type=int, default=5)
     budget.add_argument("--test-size", type=float, default=0.1)
@@ -301,7 +280,7 @@ def _fmt(x: float | None) -> str:
 def _cell(result: EvalResult, seconds: float) -> dict:
     d = result.to_dict()
     keep = ("target", "task", "metric", "n_folds", "cv_scores", "test_scores", "n_train", "n_test", "n_features",
-            "cv_mean", "cv_interval", "test_mean", "test_interval", "classes")
+            "cv_mean", "cv_interval", "test_mean", "test_interval", "classes", "model", "best_epochs")
     return {**{k: d[k] for k in keep}, "seconds": seconds}
 
 
@@ -317,7 +296,7 @@ class PaperBench:
         self.threads = self._set_threads(a.threads)
         store_dir, dataset = _build_store(a, self.work)
         self.store, self.targets = load_data(store_dir, a.max_clients, a.seed)
-        self.target_list = parse_targets(a.targets, self.targets, dataset or self.store.meta.get("dataset"))
+        self.target_list = parse_targets(a.targets, self.targets, dataset)
         from ..cli import _parse_sets
 
         self.config = MeLESConfig.from_dict({"max_epochs": a.epochs, "hidden_size": a.hidden_size, "seed": a.seed,
@@ -327,6 +306,7 @@ class PaperBench:
         self.settings = {
             "data": data_key, "targets": [vars(t) for t in self.target_list], "seed": a.seed, "folds": a.folds,
             "test_size": a.test_size, "lgbm_trees": a.lgbm_trees, "epochs": a.epochs, "finetune_epochs": a.finetune_epochs,
+            "finetune_patience": a.finetune_patience, "early_stopping_rounds": a.early_stopping_rounds,
             "config": {k: v for k, v in self.config.to_dict().items() if v != getattr(MeLESConfig(), k)},
         }
         self.results = self._load_results()
@@ -361,7 +341,7 @@ class PaperBench:
 
     def save(self) -> None:
         with atomic_path(self.out / RESULTS_FILE) as tmp:
-            Path(tmp).write_text(json.dumps(self.results, indent=1, default=_json_default))
+            Path(tmp).write_text(json.dumps(to_plain(self.results), indent=1, default=str))
 
     def _meta(self, argv: list[str]) -> dict:
         import lightgbm
@@ -390,9 +370,10 @@ class PaperBench:
             self._hand = handcrafted_features(self.store)
         return self._hand
 
-    def _lgbm(self, tables: list[pd.DataFrame], t: Target) -> EvalResult:
+    def _lgbm(self, tables: list[pd.DataFrame], t: Target, labelled_fraction: float = 1.0) -> EvalResult:
         return evaluate(tables, self.targets, t.name, task=t.task, n_folds=self.a.folds, test_size=self.a.test_size,
-                        seed=self.a.seed, lgbm_params=self.lgbm_params, n_jobs=self.threads)
+                        seed=self.a.seed, lgbm_params=self.lgbm_params, n_jobs=self.threads,
+                        labelled_fraction=labelled_fraction, early_stopping_rounds=self.a.early_stopping_rounds)
 
     def _cell_once(self, section: str, slot: dict, t: Target, label: str, compute: Callable[[], EvalResult]) -> dict | None:
         """Compute one (row, target) cell unless cached; save at once; print one line."""
@@ -427,7 +408,7 @@ class PaperBench:
             def run(t: Target) -> EvalResult:
                 return supervised_eval(self.store, self.targets, t.name, self.config, pretrained=pretrained_fn(), task=t.task,
                                        n_folds=a.folds, test_size=a.test_size, seed=a.seed, max_epochs=a.finetune_epochs,
-                                       show_progress=not a.quiet)
+                                       patience=a.finetune_patience, show_progress=not a.quiet)
             return run
 
         rows = {
@@ -457,7 +438,6 @@ class PaperBench:
                                 lambda t=t, config=config: self._lgbm([self.runs.embeddings(config)], t))
 
     def fraction(self, fractions: list[float]) -> None:
-        a = self.a
         by_fraction = self.results["fraction"]
         tables = {"hand-crafted": lambda: [self.hand()], "MeLES embeddings": lambda: [self.runs.embeddings(self.config)]}
         for fraction in fractions:
@@ -468,9 +448,8 @@ class PaperBench:
                 for t in self.target_list:
                     if fraction == 1 and t.name in same_as_table and t.name not in slot:
                         slot[t.name] = same_as_table[t.name]  # identical protocol: evaluate() is fraction 1
-                    self._cell_once("fraction", slot, t, f"{fraction:.0%} labelled, {features}", lambda t=t, fn=tables_fn: evaluate_labelled_fraction(
-                        fn(), self.targets, t.name, fraction, task=t.task, n_folds=a.folds, test_size=a.test_size,
-                        seed=a.seed, lgbm_params=self.lgbm_params, n_jobs=self.threads))
+                    self._cell_once("fraction", slot, t, f"{fraction:.0%} labelled, {features}",
+                                    lambda t=t, fn=tables_fn, fraction=fraction: self._lgbm(fn(), t, fraction))
 
     def projection(self) -> None:
         t = self.target_list[0]
@@ -512,14 +491,6 @@ class PaperBench:
         path = report_mod.write_report(self.results, self.out)
         print(f"paper benchmark finished in {self.results['timings']['total']:.0f} s; report: {path}", flush=True)
         return self.results
-
-
-def _json_default(o):
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return str(o)
 
 
 def main(argv: list[str] | None = None) -> dict:

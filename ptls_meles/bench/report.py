@@ -50,6 +50,13 @@ def score_text(cell: dict | None, part: str = "test") -> str:
     return f"{mean:.3f} ± {interval:.3f}"
 
 
+def _neural_budget(settings: dict) -> str:
+    if settings.get("finetune_patience") is None:  # results written before early stopping
+        return f"{settings.get('finetune_epochs')} epochs"
+    return (f"until {settings['finetune_patience']} epochs pass without a better validation-fold score, "
+            f"at most {settings.get('finetune_epochs')} epochs")
+
+
 def _seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "—"
@@ -217,8 +224,15 @@ def write_report(results: dict, out: str | Path) -> Path:
         f"{settings.get('seed')}, LightGBM {settings.get('lgbm_trees')} trees (paper parameters otherwise); cells are "
         "test mean ± 95% interval (1.96·std/√K over the K fold models)",
         f"- MeLES: {settings.get('epochs')} self-supervised epochs, config {settings.get('config', {})}; "
-        f"fine-tuning / supervised: {settings.get('finetune_epochs')} epochs",
+        f"fine-tuning / supervised: {_neural_budget(settings)}",
     ]
+    if settings.get("early_stopping_rounds"):
+        lines.append(f"- LightGBM rows stop after {settings['early_stopping_rounds']} rounds without a better "
+                     "validation-fold loss")
+    kept = [f"{row}: " + ", ".join(f"{t} {c['best_epochs']}" for t, c in cells.items())
+            for row, cells in results.get("table", {}).items() if any(c.get("best_epochs") for c in cells.values())]
+    if kept:
+        lines.append("- kept epoch (or LightGBM round) of each fold — " + "; ".join(kept))
     timings = results.get("timings", {})
     if timings:
         lines.append("- run times (this invocation): " + ", ".join(f"{k} {_seconds(v)}" for k, v in timings.items()))

@@ -2,100 +2,70 @@
 
 * **supervised encoder** (``pretrained=None``): the architecture of ``config``, freshly
   initialised and trained on the labels alone;
-* **MeLES fine-tuned** (``pretrained`` given): a copy of the pretrained embedder plus a
-  new head, trained on the labels; the encoder gets ``lr / 10`` (it already knows the
-  data, the head does not). The pretrained module itself is never modified.
+* **MeLES fine-tuned** (``pretrained``: a ``MeLESModule`` or anything
+  :func:`~ptls_meles.train.load_model` reads): a copy of the pretrained embedder plus a new
+  head, trained on the labels; the encoder gets ``lr / 10`` (it already knows the data,
+  the head does not). The pretrained module itself is never modified.
 
-Model: embedder (``normalize=False``) → dropout → ``Linear(output_size, n_classes)``,
-cross-entropy (binary targets are two classes; AUROC is scored on ``softmax[:, 1]``).
+Model: :class:`SequenceClassifier`, a LightningModule: embedder (raw, un-normalised
+output) → dropout → ``Linear(output_size, n_classes)``, cross-entropy (binary targets are
+two classes; AUROC is scored on ``softmax[:, 1]``). Each fold is trained by the package's
+one Trainer set-up (:func:`~ptls_meles.train.build_trainer`), as MeLES is:
 
-Protocol: the labelled clients, their label encoding, the stratified test part and the
-K folds are exactly those of :func:`~ptls_meles.downstream.evaluate.evaluate` on a
-feature table in store order (as ``embed_frame`` and ``handcrafted_features`` write
-them), so every row of a comparison table is scored on the same clients. Per fold the
-model trains on the fold's train part, keeps the epoch with the best validation-fold
-score (stopping after ``patience`` epochs without improvement), and scores the
-validation fold and the fixed test part. Because the validation fold also picks the
-epoch, cv scores are slightly optimistic; test scores are not.
+* batches: :class:`ClientSlices`, the length-bucketed batch plan of
+  :class:`~ptls_meles.data.ViewBatches` with one view per client, cut every epoch by
+  :func:`~ptls_meles.split.random_slices`: a contiguous slice of length uniform in
+  ``[ceil(L/2), L]`` (clients longer than ``config.max_events``: a random window of
+  ``max_events`` events), the reference fine-tuning's random-slice augmentation;
+* after every epoch the fold's validation part is scored through the shared inference
+  path (:func:`~ptls_meles.embed.iter_embeddings`: each client's last ``max_events``
+  events) and logged as ``val_score``; ``EarlyStopping`` (``patience``) ends the fold and
+  ``ModelCheckpoint`` keeps the best epoch, which then scores the validation and test
+  parts; ``max_epochs`` is the cap. ``EvalResult.best_epochs`` reports the kept epochs;
+* ``freeze_epochs``: a ``BaseFinetuning`` callback keeps the encoder frozen (weights and
+  BatchNorm statistics) for that many first epochs.
 
-Inputs: each client's last ``config.max_events`` events, as in ``embed.py``. Training
-adds one augmentation, as the reference fine-tuning does with random slices: every
-epoch each client is cut to a random contiguous slice of that window, of length uniform
-in ``[ceil(min_slice_fraction · L), L]`` (``min_slice_fraction=None`` or ``1`` turns it off).
-Batches are length-bucketed (sorted by length within windows of 50 batches, then the
-batch order shuffled). Everything random is seeded by ``(seed, fold, epoch)``; the
-caller's torch RNG state is left as it was.
+Protocol: :mod:`~ptls_meles.downstream.protocol` on the labelled clients in store order (as
+``embed_frame`` and ``handcrafted_features`` write them), so every row of a comparison
+table is scored on the same clients, test part and folds. Because the validation fold also
+picks the epoch, cv scores are slightly optimistic; test scores are not. Everything random
+is seeded by ``(seed, fold, epoch)``; the caller's torch RNG state is left as it was.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-import math
+import os
+import tempfile
 import time
-from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+from torch.utils.data import DataLoader
 
 from ..batch import PaddedBatch, pad_segments
 from ..config import MeLESConfig
-from ..store import SequenceStore, ragged_arange
-from .evaluate import (
-    EvalResult,
-    EvaluationError,
-    JoinReport,
-    _check_enough_labels,
-    check_protocol,
-    _encode_labels,
-    _resolve_task,
-    join_features_and_targets,
-)
+from ..data import EpochBatchSampler, ViewBatches
+from ..embed import iter_embeddings
+from ..split import random_slices
+from ..store import SequenceStore
+from .protocol import CVPlan, EvalResult, EvaluationError, JoinReport, Task, join_features_and_targets, plan_cv
 
 logger = logging.getLogger(__name__)
 
 ENCODER_LR_FACTOR = 0.1  # pretrained encoder parameters learn at lr × this
-BUCKET_WINDOW_BATCHES = 50
 _POSITION_COLUMN = "__store_position__"
 
 
 class FineTuneError(EvaluationError):
-    """Bad input for the neural baselines: mismatched encoding, bad settings."""
-
-
-# --------------------------------------------------------------------------- the split
-@dataclass
-class CVSplit:
-    """Row positions (into the labelled clients) of the protocol's parts.
-
-    ``folds[k] = (fit_rows, val_rows)``; all arrays index the same ``y`` they were made from.
-    """
-
-    train_idx: np.ndarray
-    test_idx: np.ndarray
-    folds: list[tuple[np.ndarray, np.ndarray]]
-
-
-def cv_split(y: np.ndarray, n_folds: int = 5, test_size: float = 0.1, seed: int = 42) -> CVSplit:
-    """The test part and folds that :func:`evaluate` uses for encoded labels ``y`` (same calls, same seed).
-
-    ``y`` must be in the order of ``evaluate``'s join (features table order).
-    """
-    from sklearn.model_selection import StratifiedKFold, train_test_split
-
-    y = np.asarray(y)
-    index = np.arange(len(y))
-    if test_size > 0:
-        train_idx, test_idx = train_test_split(index, test_size=test_size, stratify=y, random_state=seed)
-    else:
-        train_idx, test_idx = index, index[:0]
-    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    pairs = [(train_idx[f], train_idx[v]) for f, v in folds.split(train_idx, y[train_idx])]
-    return CVSplit(train_idx, test_idx, pairs)
+    """Bad settings for the neural baselines."""
 
 
 def labelled_clients(
@@ -108,187 +78,131 @@ def labelled_clients(
     return X[_POSITION_COLUMN].to_numpy(np.int64), y_raw, report
 
 
-# --------------------------------------------------------------------------- model
-class SequenceClassifier(nn.Module):
-    """Embedder (raw, un-normalised output) → dropout → linear head."""
+# --------------------------------------------------------------------------- data
+class ClientSlices(ViewBatches):
+    """Batch ``(epoch, b)`` of :class:`ViewBatches`'s plan as one random slice per client
+    (see the module docstring) with the client's class; ``labels[i]`` is ``clients[i]``'s."""
 
-    def __init__(self, embedder: nn.Module, n_classes: int, dropout: float = 0.0) -> None:
+    def __init__(self, store: SequenceStore, clients: np.ndarray, labels: np.ndarray, config: MeLESConfig) -> None:
+        super().__init__(store, clients, config)
+        self.label_of = np.zeros(store.n_clients, np.int64)
+        self.label_of[self.clients] = labels
+
+    def __getitem__(self, key) -> tuple[PaddedBatch, torch.Tensor]:
+        epoch, b = key
+        clients = self._epoch_plan(epoch)[b]
+        starts, lengths = self.offsets[clients], self.offsets[clients + 1] - self.offsets[clients]
+        cap = int(self.cfg.max_events or lengths.max())
+        # cnt_min above every length: all clients take the split's short-client rule, [ceil(L/2), L]
+        rng = np.random.default_rng([self.cfg.seed, epoch, b, 13])
+        views = random_slices(starts, lengths, 1, cap + 1, cap, rng)
+        return pad_segments(self.columns, views.index, views.offsets), torch.from_numpy(self.label_of[clients])
+
+
+# --------------------------------------------------------------------------- model
+class SequenceClassifier(pl.LightningModule):
+    """Embedder (raw, un-normalised output) → dropout → linear head; step logic only."""
+
+    def __init__(self, embedder: nn.Module, n_classes: int, dropout: float = 0.0, *, head_lr: float = 1e-3,
+                 encoder_lr: float = 1e-3, weight_decay: float = 0.0, max_events: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.embedder = embedder
         self.embedder.normalize = False
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(embedder.output_size, n_classes)
+        self.head_lr, self.encoder_lr, self.weight_decay = head_lr, encoder_lr, weight_decay
+        self.max_events, self.seed = max_events, seed
 
     def forward(self, batch: PaddedBatch) -> torch.Tensor:
         return self.head(self.dropout(self.embedder(batch)))
 
+    def on_train_epoch_start(self) -> None:
+        torch.manual_seed(self.seed * 100 + self.current_epoch)  # dropout depends only on (seed, fold, epoch)
 
-def _check_encoding(pretrained, store: SequenceStore) -> None:
-    """The pretrained embedder's ids must mean what the store's ids mean."""
-    mine, theirs = store.encoding, pretrained.encoding
-    for name in set(mine.categorical) | set(theirs.categorical):
-        if name not in mine.categorical or name not in theirs.categorical:
-            raise FineTuneError(
-                f"categorical field {name!r} is in only one of the store ({sorted(mine.categorical)}) and "
-                f"the pretrained model ({sorted(theirs.categorical)}); prepare the data with the model's encoding"
-            )
-        a, b = mine.categorical[name].values, theirs.categorical[name].values
-        if list(a) != list(b):
-            diff = next((i for i, (u, v) in enumerate(zip(a, b)) if u != v), min(len(a), len(b)))
-            raise FineTuneError(
-                f"categorical field {name!r}: the store's vocabulary ({len(a)} values) differs from the pretrained "
-                f"model's ({len(b)} values) at position {diff}, e.g. {a[diff] if diff < len(a) else None!r} vs "
-                f"{b[diff] if diff < len(b) else None!r}; prepare the data with the model's encoding"
-            )
-    if sorted(mine.numeric) != sorted(theirs.numeric):
-        raise FineTuneError(
-            f"numeric fields differ: store {sorted(mine.numeric)}, pretrained model {sorted(theirs.numeric)}"
-        )
+    def training_step(self, batch, batch_idx):
+        padded, labels = batch
+        loss = F.cross_entropy(self(padded).float(), labels)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(labels))
+        return loss
 
+    def configure_optimizers(self):
+        groups = [{"params": list(self.embedder.parameters()), "lr": self.encoder_lr},
+                  {"params": list(self.head.parameters()), "lr": self.head_lr}]
+        return torch.optim.Adam(groups, weight_decay=self.weight_decay)
 
-# --------------------------------------------------------------------------- batches
-def _window(store: SequenceStore, clients: np.ndarray, max_events: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """``(start, length)`` of each client's last ``max_events`` events."""
-    lengths = store.lengths[clients]
-    take = lengths if max_events is None else np.minimum(lengths, max_events)
-    return store.offsets[clients + 1] - take, take
+    @torch.no_grad()
+    def predict_proba(self, store: SequenceStore, batch_size: int = 256) -> np.ndarray:
+        """Class probabilities ``[n_clients, C]`` of every client of ``store``, in store order,
+        from each client's last ``max_events`` events (the shared inference path)."""
+        out = np.zeros((store.n_clients, self.head.out_features), np.float32)
+        for clients, emb in iter_embeddings(self.embedder, store, self.max_events, batch_size, show_progress=False):
+            logits = self.head(torch.from_numpy(emb).to(self.head.weight.device))
+            out[clients] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        return out
 
 
-def _padded(store: SequenceStore, starts: np.ndarray, lengths: np.ndarray) -> PaddedBatch:
-    offsets = np.zeros(len(starts) + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    return pad_segments(store.columns, ragged_arange(starts, lengths), offsets)
+class FreezeEncoder(BaseFinetuning):
+    """The encoder stays frozen for the first ``epochs`` epochs: no gradients, and in eval
+    mode, so its (masked) BatchNorm statistics do not drift either. Its parameters are in
+    the optimizer from the start, at the encoder lr."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+
+    def freeze_before_training(self, pl_module: SequenceClassifier) -> None:
+        if self.epochs > 0:
+            self.freeze(pl_module.embedder, train_bn=False)
+
+    def finetune_function(self, pl_module: SequenceClassifier, epoch: int, optimizer) -> None:
+        if epoch < self.epochs:
+            pl_module.embedder.eval()
+        elif epoch == self.epochs > 0:
+            self.make_trainable(pl_module.embedder)
+            pl_module.embedder.train()
 
 
-def _random_slices(
-    starts: np.ndarray, lengths: np.ndarray, min_fraction: float | None, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Random contiguous slices of length uniform in ``[ceil(min_fraction·L), L]`` (≥ 1 event if L ≥ 1)."""
-    if min_fraction is None or min_fraction >= 1:
-        return starts, lengths
-    lo = np.minimum(np.maximum(np.ceil(lengths * min_fraction).astype(np.int64), 1), lengths)
-    n = lo + np.floor(rng.random(len(lengths)) * (lengths - lo + 1)).astype(np.int64)
-    n = np.minimum(n, lengths)
-    begin = np.floor(rng.random(len(lengths)) * (lengths - n + 1)).astype(np.int64)
-    return starts + np.minimum(begin, lengths - n), n
+class ValidationScore(pl.Callback):
+    """Scores the fold's validation part after every training epoch and logs it as
+    ``val_score`` (listed before EarlyStopping and ModelCheckpoint, which read it)."""
 
+    def __init__(self, plan: CVPlan, rows: np.ndarray, store: SequenceStore, batch_size: int) -> None:
+        self.plan, self.rows, self.store, self.batch_size = plan, rows, store, batch_size
+        self.scores: list[float] = []
 
-def _train_batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Positions into ``lengths``: shuffled, sorted by length within windows, batch order shuffled."""
-    perm = rng.permutation(len(lengths))
-    window = batch_size * BUCKET_WINDOW_BATCHES
-    for s in range(0, len(perm), window):
-        seg = perm[s : s + window]
-        perm[s : s + window] = seg[np.argsort(lengths[seg], kind="stable")]
-    batches = [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
-@torch.no_grad()
-def _predict_proba(
-    model: SequenceClassifier, store: SequenceStore, clients: np.ndarray, max_events: int | None, batch_size: int, device
-) -> np.ndarray:
-    """Class probabilities ``[n, C]`` in the order of ``clients`` (processed in length order)."""
-    model.eval()
-    starts, lengths = _window(store, clients, max_events)
-    order = np.argsort(lengths, kind="stable")
-    out = np.zeros((len(clients), model.head.out_features), np.float32)
-    for s in range(0, len(order), batch_size):
-        rows = order[s : s + batch_size]
-        logits = model(_padded(store, starts[rows], lengths[rows]).to(device))
-        out[rows] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
-    return out
-
-
-def _score(task: str, y: np.ndarray, proba: np.ndarray) -> float:
-    from sklearn.metrics import accuracy_score, roc_auc_score
-
-    if task == "binary":
-        return float(roc_auc_score(y, proba[:, 1]))
-    return float(accuracy_score(y, proba.argmax(axis=1)))
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: SequenceClassifier) -> None:
+        self.scores.append(self.plan.score(self.rows, pl_module.predict_proba(self.store, self.batch_size)))
+        pl_module.log("val_score", self.scores[-1], prog_bar=True)
 
 
 # --------------------------------------------------------------------------- one fold
-@dataclass
-class _FoldResult:
-    cv_score: float
-    test_score: float | None
-    best_epoch: int
-    seconds: float
-    output_size: int
-
-
-def _train_fold(
-    make_model,
-    store: SequenceStore,
-    clients: np.ndarray,
-    y: np.ndarray,
-    fit_rows: np.ndarray,
-    val_rows: np.ndarray,
-    test_rows: np.ndarray,
+def train_fold(
+    model: SequenceClassifier,
+    data: ClientSlices,
+    validation: ValidationScore,
     *,
-    task: str,
-    fold: int,
-    seed: int,
-    config: MeLESConfig,
-    head_lr: float,
-    encoder_lr: float,
     max_epochs: int,
-    batch_size: int,
-    freeze_epochs: int,
     patience: int | None,
-    min_slice_fraction: float | None,
-    device: torch.device,
-    bar,
-) -> _FoldResult:
-    t0 = time.perf_counter()
-    torch.manual_seed(seed * 1000 + fold)
-    model: SequenceClassifier = make_model().to(device)
-    opt = torch.optim.Adam(
-        [
-            {"params": list(model.embedder.parameters()), "lr": encoder_lr},
-            {"params": list(model.head.parameters()), "lr": head_lr},
-        ],
-        weight_decay=config.weight_decay,
-    )
-    fit_clients, fit_y = clients[fit_rows], torch.from_numpy(y[fit_rows])
-    starts, lengths = _window(store, fit_clients, config.max_events)
-    eval_bs = config.embed_batch_size
-    best_score, best_epoch, best_state, stale = -math.inf, -1, None, 0
-    for epoch in range(max_epochs):
-        frozen = epoch < freeze_epochs
-        for p in model.embedder.parameters():
-            p.requires_grad_(not frozen)
-        rng = np.random.default_rng([seed, fold, epoch, 17])
-        torch.manual_seed(seed * 1000 + fold * 100 + epoch)  # dropout
-        s, n = _random_slices(starts, lengths, min_slice_fraction, rng)
-        model.train()
-        if frozen:
-            model.embedder.eval()  # frozen encoder: no BatchNorm statistics drift either
-        for rows in _train_batches(n, batch_size, rng):
-            logits = model(_padded(store, s[rows], n[rows]).to(device))
-            loss = F.cross_entropy(logits.float(), fit_y[rows].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        proba = _predict_proba(model, store, clients[val_rows], config.max_events, eval_bs, device)
-        score = _score(task, y[val_rows], proba)
-        bar.update(1)
-        bar.set_postfix(fold=fold + 1, epoch=epoch + 1, val=f"{score:.4f}", loss=f"{loss.item():.4f}")
-        if score > best_score:
-            best_score, best_epoch, stale = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if patience is not None and stale >= patience and epoch + 1 >= freeze_epochs:
-                bar.update(max_epochs - epoch - 1)
-                break
-    model.load_state_dict(best_state)
-    test_score = None
-    if len(test_rows):
-        proba = _predict_proba(model, store, clients[test_rows], config.max_events, eval_bs, device)
-        test_score = _score(task, y[test_rows], proba)
-    return _FoldResult(best_score, test_score, best_epoch, time.perf_counter() - t0, model.embedder.output_size)
+    freeze_epochs: int,
+    show_progress: bool,
+    accelerator: str,
+) -> int:
+    """Train ``model`` on one fold; it ends in its best epoch's state, returned (0-based)."""
+    from ..train import build_trainer, load_weights
+
+    loader = DataLoader(data, batch_size=None, sampler=EpochBatchSampler(len(data)), num_workers=0)
+    with tempfile.TemporaryDirectory(prefix="ptls-meles-fold-") as tmp:
+        best = ModelCheckpoint(dirpath=tmp, filename="best", monitor="val_score", mode="max", save_top_k=1,
+                               save_weights_only=True, save_on_train_epoch_end=True)
+        callbacks: list[pl.Callback] = [validation, FreezeEncoder(freeze_epochs), best]
+        if patience is not None:
+            callbacks.insert(2, EarlyStopping("val_score", mode="max", patience=patience, check_on_train_epoch_end=True))
+        trainer = build_trainer(max_epochs, callbacks, len(data), show_progress, accelerator=accelerator, devices=1,
+                                min_epochs=max(freeze_epochs, 1), default_root_dir=tmp)
+        trainer.fit(model, train_dataloaders=loader)
+        checkpoint = load_weights(best.best_model_path)
+    model.load_state_dict(checkpoint["state_dict"])
+    return int(checkpoint["epoch"])
 
 
 # --------------------------------------------------------------------------- public
@@ -298,116 +212,82 @@ def supervised_eval(
     target_col: str,
     config: MeLESConfig,
     pretrained=None,
-    task: Literal["auto", "binary", "multiclass"] = "auto",
+    task: Task = "auto",
     n_folds: int = 5,
     test_size: float = 0.1,
     seed: int = 42,
-    max_epochs: int = 10,
+    max_epochs: int = 50,
     lr: float | None = None,
     batch_size: int = 64,
     freeze_epochs: int = 0,
     show_progress: bool = True,
     *,
-    patience: int | None = 3,
+    patience: int | None = 5,
     head_dropout: float = 0.1,
-    min_slice_fraction: float | None = 0.5,
     id_col: str = "client_id",
-    device: str | torch.device | None = None,
+    accelerator: str = "auto",
 ) -> EvalResult:
     """Score a supervised encoder (``pretrained=None``) or a fine-tuned MeLES encoder
-    (``pretrained``: a ``MeLESModule``) on ``target_col`` with ``evaluate``'s protocol.
+    (``pretrained``: a ``MeLESModule``, or a saved model / run directory / checkpoint) on
+    ``target_col`` with ``evaluate``'s protocol.
 
     ``config`` gives the architecture (supervised), ``max_events``, ``weight_decay``,
     the inference batch size, and the default ``lr``. Head lr = ``lr``; encoder lr =
-    ``lr`` (supervised) or ``lr × 0.1`` (fine-tuned). ``freeze_epochs``: the encoder is
-    frozen (head only) for that many first epochs. ``device``: default CUDA when present.
-    Returns an :class:`EvalResult` like LightGBM's; ``lgbm_params`` holds the training settings.
+    ``lr`` (supervised) or ``lr × 0.1`` (fine-tuned). Each fold trains until its
+    validation score has not improved for ``patience`` epochs (``None``: never stops
+    early), at most ``max_epochs``; ``freeze_epochs``: the encoder is frozen (head only)
+    for that many first epochs. Returns an :class:`EvalResult` like LightGBM's, with the
+    training settings in ``params`` and the kept epoch of each fold in ``best_epochs``.
     """
-    check_protocol(n_folds, test_size, task, FineTuneError)
-    if max_epochs < 1 or batch_size < 1 or freeze_epochs < 0:
-        raise FineTuneError(
-            f"need max_epochs >= 1, batch_size >= 1, freeze_epochs >= 0; got {max_epochs}, {batch_size}, {freeze_epochs}"
-        )
+    if max_epochs < 1 or batch_size < 1 or freeze_epochs < 0 or (patience is not None and patience < 1):
+        raise FineTuneError(f"need max_epochs >= 1, batch_size >= 1, freeze_epochs >= 0, patience >= 1 or None; "
+                            f"got {max_epochs}, {batch_size}, {freeze_epochs}, {patience}")
+    if isinstance(pretrained, (str, os.PathLike)):
+        from ..train import load_model
+
+        pretrained = load_model(Path(pretrained))
     if pretrained is not None:
-        _check_encoding(pretrained, store)
+        from ..api import check_store_encoding
+
+        check_store_encoding(pretrained.encoding, store)  # its ids must mean what the store's ids mean
 
     clients, y_raw, report = labelled_clients(store, targets, target_col, id_col)
-    classes, y = _encode_labels(y_raw, target_col)
-    task = _resolve_task(task, len(classes), target_col)
-    _check_enough_labels(y, classes, n_folds, test_size, target_col)
-    split = cv_split(y, n_folds, test_size, seed)
-    per_class = np.bincount(y[split.train_idx], minlength=len(classes))
-    if per_class.min() < n_folds:
-        raise FineTuneError(
-            f"target {target_col!r}: class {classes[int(per_class.argmin())]!r} has only {int(per_class.min())} "
-            f"clients outside the test part, fewer than n_folds={n_folds}"
-        )
-
+    plan = plan_cv(y_raw, report, target_col, task, n_folds, test_size, seed)
     from ..train import embedder_from_config
 
     kind = "meles_finetuned" if pretrained is not None else "supervised_encoder"
     head_lr = float(config.lr if lr is None else lr)
     encoder_lr = head_lr * ENCODER_LR_FACTOR if pretrained is not None else head_lr
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    test_store = store.take(clients[plan.test_idx])
 
-    def make_model() -> SequenceClassifier:
-        if pretrained is not None:
-            embedder = copy.deepcopy(pretrained.embedder).cpu()
-        else:
-            embedder = embedder_from_config(config, store.encoding)
-        return SequenceClassifier(embedder, len(classes), head_dropout)
-
-    folds: list[_FoldResult] = []
-    bar = tqdm(total=n_folds * max_epochs, unit="epoch", desc=f"{kind} {target_col}", disable=not show_progress)
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices):
-            for fold, (fit_rows, val_rows) in enumerate(split.folds):
-                r = _train_fold(
-                    make_model, store, clients, y, fit_rows, val_rows, split.test_idx,
-                    task=task, fold=fold, seed=seed, config=config, head_lr=head_lr, encoder_lr=encoder_lr,
-                    max_epochs=max_epochs, batch_size=batch_size, freeze_epochs=freeze_epochs, patience=patience,
-                    min_slice_fraction=min_slice_fraction, device=device, bar=bar,
-                )
-                folds.append(r)
-                output_size = r.output_size
-                logger.info("%s %s fold %d/%d: cv %.4f%s (best epoch %d, %.1f s)", kind, target_col, fold + 1,
-                            n_folds, r.cv_score, "" if r.test_score is None else f", test {r.test_score:.4f}",
-                            r.best_epoch + 1, r.seconds)
-    finally:
-        bar.close()
+    cv_scores, test_scores, best_epochs, seconds = [], [], [], []
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        for fold, (fit_rows, val_rows) in enumerate(plan.folds):
+            t0 = time.perf_counter()
+            fold_seed = seed * 1000 + fold
+            torch.manual_seed(fold_seed)
+            embedder = copy.deepcopy(pretrained.embedder).cpu() if pretrained is not None else embedder_from_config(config, store.encoding)
+            model = SequenceClassifier(embedder, len(plan.classes), head_dropout, head_lr=head_lr, encoder_lr=encoder_lr,
+                                       weight_decay=config.weight_decay, max_events=config.max_events, seed=fold_seed)
+            data = ClientSlices(store, clients[fit_rows], plan.y[fit_rows],
+                                dataclasses.replace(config, batch_size=batch_size, seed=fold_seed))
+            validation = ValidationScore(plan, val_rows, store.take(clients[val_rows]), config.embed_batch_size)
+            best = train_fold(model, data, validation, max_epochs=max_epochs, patience=patience, freeze_epochs=freeze_epochs,
+                              show_progress=show_progress, accelerator=accelerator)
+            cv_scores.append(validation.scores[best])
+            if len(plan.test_idx):
+                test_scores.append(plan.score(plan.test_idx, model.predict_proba(test_store, config.embed_batch_size)))
+            best_epochs.append(best + 1)
+            seconds.append(round(time.perf_counter() - t0, 3))
+            logger.info("%s %s fold %d/%d: cv %.4f%s (best epoch %d of %d, %.1f s)", kind, target_col, fold + 1, n_folds,
+                        cv_scores[-1], f", test {test_scores[-1]:.4f}" if test_scores else "", best + 1,
+                        len(validation.scores), seconds[-1])
 
     params = {
-        "model": kind,
-        "encoder": config.encoder if pretrained is None else pretrained.cfg.encoder,
-        "hidden_size": config.hidden_size if pretrained is None else pretrained.cfg.hidden_size,
-        "max_epochs": max_epochs,
-        "best_epochs": [r.best_epoch + 1 for r in folds],
-        "lr": head_lr,
-        "encoder_lr": encoder_lr,
-        "weight_decay": config.weight_decay,
-        "batch_size": batch_size,
-        "freeze_epochs": freeze_epochs,
-        "patience": patience,
-        "head_dropout": head_dropout,
-        "min_slice_fraction": min_slice_fraction,
-        "max_events": config.max_events,
-        "fold_seconds": [round(r.seconds, 3) for r in folds],
+        "encoder": (pretrained.cfg if pretrained is not None else config).encoder,
+        "hidden_size": (pretrained.cfg if pretrained is not None else config).hidden_size,
+        "max_epochs": max_epochs, "patience": patience, "freeze_epochs": freeze_epochs,
+        "lr": head_lr, "encoder_lr": encoder_lr, "weight_decay": config.weight_decay, "batch_size": batch_size,
+        "head_dropout": head_dropout, "max_events": config.max_events, "fold_seconds": seconds,
     }
-    result = EvalResult(
-        target=target_col,
-        task=task,
-        metric="auroc" if task == "binary" else "accuracy",
-        n_folds=n_folds,
-        cv_scores=[r.cv_score for r in folds],
-        test_scores=[r.test_score for r in folds if r.test_score is not None],
-        n_train=len(split.train_idx),
-        n_test=len(split.test_idx),
-        n_features=output_size,
-        classes=list(classes),
-        join=report,
-        lgbm_params=params,
-        seed=seed,
-    )
-    logger.info("%s: %s", kind, result.summary())
-    return result
+    return plan.result(cv_scores, test_scores, embedder.output_size, kind, params, best_epochs)

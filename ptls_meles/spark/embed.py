@@ -1,6 +1,7 @@
 """``embed`` on Spark: the store's clients are split over tasks, each runs the local inference.
 
-The model travels once per executor as a broadcast (state_dict bytes + config + encoding);
+The model travels once per executor as a broadcast (a checkpoint's bytes: config, encoding
+and weights, rebuilt there by :func:`ptls_meles.train.load_model`);
 each task turns its Arrow record batches of store rows straight into a
 :class:`SequenceStore` (no per-client Python objects) and runs
 :func:`ptls_meles.embed.iter_embeddings` on it with one torch thread, so the numbers are
@@ -33,29 +34,24 @@ _EMBEDDERS: dict[str, object] = {}  # per Python worker: token → embedder, so 
 def _resolve_model(model):
     """(config dict, encoding dict, module) of a MeLES, a MeLESModule or a saved model/run directory."""
     from ..api import MeLES
-    from ..train import MeLESModule
+    from ..train import MeLESModule, load_model
 
     if isinstance(model, (str, Path)):
-        path = Path(model)
-        model = MeLES.load(path / "model" if (path / "model").exists() else path)
+        model = load_model(model)
     if isinstance(model, MeLES):
         model._check_fitted()
-        return model.config.to_dict(), model.encoding_.to_dict(), model.module_
+        model = model.module_
     if isinstance(model, MeLESModule):
         return model.cfg.to_dict(), model.encoding.to_dict(), model
     raise TypeError(f"model must be a MeLES, a MeLESModule or a model directory, got {type(model).__name__}")
 
 
 def _embedder(payload: dict):
-    import torch
-
     token = payload["token"]
     if token not in _EMBEDDERS:
-        from ..train import MeLESModule
+        from ..train import load_model
 
-        module = MeLESModule(payload["config"], payload["encoding"])
-        module.load_state_dict(torch.load(io.BytesIO(payload["state"]), map_location="cpu", weights_only=True))
-        module.eval()
+        module = load_model(io.BytesIO(payload["model"]))
         _EMBEDDERS.clear()  # one model per worker at a time
         _EMBEDDERS[token] = module.embedder
     return _EMBEDDERS[token]
@@ -89,7 +85,7 @@ def embed_spark(
     model,
     out: str | Path,
     spark=None,
-    max_events: int | None = -1,
+    max_events: int | None = -1,  # -1: the model's own window
     batch_size: int | None = None,
     partitions: int | None = None,
     row_group_rows: int = 65_536,
@@ -111,8 +107,8 @@ def embed_spark(
     max_events = config["max_events"] if max_events == -1 else max_events
     batch_size = batch_size or config["embed_batch_size"]
     buf = io.BytesIO()
-    torch.save(module.state_dict(), buf)
-    payload = spark.sparkContext.broadcast({"config": config, "encoding": encoding, "state": buf.getvalue(), "token": uuid.uuid4().hex})
+    torch.save({"hyper_parameters": {"config": config, "encoding": encoding}, "state_dict": module.state_dict()}, buf)
+    payload = spark.sparkContext.broadcast({"model": buf.getvalue(), "token": uuid.uuid4().hex})
     store_dir = Path(store) if Path(store).is_dir() else Path(store).parent
     store_file = store_dir / STORE_FILE
     if not store_file.exists():
@@ -155,8 +151,7 @@ def embed_input(model, source, out: str | Path, spark=None, schema=None) -> dict
     from ..api import MeLES
 
     if isinstance(model, (str, Path)):
-        path = Path(model)
-        model = MeLES.load(path / "model" if (path / "model").exists() else path)
+        model = MeLES.load(model)
     if isinstance(source, (str, Path)) and (Path(source) / STORE_FILE).exists():
         return embed_spark(source, model, out, spark=spark)
     from .prepare import prepare_spark
