@@ -27,10 +27,9 @@ if TYPE_CHECKING:
 
 
 def _threads(n: int | None) -> None:
-    import torch
+    from .threads import set_threads
 
-    n = n or min(os.cpu_count() or 1, 8)
-    torch.set_num_threads(n)
+    set_threads(n)
 
 
 def _parse_sets(pairs: list[str]) -> dict:
@@ -203,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp, threads=False):
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         if threads:
-            sp.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores, at most 8)")
+            sp.add_argument("--threads", type=int, default=None, help="torch threads, e.g. 2 (default: the usable cores not kept busy by other processes, at most 8)")
 
     def engine(sp):
         sp.add_argument("--engine", choices=["local", "spark"], default="local", help="spark: run on a Spark cluster (or local[N])")
