@@ -15,12 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
+import os
 import platform
 import resource
 import time
 from pathlib import Path
 
-REFERENCE = {"prepare_events_s": 134_000, "train_clients_s": 25, "train_events_s": 13_000, "embed_clients_s": 48, "embed_events_s": 17_000, "peak_rss_gib": 4.8}
 
 
 def _peak_gib() -> float:
@@ -91,6 +91,25 @@ def _run(fn, args) -> dict:
     return out
 
 
+def _machine(threads: int) -> str:
+    """CPU model, usable cores, memory, torch version and threads: what a reader needs to compare."""
+    import torch
+
+    from ..threads import usable_cores
+
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem = float("nan")
+    return f"{model}, {usable_cores()} cores, {mem:.0f} GiB, torch {torch.__version__}, threads={threads}"
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="ptls-meles bench speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=5000)
@@ -108,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     raw = work / "raw"
     files = write(raw, n_clients=a.clients, seed=0, mean_events=a.mean_events, with_type=True, fmt=a.format)
     args = {"raw": str(files["transactions"]), "store": str(work / "store"), "threads": a.threads, "train_clients": a.train_clients}
-    res = {"machine": f"{platform.node()} {platform.processor() or platform.machine()}, threads={a.threads}"}
+    res = {"machine": _machine(a.threads)}
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
     res["prepare"] = _run(_phase_prepare, args)  # always: later phases read its store
     if "train" in phases or "embed" in phases:
@@ -116,19 +135,19 @@ def main(argv: list[str] | None = None) -> dict:
     if "embed" in phases:
         res["embed"] = _run(_phase_embed, args)
     p = res["prepare"]
-    rows = [("prepare events/s", p["events_s"], REFERENCE["prepare_events_s"])]
+    rows = [("prepare events/s", p["events_s"])]
     if "train" in res:
-        rows += [("train clients/s", res["train"]["clients_s"], REFERENCE["train_clients_s"]),
-                 ("train events/s (in views)", res["train"]["events_s"], REFERENCE["train_events_s"])]
+        rows += [("train clients/s", res["train"]["clients_s"]), ("train events/s (in views)", res["train"]["events_s"])]
     if "embed" in res:
-        rows += [("embed clients/s", res["embed"]["clients_s"], REFERENCE["embed_clients_s"]),
-                 ("embed events/s", res["embed"]["events_s"], REFERENCE["embed_events_s"])]
+        rows += [("embed clients/s", res["embed"]["clients_s"]), ("embed events/s", res["embed"]["events_s"])]
     peaks = {k: res[k]["peak_gib"] for k in ("prepare", "train", "embed") if k in res}
-    rows.append(("peak RSS GiB (max of phases)", max(peaks.values()), REFERENCE["peak_rss_gib"]))
+    rows.append(("peak RSS GiB (max of phases)", max(peaks.values())))
+    # absolute figures only: a ratio to another tool means something only when both ran
+    # here, in the same window (see the README's side-by-side table and its date)
     print(f"speed benchmark: {a.clients} clients, {p['events']:,} events; {res['machine']}")
-    print("| figure | ptls-meles | pytorch-lifestream 0.7.0 (reference, measured earlier) | ratio |\n|---|---|---|---|")
-    for name, ours, ref in rows:
-        print(f"| {name} | {ours:,.1f} | {ref:,} | {ours / ref:.2f}× |")
+    print("| figure | ptls-meles |\n|---|---|")
+    for name, ours in rows:
+        print(f"| {name} | {ours:,.1f} |")
     print("peak RSS by phase (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
