@@ -162,8 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     targets = pd.read_parquet(store_dir / "targets.parquet")
     id_col = store.encoding.client_col
     targets = targets.rename(columns={id_col: "client_id"}) if id_col in targets and "client_id" not in targets else targets
-    target_list = a.targets.split(",") if a.targets else DEFAULT_TARGETS.get(dataset) or [
-        c for c in targets.columns if c != "client_id" and 2 <= targets[c].nunique() <= 20]
+    known = [lst for lst in DEFAULT_TARGETS.values() if all(c in targets.columns for c in lst)]
+    target_list = a.targets.split(",") if a.targets else DEFAULT_TARGETS.get(dataset) or (known[0] if known else [
+        c for c in targets.columns if c != "client_id" and 2 <= targets[c].nunique() <= 20])
     lgbm = LGBM[a.lgbm]
     common = dict(parse_define("all:" + ";".join(a.set))[1]) if a.set else {}
     configs = {n: {**CONFIGS[n], **common} for n in a.configs.split(",") if n}
