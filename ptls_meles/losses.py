@@ -259,6 +259,34 @@ class AllPairsHistogramLoss(pml_losses.HistogramLoss):
         return {"loss": {"losses": torch.sum(p_neg * phi), "indices": None, "reduction_type": "already_reduced"}}
 
 
+class InfoNCELoss(torch.nn.Module):
+    """InfoNCE / NT-Xent over the whole batch in a few matrix operations.
+
+    For every ordered positive pair ``(a, p)``: ``−s_ap + log(exp(s_ap) + Σ_n exp(s_an))``
+    with ``s = cos / temperature`` and ``n`` over every view of another client, averaged
+    over the pairs — the same value as PML's ``NTXentLoss`` (which builds it pair by pair
+    and was measured ~10× slower than the whole GRU step on a 320-view batch on CPU).
+    ``indices_tuple`` is ignored: every pair of the batch is used.
+    """
+
+    def __init__(self, temperature: float = 0.1):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor, indices_tuple=None) -> torch.Tensor:
+        emb = F.normalize(embeddings, dim=1)
+        sim = emb @ emb.T / self.temperature
+        same = labels.unsqueeze(0) == labels.unsqueeze(1)
+        positive = same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+        if not bool(positive.any()) or bool(same.all()):
+            return _zero_with_grad(embeddings)
+        negatives_lse = torch.logsumexp(sim.masked_fill(same, float("-inf")), dim=1, keepdim=True)  # [N, 1]
+        per_pair = torch.logaddexp(sim, negatives_lse) - sim
+        return per_pair[positive].mean()
+
+
 # ----------------------------------------------------------------------------- factory
 
 
@@ -328,8 +356,7 @@ def make_loss(
     elif name == "binomial_deviance":
         loss = BinomialDevianceLoss(**kwargs)
     elif name == "infonce":
-        # NT-Xent: every other view of the batch is a negative, weighted by its softmax share
-        loss = pml_losses.NTXentLoss(**{"temperature": 0.1, **kwargs})
+        loss = InfoNCELoss(**{"temperature": 0.1, **kwargs})
     else:
         loss = AllPairsHistogramLoss(**{"n_bins": 100, **kwargs})
     mining = None if name in ("histogram", "infonce") else make_miner(miner, neg_count=neg_count, **(miner_kwargs or {}))
