@@ -10,8 +10,8 @@ import torch
 from ptls_meles.config import MeLESConfig
 from ptls_meles.downstream import finetune
 from ptls_meles.downstream.evaluate import evaluate
-from ptls_meles.downstream.finetune import FineTuneError, SequenceClassifier, labelled_clients, supervised_eval
-from ptls_meles.downstream.protocol import plan_cv
+from ptls_meles.downstream.finetune import SequenceClassifier, labelled_clients, supervised_eval
+from ptls_meles.downstream.protocol import EvaluationError, plan_cv
 from ptls_meles.encoding import CategoryVocab, Encoding, NumericTransform
 from ptls_meles.store import SequenceStore
 from ptls_meles.train import MeLESModule
@@ -259,5 +259,5 @@ def test_without_patience_every_fold_runs_to_the_cap(data, monkeypatch):
     monkeypatch.setattr(finetune, "train_fold", spy)
     r = supervised_eval(store, targets, "is_zero", CONFIG, patience=None, **{**FAST, "max_epochs": 4, "test_size": 0.0})
     assert lengths == [4, 4] and all(1 <= e <= 4 for e in r.best_epochs)
-    with pytest.raises(FineTuneError, match="patience"):
+    with pytest.raises(EvaluationError, match="patience"):
         supervised_eval(store, targets, "is_zero", CONFIG, patience=0, **FAST)

@@ -64,10 +64,6 @@ ENCODER_LR_FACTOR = 0.1  # pretrained encoder parameters learn at lr × this
 _POSITION_COLUMN = "__store_position__"
 
 
-class FineTuneError(EvaluationError):
-    """Bad settings for the neural baselines."""
-
-
 def labelled_clients(
     store: SequenceStore, targets: pd.DataFrame, target_col: str, id_col: str = "client_id"
 ) -> tuple[np.ndarray, np.ndarray, JoinReport]:
@@ -241,8 +237,8 @@ def supervised_eval(
     training settings in ``params`` and the kept epoch of each fold in ``best_epochs``.
     """
     if max_epochs < 1 or batch_size < 1 or freeze_epochs < 0 or (patience is not None and patience < 1):
-        raise FineTuneError(f"need max_epochs >= 1, batch_size >= 1, freeze_epochs >= 0, patience >= 1 or None; "
-                            f"got {max_epochs}, {batch_size}, {freeze_epochs}, {patience}")
+        raise EvaluationError(f"need max_epochs >= 1, batch_size >= 1, freeze_epochs >= 0, patience >= 1 or None; "
+                              f"got {max_epochs}, {batch_size}, {freeze_epochs}, {patience}")
     if isinstance(pretrained, (str, os.PathLike)):
         from ..train import load_model
 
