@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .batch import pad_segments
 from .io_utils import atomic_path
-from .store import SequenceStore, ragged_arange
+from .store import SequenceStore, offsets_from_lengths, ragged_arange
 
 
 def embedding_columns(dim: int) -> list[str]:
@@ -77,9 +77,7 @@ def iter_embeddings(
             for clients in _length_sorted_batches(order, take, batch_size, _cost_fn(embedder)):
                 n = take[clients]
                 starts = store.offsets[clients + 1] - n
-                seg_offsets = np.zeros(len(clients) + 1, np.int64)
-                np.cumsum(n, out=seg_offsets[1:])
-                batch = pad_segments(store.columns, ragged_arange(starts, n), seg_offsets)
+                batch = pad_segments(store.columns, ragged_arange(starts, n), offsets_from_lengths(n))
                 device = next(embedder.parameters()).device
                 out = embedder(batch.to(device)).float().cpu().numpy()
                 bar.update(len(clients))

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from .encoding import UNSEEN_ID, CategoryVocab, Encoding, NumericTransform, as_category_strings
 from .schema import EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time
 from .sources import Source, count_rows, iter_chunks
-from .store import TIME_COLUMN, SequenceStore
+from .store import TIME_COLUMN, SequenceStore, offsets_from_lengths
 
 log = logging.getLogger(__name__)
 ON_ERROR = ("raise", "drop")
@@ -207,8 +207,7 @@ def prepare(
     event_time = np.concatenate(parts.pop(TIME_COLUMN))
     order = np.lexsort((event_time, client_code))
     counts = np.bincount(client_code, minlength=len(client_values))
-    offsets = np.zeros(len(counts) + 1, np.int64)
-    np.cumsum(counts, out=offsets[1:])
+    offsets = offsets_from_lengths(counts)
     del client_code
 
     columns: dict[str, np.ndarray] = {TIME_COLUMN: event_time[order]}

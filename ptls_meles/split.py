@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import CHOICES
-from .store import ragged_arange
+from .store import offsets_from_lengths, ragged_arange
 
 SPLITS = CHOICES["split"]
 
@@ -44,12 +44,6 @@ def _view_lengths(seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: 
     return (lo[:, None] + np.floor(u * (hi - lo + 1)[:, None])).astype(np.int64).clip(max=hi[:, None])
 
 
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(lengths) + 1, np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
-
-
 def random_slices(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> Views:
     """Contiguous random sub-sequences (the paper's best strategy)."""
     lens = _view_lengths(seq_len, split_count, cnt_min, cnt_max, rng)
@@ -58,7 +52,7 @@ def random_slices(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt
     lens_f = lens.ravel()
     index = ragged_arange((starts[:, None] + begin).ravel(), lens_f)
     label = np.repeat(np.arange(len(seq_len)), split_count)
-    return Views(index, _offsets(lens_f), label)
+    return Views(index, offsets_from_lengths(lens_f), label)
 
 
 def random_samples(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> Views:
@@ -70,12 +64,12 @@ def random_samples(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cn
     seg = np.repeat(np.arange(len(full)), full)
     pos = ragged_arange(np.zeros(len(full), np.int64), full)
     order = np.lexsort((rng.random(len(seg)), seg))
-    rank = np.arange(len(seg)) - np.repeat(_offsets(full)[:-1], full)
+    rank = np.arange(len(seg)) - np.repeat(offsets_from_lengths(full)[:-1], full)
     keep = rank < lens[seg]
     chosen, chosen_seg = pos[order][keep], seg[keep]
     by_time = np.lexsort((chosen, chosen_seg))
     index = starts[client][chosen_seg[by_time]] + chosen[by_time]
-    return Views(index, _offsets(lens), client)
+    return Views(index, offsets_from_lengths(lens), client)
 
 
 def random_disjoint(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> Views:
@@ -89,7 +83,7 @@ def random_disjoint(starts: np.ndarray, seq_len: np.ndarray, split_count: int, c
     seg = np.repeat(np.arange(n), seq_len)
     pos = ragged_arange(np.zeros(n, np.int64), seq_len)
     order = np.lexsort((rng.random(len(seg)), seg))
-    rank = np.arange(len(seg)) - np.repeat(_offsets(seq_len)[:-1], seq_len)
+    rank = np.arange(len(seg)) - np.repeat(offsets_from_lengths(seq_len)[:-1], seq_len)
     perm = pos[order]
     # rank r → view r // part; short clients (L < split_count) wrap around
     view = rank // part[seg]
@@ -108,7 +102,7 @@ def random_disjoint(starts: np.ndarray, seq_len: np.ndarray, split_count: int, c
     by_time = np.lexsort((chosen, key))
     lens = np.bincount(key, minlength=n * split_count)
     index = starts[chosen_client[by_time]] + chosen[by_time]
-    return Views(index, _offsets(lens), np.repeat(np.arange(n), split_count))
+    return Views(index, offsets_from_lengths(lens), np.repeat(np.arange(n), split_count))
 
 
 _STRATEGIES = {"slices": random_slices, "samples": random_samples, "disjoint": random_disjoint}

@@ -77,10 +77,8 @@ class SequenceStore:
         starts = self.offsets[client_index]
         lens = self.offsets[client_index + 1] - starts
         event_index = ragged_arange(starts, lens)
-        offsets = np.zeros(len(client_index) + 1, dtype=np.int64)
-        np.cumsum(lens, out=offsets[1:])
         cols = {k: v[event_index] for k, v in self.columns.items()}
-        return SequenceStore(self.client_ids[client_index], offsets, cols, self.encoding, dict(self.meta))
+        return SequenceStore(self.client_ids[client_index], offsets_from_lengths(lens), cols, self.encoding, dict(self.meta))
 
     def client_frame(self, i: int):
         """One client's events as a DataFrame (for inspection and debugging)."""
@@ -150,6 +148,13 @@ class SequenceStore:
         if offsets is None:
             offsets = np.zeros(len(client_ids) + 1, dtype=np.int64)
         return cls(client_ids, offsets, cols, encoding, meta)
+
+
+def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:
+    """``[0, l0, l0+l1, ...]`` (int64, one longer than ``lengths``): segment ``i`` is ``offsets[i]:offsets[i+1]``."""
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    return offsets
 
 
 def ragged_arange(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:

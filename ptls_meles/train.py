@@ -196,18 +196,11 @@ def build_trainer(max_epochs: int, callbacks: list[pl.Callback], n_batches: int,
     baselines): no sanity steps, no model summary, our own batch samplers, checkpointing
     exactly when a ``ModelCheckpoint`` is among ``callbacks``."""
     trainer_kwargs.setdefault("logger", False)
-    return pl.Trainer(
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
-        enable_progress_bar=show_progress,
-        enable_model_summary=False,
-        use_distributed_sampler=False,
-        num_sanity_val_steps=0,
-        deterministic=False,
-        log_every_n_steps=max(1, min(10, n_batches)),
-        **trainer_kwargs,
-    )
+    checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
+    return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=checkpointing,
+                      enable_progress_bar=show_progress, enable_model_summary=False, use_distributed_sampler=False,
+                      num_sanity_val_steps=0, deterministic=False, log_every_n_steps=max(1, min(10, n_batches)),
+                      **trainer_kwargs)
 
 
 class UnsafeOrCorruptModelError(ValueError):

@@ -10,8 +10,8 @@ import torch
 from ptls_meles.config import MeLESConfig
 from ptls_meles.downstream import finetune
 from ptls_meles.downstream.evaluate import evaluate
-from ptls_meles.downstream.finetune import FineTuneError, SequenceClassifier, labelled_clients, supervised_eval
-from ptls_meles.downstream.protocol import plan_cv
+from ptls_meles.downstream.finetune import SequenceClassifier, labelled_clients, supervised_eval
+from ptls_meles.downstream.protocol import EvaluationError, plan_cv
 from ptls_meles.encoding import CategoryVocab, Encoding, NumericTransform
 from ptls_meles.store import SequenceStore
 from ptls_meles.train import MeLESModule
@@ -168,7 +168,7 @@ def _state(module: torch.nn.Module) -> dict:
 def test_finetune_starts_from_pretrained_and_leaves_it_alone(data, monkeypatch):
     store, targets = data
     torch.manual_seed(0)
-    pretrained = MeLESModule(CONFIG.to_dict(), store.encoding.to_dict())
+    pretrained = MeLESModule(CONFIG.to_dict(), store.encoding.to_dict()).eval()  # as load_model returns it
     before, before_embedder = _state(pretrained), _state(pretrained.embedder)
     created = []
     real_train_fold = finetune.train_fold
@@ -187,10 +187,12 @@ def test_finetune_starts_from_pretrained_and_leaves_it_alone(data, monkeypatch):
         assert at_start.keys() == before_embedder.keys()  # starts from the pretrained weights
         assert all(torch.equal(at_start[k], v) for k, v in before_embedder.items())
         trained = model.embedder.state_dict()
-        assert any(not torch.equal(trained[k], at_start[k]) for k in at_start)  # and was trained
+        assert any(not torch.equal(trained[k], at_start[k]) for k in at_start)  # and was trained,
+        assert not torch.equal(trained["event_encoder.numeric_norm.running_mean"],  # in training mode
+                               at_start["event_encoder.numeric_norm.running_mean"])
     after = _state(pretrained)  # the pretrained module is untouched
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert pretrained.embedder.normalize is True
+    assert pretrained.embedder.normalize is True and not pretrained.training
 
 
 def test_frozen_encoder_stays_pretrained(data, monkeypatch):
@@ -257,5 +259,5 @@ def test_without_patience_every_fold_runs_to_the_cap(data, monkeypatch):
     monkeypatch.setattr(finetune, "train_fold", spy)
     r = supervised_eval(store, targets, "is_zero", CONFIG, patience=None, **{**FAST, "max_epochs": 4, "test_size": 0.0})
     assert lengths == [4, 4] and all(1 <= e <= 4 for e in r.best_epochs)
-    with pytest.raises(FineTuneError, match="patience"):
+    with pytest.raises(EvaluationError, match="patience"):
         supervised_eval(store, targets, "is_zero", CONFIG, patience=0, **FAST)

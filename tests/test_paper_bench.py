@@ -85,7 +85,7 @@ def test_report_tables_have_expected_rows_and_columns(bench):
                                                     ("100%", "hand-crafted"), ("100%", "MeLES embeddings")]
     text = (out / "report.md").read_text()
     assert "ptls-meles bench paper --dataset synthetic" in text and "torch threads 1" in text
-    assert "until 5 epochs pass without a better validation-fold score, at most 1 epochs" in text
+    assert "at most 1 epochs, until 5 epochs pass without a better validation-fold score" in text
     assert f"{paper.ROW_SUPERVISED}: bins [1, 1], gender [1, 1]" in text
 
 

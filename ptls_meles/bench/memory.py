@@ -36,12 +36,11 @@ def synthetic_store(n_clients: int, min_events: int = 20, max_events: int = 50, 
     """A store of ``n_clients`` clients with uniform lengths in [min_events, max_events]:
     one categorical field ``mcc``, one numeric ``amount``, increasing event times."""
     from ..encoding import CategoryVocab, Encoding, NumericTransform
-    from ..store import SequenceStore
+    from ..store import SequenceStore, offsets_from_lengths
 
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_events, max_events + 1, n_clients)
-    offsets = np.zeros(n_clients + 1, np.int64)
-    np.cumsum(lengths, out=offsets[1:])
+    offsets = offsets_from_lengths(lengths)
     n = int(offsets[-1])
     columns = {
         "event_time": np.arange(n, dtype=np.float64),  # increasing, hence sorted within every client

@@ -50,13 +50,6 @@ def score_text(cell: dict | None, part: str = "test") -> str:
     return f"{mean:.3f} ± {interval:.3f}"
 
 
-def _neural_budget(settings: dict) -> str:
-    if settings.get("finetune_patience") is None:  # results written before early stopping
-        return f"{settings.get('finetune_epochs')} epochs"
-    return (f"until {settings['finetune_patience']} epochs pass without a better validation-fold score, "
-            f"at most {settings.get('finetune_epochs')} epochs")
-
-
 def _seconds(s: float | None) -> str:
     if s is None or not math.isfinite(s):
         return "—"
@@ -224,7 +217,8 @@ def write_report(results: dict, out: str | Path) -> Path:
         f"{settings.get('seed')}, LightGBM {settings.get('lgbm_trees')} trees (paper parameters otherwise); cells are "
         "test mean ± 95% interval (1.96·std/√K over the K fold models)",
         f"- MeLES: {settings.get('epochs')} self-supervised epochs, config {settings.get('config', {})}; "
-        f"fine-tuning / supervised: {_neural_budget(settings)}",
+        f"fine-tuning / supervised: at most {settings.get('finetune_epochs')} epochs, until "
+        f"{settings.get('finetune_patience')} epochs pass without a better validation-fold score",
     ]
     if settings.get("early_stopping_rounds"):
         lines.append(f"- LightGBM rows stop after {settings['early_stopping_rounds']} rounds without a better "

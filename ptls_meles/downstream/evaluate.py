@@ -11,14 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .protocol import (  # noqa: F401  (EvalResult, EvaluationError, interval_half_width: the public names of evaluation)
-    EvalResult,
-    EvaluationError,
-    Task,
-    interval_half_width,
-    join_features_and_targets,
-    plan_cv,
-)
+from .protocol import EvalResult, EvaluationError, Task, interval_half_width, join_features_and_targets, plan_cv  # noqa: F401
 
 logger = logging.getLogger(__name__)
 

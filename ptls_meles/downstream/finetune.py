@@ -64,10 +64,6 @@ ENCODER_LR_FACTOR = 0.1  # pretrained encoder parameters learn at lr × this
 _POSITION_COLUMN = "__store_position__"
 
 
-class FineTuneError(EvaluationError):
-    """Bad settings for the neural baselines."""
-
-
 def labelled_clients(
     store: SequenceStore, targets: pd.DataFrame, target_col: str, id_col: str = "client_id"
 ) -> tuple[np.ndarray, np.ndarray, JoinReport]:
@@ -93,7 +89,8 @@ class ClientSlices(ViewBatches):
         clients = self._epoch_plan(epoch)[b]
         starts, lengths = self.offsets[clients], self.offsets[clients + 1] - self.offsets[clients]
         cap = int(self.cfg.max_events or lengths.max())
-        # cnt_min above every length: all clients take the split's short-client rule, [ceil(L/2), L]
+        # cnt_min = cap + 1: clients within the cap take the split's short-client rule (length uniform
+        # in [ceil(L/2), L]); longer clients get a random window of cap events
         rng = np.random.default_rng([self.cfg.seed, epoch, b, 13])
         views = random_slices(starts, lengths, 1, cap + 1, cap, rng)
         return pad_segments(self.columns, views.index, views.offsets), torch.from_numpy(self.label_of[clients])
@@ -106,7 +103,7 @@ class SequenceClassifier(pl.LightningModule):
     def __init__(self, embedder: nn.Module, n_classes: int, dropout: float = 0.0, *, head_lr: float = 1e-3,
                  encoder_lr: float = 1e-3, weight_decay: float = 0.0, max_events: int | None = None, seed: int = 0) -> None:
         super().__init__()
-        self.embedder = embedder
+        self.embedder = embedder.train()  # a pretrained copy comes in eval mode; Lightning does not switch it
         self.embedder.normalize = False
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(embedder.output_size, n_classes)
@@ -240,8 +237,8 @@ def supervised_eval(
     training settings in ``params`` and the kept epoch of each fold in ``best_epochs``.
     """
     if max_epochs < 1 or batch_size < 1 or freeze_epochs < 0 or (patience is not None and patience < 1):
-        raise FineTuneError(f"need max_epochs >= 1, batch_size >= 1, freeze_epochs >= 0, patience >= 1 or None; "
-                            f"got {max_epochs}, {batch_size}, {freeze_epochs}, {patience}")
+        raise EvaluationError(f"need max_epochs >= 1, batch_size >= 1, freeze_epochs >= 0, patience >= 1 or None; "
+                              f"got {max_epochs}, {batch_size}, {freeze_epochs}, {patience}")
     if isinstance(pretrained, (str, os.PathLike)):
         from ..train import load_model
 

@@ -32,7 +32,7 @@ _EMBEDDERS: dict[str, object] = {}  # per Python worker: token → embedder, so 
 
 
 def _resolve_model(model):
-    """(config dict, encoding dict, module) of a MeLES, a MeLESModule or a saved model/run directory."""
+    """The MeLESModule of a MeLES, a MeLESModule or a saved model/run directory."""
     from ..api import MeLES
     from ..train import MeLESModule, load_model
 
@@ -42,7 +42,7 @@ def _resolve_model(model):
         model._check_fitted()
         model = model.module_
     if isinstance(model, MeLESModule):
-        return model.cfg.to_dict(), model.encoding.to_dict(), model
+        return model
     raise TypeError(f"model must be a MeLES, a MeLESModule or a model directory, got {type(model).__name__}")
 
 
@@ -103,7 +103,8 @@ def embed_spark(
 
     t0 = time.perf_counter()
     spark = spark or get_session()
-    config, encoding, module = _resolve_model(model)
+    module = _resolve_model(model)
+    config, encoding = module.cfg.to_dict(), module.encoding.to_dict()
     max_events = config["max_events"] if max_events == -1 else max_events
     batch_size = batch_size or config["embed_batch_size"]
     buf = io.BytesIO()
