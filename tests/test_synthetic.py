@@ -149,7 +149,7 @@ def test_bad_format(tmp_path):
 
 # ------------------------------------------------------------------ honesty of the signal
 # LightGBM with a small budget, one thread: each check stays at a few seconds.
-SMALL_LGBM = dict(n_estimators=80, learning_rate=0.08, num_leaves=15, colsample_bytree=0.5, subsample=0.8,
+SMALL_LGBM = dict(n_estimators=60, learning_rate=0.1, num_leaves=7, colsample_bytree=0.3, max_bin=31, subsample=0.8,
                   subsample_freq=1, min_child_samples=20, verbose=-1, n_jobs=1, random_state=0)
 
 
@@ -183,7 +183,7 @@ def test_handcrafted_features_read_the_labels_partly(features):
     gender = _cv_score(hand, labels["gender"].to_numpy())
     age = _cv_score(hand, labels["bins"].to_numpy())
     assert 0.68 < gender < 0.85, gender
-    assert 0.31 < age < 0.50, age
+    assert 0.30 < age < 0.50, age
 
 
 def test_oracle_knowing_the_mechanisms_beats_handcrafted(features):
@@ -278,10 +278,10 @@ def test_transitions_follow_the_old_or_young_link_map(sorted_demo):
 
 
 def test_recurring_payments_are_more_regular_for_older_clients(sorted_demo):
-    """A client's recurring payments repeat the same category and amount every month; the
-    spread of their day of month falls with age group."""
+    """A client's recurring payments repeat the same category and amount (to 1%) every month;
+    the spread of their day of month falls with age group."""
     events, hidden = sorted_demo
-    key = events[["client_id", "small_group"]].assign(amount=np.round(np.log(events["amount_rur"]), 1))
+    key = events[["client_id", "small_group"]].assign(amount=np.round(np.log(events["amount_rur"]), 2))
     day = synthetic.DAY_OF_MONTH[events["trans_date"].to_numpy()]
     repeated = key.assign(day=day).groupby(["client_id", "small_group", "amount"])["day"].agg(["size", "std"])
     monthly = repeated[repeated["size"] >= 6].reset_index()

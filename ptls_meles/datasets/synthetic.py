@@ -83,7 +83,7 @@ _DAYS_IN_PREVIOUS_MONTH = (_MONTHS.astype("datetime64[D]") - (_MONTHS - 1).astyp
 # category preferences (shares): shared lifestyle prototypes + weak label shifts + noise
 _N_LIFESTYLES = 12
 _LIFESTYLE_ALPHA = 0.4  # Dirichlet weight of a client over the prototypes
-_AGE_SHARE_SCALE = 0.13
+_AGE_SHARE_SCALE = 0.11
 _GENDER_SHARE_SCALE = 0.035
 _INDIVIDUAL_SCALE = 0.6  # per-client, per-category logit noise
 _DRIFT_SCALE = 0.35  # per-client logit change from the first to the last of the drift periods
@@ -116,7 +116,7 @@ _AGE_WEEKDAY = 0.4 * np.array([
 ])
 _GENDER_WEEKEND = 0.04  # gender 1: a little more on weekends
 # time of day: base profile shifted by a personal chronotype, plus a gender-loaded shape
-_GENDER_HOUR_MEAN = 0.35  # mean loading on the evening-vs-morning shape, + for gender 1, - for 0
+_GENDER_HOUR_MEAN = 0.4  # mean loading on the evening-vs-morning shape, + for gender 1, - for 0
 _HOUR_LOADING_SPREAD = 0.6
 _CHRONOTYPE_HOURS = 1.2  # spread of the personal shift of the profile
 _WEEKEND_SHIFT_HOURS = 1.5  # weekends start later
@@ -394,7 +394,7 @@ def _recurring_events(world: _World, clients: _Clients, rng: np.random.Generator
     """Monthly payments on each payment's own day of month, jittered and sometimes skipped."""
     payer = np.repeat(np.arange(len(clients.client_id)), clients.n_recurring)
     n_payments = len(payer)
-    day_of_month = rng.integers(1, 29, n_payments)
+    day_of_month = rng.integers(4, 26, n_payments)  # away from month ends, so jitter rarely wraps
     group = rng.choice(world.recurring_groups, n_payments)
     log_amount = clients.amount_level[payer] + 0.8 + rng.normal(0.0, 0.6, n_payments)
     second = rng.integers(7 * 3600, 22 * 3600, n_payments)  # each payment at its own time of day
@@ -415,7 +415,7 @@ def _recurring_events(world: _World, clients: _Clients, rng: np.random.Generator
         "owner": owner,
         "time": day * SECONDS_PER_DAY + seconds,
         "group": group[payment],
-        "log_amount": log_amount[payment] + rng.normal(0.0, 0.02, len(owner)),
+        "log_amount": log_amount[payment] + rng.normal(0.0, 0.003, len(owner)),  # the same bill every month
     }
 
 
@@ -542,12 +542,13 @@ def iter_chunks(
 
 
 def client_parameters(n_clients: int = 3000, seed: int = 0, mean_events: float = 300) -> pd.DataFrame:
-    """The hidden per-client parameters the labels act on (:data:`HIDDEN_PARAMETERS`), with
-    ``client_id``, ``bins`` and ``gender``: what an oracle knowing the mechanisms would see.
-    Same clients as :func:`generate` with the same arguments (events are not generated)."""
+    """The hidden per-client parameters the labels act on (:data:`HIDDEN_PARAMETERS`: what an
+    oracle knowing the mechanisms would see), with ``client_id``, ``bins``, ``gender`` and the
+    label-free ``payday`` and ``change_day`` (for drawing a timeline). Same clients as
+    :func:`generate` with the same arguments (events are not generated)."""
     frames = []
     for _, clients, _ in _iter_clients(n_clients, seed, mean_events):
-        values = {name: getattr(clients, name) for name in HIDDEN_PARAMETERS}
+        values = {name: getattr(clients, name) for name in (*HIDDEN_PARAMETERS, "payday", "change_day")}
         frames.append(pd.DataFrame({"client_id": clients.client_id, "bins": clients.age, "gender": clients.gender, **values}))
     return pd.concat(frames, ignore_index=True)
 
