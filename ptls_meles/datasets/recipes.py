@@ -97,17 +97,29 @@ def recipe_physionet(raw: str | Path, out: str | Path, **prepare_kwargs) -> tupl
 def recipe_synthetic(
     out: str | Path, n_clients: int = 3000, seed: int = 0, mean_events: float = 300, with_type: bool = False, **prepare_kwargs
 ) -> tuple[SequenceStore, PrepareReport]:
-    """The shipped synthetic banking data, generated (seeded) straight into a store."""
-    from .synthetic import generate
+    """The shipped synthetic banking data, generated (seeded) straight into a store.
+
+    Event time is ``trans_datetime`` in seconds, so events inside a day keep their real
+    order (sessions, category transitions) and time gaps are minutes, not whole days.
+    The hour of day and the weekday become categorical fields (:func:`synthetic_schema`):
+    the time-of-day and weekly habits are then visible both to hand-crafted features
+    (counts and amount means per hour) and to the encoders (embedded per event).
+    """
+    from .synthetic import calendar_fields, generate
 
     out = Path(out)
     tx, targets = generate(n_clients=n_clients, seed=seed, mean_events=mean_events, with_type=with_type)
-    schema = EventSchema(
-        "client_id", "trans_date", ["small_group"] + (["trans_type"] if with_type else []), ["amount_rur"], time_format="number"
-    )
+    tx = pd.concat([tx, calendar_fields(tx["trans_datetime"])], axis=1)
+    schema = synthetic_schema(with_type)
     store, report = prepare(tx, schema, out=out, **prepare_kwargs)
     write_targets(targets, out, "client_id")
     return _finish(store, report, schema, out)
+
+
+def synthetic_schema(with_type: bool = False) -> EventSchema:
+    """The synthetic data's schema: time in seconds; category, hour, weekday [, type]; amount."""
+    categorical = ["small_group", "hour", "weekday"] + (["trans_type"] if with_type else [])
+    return EventSchema("client_id", "trans_datetime", categorical, ["amount_rur"], time_format="number")
 
 
 RECIPES = {"age": recipe_age, "gender": recipe_gender, "physionet": recipe_physionet, "synthetic": recipe_synthetic}
