@@ -147,6 +147,14 @@ def _numeric_aggregates(x: np.ndarray, segments: _Segments) -> dict[str, np.ndar
     }
 
 
+def _top_k_keys(ids: np.ndarray, client_of_event: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Events whose value is one of the top ``k`` (a boolean mask) and their group key
+    ``client * k + slot``."""
+    ids = np.asarray(ids)
+    mask = (ids >= N_RESERVED) & (ids < N_RESERVED + k)
+    return mask, client_of_event[mask] * k + (ids[mask].astype(np.int64) - N_RESERVED)
+
+
 def _category_aggregates(
     field: str,
     value_names: list[str],
@@ -158,9 +166,7 @@ def _category_aggregates(
 ) -> dict[str, np.ndarray]:
     """Count and main-numeric mean/std per (client, top-K value), via bincount on client*K + slot."""
     k = len(value_names)
-    ids = np.asarray(ids)
-    mask = (ids >= N_RESERVED) & (ids < N_RESERVED + k)
-    key = client_of_event[mask] * k + (ids[mask].astype(np.int64) - N_RESERVED)
+    mask, key = _top_k_keys(ids, client_of_event, k)
     size = n_clients * k
     counts = np.bincount(key, minlength=size).reshape(n_clients, k)
     result: dict[str, np.ndarray] = {}
@@ -203,10 +209,7 @@ def _category_details(
     ``client * K + slot`` keeps each group's events in time order: first and last are the
     group's ends, min and max one ``reduceat`` each."""
     k = len(value_names)
-    ids = np.asarray(ids)
-    in_top = (ids >= N_RESERVED) & (ids < N_RESERVED + k)
-    event = np.flatnonzero(in_top)
-    key = client_of_event[event] * k + (ids[event].astype(np.int64) - N_RESERVED)
+    event, key = _top_k_keys(ids, client_of_event, k)
     size = n_clients * k
     result: dict[str, np.ndarray] = {}
 
