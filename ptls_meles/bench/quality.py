@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lgbm", choices=sorted(LGBM), default="paper", help="LightGBM budget, the same for every row")
     ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: report every cached row in OUT/rows that scored all the targets")
     return ap
 
 
@@ -178,6 +180,11 @@ def main(argv: list[str] | None = None) -> None:
                 "targets": target_list, "lgbm": a.lgbm}
     rows_dir = work / "rows"
     rows_dir.mkdir(exist_ok=True)
+    if a.report_only:
+        if not a.report:
+            raise ValueError("--report-only needs --report PREFIX")
+        write_report(cached_rows(rows_dir, target_list), target_list, Path(a.report), a, argv)
+        return
 
     hand_file = rows_dir / f"_handcrafted-{_digest(data_key)}.json"
     hand = handcrafted_features(store)
@@ -206,6 +213,26 @@ def main(argv: list[str] | None = None) -> None:
                  _brief(row["scores"]), _brief(row["scores_both"]))
     if a.report:
         write_report(rows, target_list, Path(a.report), a, argv)
+
+
+def cached_rows(rows_dir: Path, target_list: list[str]) -> list[dict]:
+    """Every cached row that scored all of ``target_list`` (hand-crafted first, then by
+    training time), cut to those targets: what ``--report-only`` reports."""
+    hand, trained = None, []
+    for file in sorted(rows_dir.glob("*.json")):
+        row = json.loads(file.read_text())
+        if not all(t in row["scores"] for t in target_list):
+            continue
+        for key in ("scores", "scores_both"):
+            if key in row:
+                row[key] = {t: row[key][t] for t in target_list}
+        if row["name"] == "hand-crafted":
+            hand = hand or row
+        else:
+            trained.append(row)
+    if hand is None:
+        raise ValueError(f"no cached hand-crafted row in {rows_dir} scores all of {target_list}")
+    return [hand] + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
 
 
 def _brief(scores: dict) -> str:
