@@ -1,7 +1,6 @@
 """The scikit-learn shaped Python API: ``MeLES(...).fit(events).transform(events)``."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -117,10 +116,14 @@ class MeLES:
     def save(self, path: str | Path) -> Path:
         """A directory with ``model.pt`` (weights only), ``config.json``, ``encoding.json``, ``schema.json``."""
         self._check_fitted()
+        from .io_utils import atomic_path
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.module_.state_dict(), path / MODEL_FILE)
-        (path / "config.json").write_text(self.config.to_json())
+        with atomic_path(path / MODEL_FILE) as tmp:  # a killed save never leaves a truncated model.pt
+            torch.save(self.module_.state_dict(), tmp)
+        with atomic_path(path / "config.json") as tmp:
+            tmp.write_text(self.config.to_json())
         self.encoding_.save(path / "encoding.json")
         if self.schema_ is not None:
             self.schema_.save(path / "schema.json")
@@ -139,7 +142,9 @@ class MeLES:
             return obj
         if not (path / MODEL_FILE).exists():
             raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
-        config = json.loads((path / "config.json").read_text())
+        from .io_utils import read_json
+
+        config = read_json(path / "config.json", "config")
         encoding = Encoding.load(path / "encoding.json")
         schema = EventSchema.load(path / "schema.json") if (path / "schema.json").exists() else None
         obj = cls(schema=schema, **config)

@@ -200,6 +200,7 @@ def evaluate(
         )
 
     params = {**PAPER_LGBM_PARAMS, "random_state": seed, "n_jobs": n_jobs, **(lgbm_params or {})}
+    _warn_small_folds(len(train_idx), n_folds, params, target_col)
 
     # plain arrays: LightGBM rejects some characters that category values bring into column names
     values = X.to_numpy(dtype=np.float32, na_value=np.nan)
@@ -368,6 +369,19 @@ def _resolve_task(task: str, n_classes: int, target_col: str) -> str:
     if task == "binary" and n_classes != 2:
         raise EvaluationError(f"task 'binary' but target {target_col!r} has {n_classes} classes")
     return task
+
+
+def _warn_small_folds(n_train: int, n_folds: int, params: dict, target_col: str) -> None:
+    """LightGBM makes no split when a leaf would hold fewer than ``min_child_samples`` clients:
+    on folds that small every model predicts one constant, and AUROC reads 0.500 ± 0.000."""
+    min_child = int(params.get("min_child_samples", params.get("min_data_in_leaf", 20)))
+    fit_size = n_train - -(-n_train // n_folds)  # the smallest training fold
+    if fit_size < 2 * min_child:
+        logger.warning(
+            "target %r: the training folds hold only %d labelled clients, fewer than 2 × LightGBM's min_child_samples=%d, "
+            "so the trees can barely split (or not at all) and the scores say little; label more clients, use fewer folds, "
+            "or pass lgbm_params={'min_child_samples': ...}", target_col, fit_size, min_child,
+        )
 
 
 def _check_enough_labels(y: np.ndarray, classes: list, n_folds: int, test_size: float, target_col: str) -> None:
