@@ -104,6 +104,18 @@ class StopOnNonFiniteLoss(pl.Callback):
             )
 
 
+class AtomicModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """A ModelCheckpoint whose files appear whole: written under a temporary name, then
+    renamed, so a kill during the write never destroys the previous ``last.ckpt``."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        tmp = str(Path(filepath).with_name(f".{Path(filepath).name}.tmp"))
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        self._last_checkpoint_saved = filepath
+
+
 # settings that define the network's parameters: a checkpoint can only be resumed with the same
 ARCHITECTURE_SETTINGS = ("cat_embedding_dim", "cat_embedding_dims", "time_features", "encoder", "hidden_size", "num_layers", "encoder_kwargs")
 
@@ -129,9 +141,11 @@ def check_resumable(ckpt: dict, path: Path, store: SequenceStore, config: MeLESC
 @contextmanager
 def sigterm_as_interrupt():
     """SIGTERM (a job scheduler, ``kill``, ``timeout``) stops training as Ctrl-C does: Lightning's
-    graceful shutdown, which keeps the last checkpoint, instead of a traceback. The handler
-    raises in the main process and in forked DataLoader workers, which exit quietly on it."""
+    graceful shutdown, which keeps the last checkpoint, instead of a traceback. DataLoader
+    workers die of the same signal (torch's worker handler re-raises it), so their exit is
+    no longer reported as an error once the shutdown has begun."""
     def interrupt(signum, frame):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's "worker killed by signal" check
         raise KeyboardInterrupt(f"received signal {signum}")
 
     try:
@@ -139,10 +153,13 @@ def sigterm_as_interrupt():
     except ValueError:  # not the main thread: leave signals alone
         yield
         return
+    previous_chld = signal.getsignal(signal.SIGCHLD)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL and previous_chld is not None:
+            signal.signal(signal.SIGCHLD, previous_chld)
 
 
 def fit(
@@ -171,14 +188,14 @@ def fit(
     ckpt_cb = None
     if out_dir is not None:
         if has_val:
-            ckpt_cb = pl.callbacks.ModelCheckpoint(
+            ckpt_cb = AtomicModelCheckpoint(
                 dirpath=out_dir / "checkpoints", filename="best", monitor="val_recall", mode="max", save_top_k=1, save_weights_only=False,
             )
             callbacks.append(ckpt_cb)
         # last.ckpt every epoch, whatever the monitored metric does (a ModelCheckpoint with a
         # monitor writes save_last only when it improves): a killed run resumes where it stopped.
         # With validation it is written after validation, so early stopping and best-score state are current.
-        callbacks.append(pl.callbacks.ModelCheckpoint(
+        callbacks.append(AtomicModelCheckpoint(
             dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, save_weights_only=False,
             enable_version_counter=False, save_on_train_epoch_end=not has_val,
         ))
