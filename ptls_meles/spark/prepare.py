@@ -242,11 +242,12 @@ def _client_expr(df, name: str, csv: bool):
     if isinstance(t, T.StringType) and csv:
         s = F.when(c != "", c)
         d = F.expr(f"try_cast(nullif({_q(name)}, '') as double)")
-        # as csv_client_ids: through float only when every id is exact in float64
-        inexact = F.isnan(d) | (F.abs(d) == float("inf")) | ((d == F.floor(d)) & (F.abs(d) > EXACT_FLOAT_INT))
+        # as csv_client_ids: through float only when every id is exact in float64 (rint, not
+        # floor: Spark's floor returns a bigint, which clamps ids beyond 2**63)
+        inexact = F.isnan(d) | (F.abs(d) == float("inf")) | ((d == F.rint(d)) & (F.abs(d) > EXACT_FLOAT_INT))
         n, n_long, n_dbl, n_frac, n_inexact = df.select(
             F.count(s), F.count(F.expr(f"try_cast(nullif({_q(name)}, '') as bigint)")), F.count(d),
-            F.count(F.when(d != F.floor(d), 1)), F.count(F.when(inexact, 1)),
+            F.count(F.when(d != F.rint(d), 1)), F.count(F.when(inexact, 1)),
         ).first()
         if n == n_long:
             return s.cast("long")
