@@ -35,7 +35,7 @@ class Chunk:
     merged_ids: int = 0  # client ids given both as number and text within a DataFrame column, merged
 
 
-def list_files(path: Path) -> list[Path]:
+def list_files(path: Path, warn: bool = True) -> list[Path]:
     """The data files of a path: the file itself, or the files of one format in a directory
     (sorted; Parquet first, then CSV, TSV, TXT). Other visible files are skipped and named in a warning."""
     if not path.exists():
@@ -53,7 +53,7 @@ def list_files(path: Path) -> list[Path]:
     else:
         raise SchemaError(f"directory {path} holds no .parquet or .csv files")
     skipped = [str(p.relative_to(path)) for p in visible if p not in files]
-    if skipped:
+    if skipped and warn:
         shown = ", ".join(skipped[:5]) + (f" and {len(skipped) - 5} more" if len(skipped) > 5 else "")
         log.warning("%s: reading the %d %s file(s); skipped %d other file(s): %s", path, len(files), "/".join(suffixes), len(skipped), shown)
     return files
@@ -73,7 +73,7 @@ def count_rows(source: Source) -> int | None:
     if isinstance(source, (pd.DataFrame, pa.Table)):
         return len(source)
     try:
-        files = list_files(Path(source))
+        files = list_files(Path(source), warn=False)  # the reading pass names skipped files
     except (FileNotFoundError, SchemaError):
         return None
     if all(f.name.lower().endswith(PARQUET_SUFFIXES) for f in files):
