@@ -225,22 +225,24 @@ def prepare(
     event_time = np.concatenate(parts.pop(TIME_COLUMN))
     order = np.lexsort((event_time, client_code))
     fields = {c: np.concatenate(parts.pop(c)) for c in [*schema.categorical, *schema.numeric]}
-    duplicate = _duplicate_rows(client_code, event_time, fields, order)
+    sorted_time = event_time[order]
+    del event_time
+    duplicate = _duplicate_rows(client_code, sorted_time, fields, order)  # in sorted positions
     report.duplicate_rows = int(duplicate.sum())
     if report.duplicate_rows:
         if drop_duplicates:
             report.dropped["duplicate row"] += report.duplicate_rows
-            order = order[~duplicate[order]]
+            order, sorted_time = order[~duplicate], sorted_time[~duplicate]
         else:
             log.warning("%d rows repeat an earlier row in every column; they are kept (drop_duplicates=True / --drop-duplicates drops them)",
                         report.duplicate_rows)
-    counts = np.bincount(client_code[order], minlength=len(client_values))
+    counts = np.bincount(client_code[order] if report.duplicate_rows and drop_duplicates else client_code, minlength=len(client_values))
     offsets = np.zeros(len(counts) + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     del client_code
 
-    columns: dict[str, np.ndarray] = {TIME_COLUMN: event_time[order]}
-    del event_time
+    columns: dict[str, np.ndarray] = {TIME_COLUMN: sorted_time}
+    del sorted_time
     vocabs: dict[str, CategoryVocab] = {}
     for c in schema.categorical:
         codes = fields.pop(c)
@@ -301,23 +303,26 @@ def remove_stale_outputs(out: str | Path) -> None:
                         "(pass --targets to store targets with the new data)", stale, out)
 
 
-def _duplicate_rows(client: np.ndarray, event_time: np.ndarray, fields: dict[str, np.ndarray], order: np.ndarray) -> np.ndarray:
-    """Mask (in input order) of rows equal to an earlier row in client, time and every field.
+def _duplicate_rows(client: np.ndarray, sorted_time: np.ndarray, fields: dict[str, np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Mask, in sorted order, of rows equal to an earlier row in client, time and every field.
     Only rows sharing (client, time) with a neighbour in sorted order are compared, so inputs
     with distinct times cost two vectorised comparisons."""
-    dup = np.zeros(len(client), dtype=bool)
+    dup = np.zeros(len(order), dtype=bool)
     if len(order) < 2:
         return dup
-    c, t = client[order], event_time[order]
-    tie = (c[1:] == c[:-1]) & (t[1:] == t[:-1])
+    tie = sorted_time[1:] == sorted_time[:-1]
+    if tie.any():
+        c = client[order]
+        tie &= c[1:] == c[:-1]
     if not tie.any():
         return dup
     in_tie = np.zeros(len(order), dtype=bool)
     in_tie[1:] |= tie
     in_tie[:-1] |= tie
-    rows = order[in_tie]  # stable sort: rows of a tie group stay in input order
-    frame = pd.DataFrame({"__client": client[rows], "__time": event_time[rows], **{k: v[rows] for k, v in fields.items()}})
-    dup[rows[frame.duplicated(keep="first").to_numpy()]] = True
+    pos = np.flatnonzero(in_tie)  # stable sort: the rows of a tie group keep their input order
+    rows = order[pos]
+    frame = pd.DataFrame({"__client": client[rows], "__time": sorted_time[pos], **{k: v[rows] for k, v in fields.items()}})
+    dup[pos[frame.duplicated(keep="first").to_numpy()]] = True
     return dup
 
 

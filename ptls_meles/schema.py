@@ -157,6 +157,10 @@ def csv_client_ids(text: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArr
     pyarrow's null markers (``""``, ``NA``, ...) are missing ids in a numeric column; in a
     text column only the empty field is."""
     text = pc.cast(text, pa.string())
+    try:
+        return pc.cast(text, pa.int64())  # the common case, without looking for null markers
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
     marked = pc.if_else(pc.is_in(text, value_set=pa.array(CSV_NULL_TEXTS)), pa.scalar(None, pa.string()), text)
     try:
         return pc.cast(marked, pa.int64())
