@@ -96,6 +96,8 @@ def cmd_prepare(args) -> None:
     if args.engine == "spark":
         from .spark import get_session, parse_conf, prepare_spark
 
+        if args.drop_duplicates:
+            raise ValueError("--drop-duplicates is available with --engine local only; drop duplicate rows before the Spark prepare")
         report = prepare_spark(args.input, schema, args.out, encoding=encoding, on_error=args.on_error, min_count=args.min_count,
                                max_vocab=args.max_vocab, spark=get_session(args.spark_master, parse_conf(args.spark_conf)))
     else:
@@ -201,7 +203,6 @@ def cmd_evaluate(args) -> None:
 def cmd_demo(args) -> None:
     """The whole path on the shipped synthetic data: data → fit → embed → evaluate."""
     from .bench.demo import run_demo
-
     from .io_utils import check_output_dir
 
     check_output_dir(args.out)
