@@ -140,6 +140,7 @@ def prepare(
         if missing:
             raise SchemaError(f"the saved encoding has no state for column(s) {missing}; it knows {list(encoding.categorical) + list(encoding.numeric)}")
 
+    typed_rows = Counter()  # rows of typed timestamp chunks, by whether the type has a zone
     bar = tqdm(total=count_rows(source), unit="rows", unit_scale=True, desc="prepare", disable=not show_progress)
     for chunk in iter_chunks(source, schema.raw_columns, chunk_rows):
         tbl = check_column_types(chunk.table, chunk.source)
@@ -170,6 +171,8 @@ def prepare(
             log.info("time column %r detected as %s", schema.time_col, time_format)
         t = parse_time(time_raw, time_format)
         report.naive_times_as_utc += t.naive_as_utc
+        if pa.types.is_timestamp(time_raw.type):  # typed stamps: zoned in one file, naive in another
+            typed_rows[time_raw.type.tz is not None] += n
         t_bad = t.bad & ~bad
         if t_bad.any():
             fail(schema.time_col, t.problem, t.example, t.example_row, int(t_bad.sum()), f"bad time ({schema.time_col})")
@@ -209,6 +212,11 @@ def prepare(
 
     if report.n_rows_read == 0:
         raise SchemaError(f"{_name(source)}: no events in the input (0 rows)")
+    if typed_rows[True] and typed_rows[False]:
+        report.naive_times_as_utc += typed_rows[False]
+    if report.naive_times_as_utc:
+        log.warning("column %r: %d timestamps without a time zone beside ones with a zone; they are read as UTC",
+                    schema.time_col, report.naive_times_as_utc)
     client_code = np.concatenate(parts.pop("client") or [np.zeros(0, np.int64)])
     if len(client_code) == 0:
         raise SchemaError(f"{_name(source)}: all {report.n_rows_read} rows were dropped as bad: {dict(report.dropped)}")

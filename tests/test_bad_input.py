@@ -365,6 +365,13 @@ def case_prepare_naive_and_zoned_timestamps(ctx, tmp, capsys):
     assert report.naive_times_as_utc == len(raw) - 3
     assert f"{len(raw) - 3} timestamps without a time zone read as UTC" in report.summary()
     assert prepare(raw.iloc[3:], schema, show_progress=False)[1].naive_times_as_utc == 0  # all naive: nothing to warn about
+    # typed timestamps: a zoned file beside a naive one
+    d = tmp / "parts"
+    d.mkdir()
+    typed = ctx.events.assign(day=pd.Timestamp("2024-03-01") + pd.to_timedelta(ctx.events["day"], unit="D"))
+    typed.iloc[:100].assign(day=typed["day"].iloc[:100].dt.tz_localize("Europe/Moscow")).to_parquet(d / "a.parquet")
+    typed.iloc[100:].to_parquet(d / "b.parquet")
+    assert prepare(d, schema, show_progress=False)[1].naive_times_as_utc == len(typed) - 100
 
 
 @case
