@@ -139,10 +139,14 @@ class MeLES(TransformerMixin, BaseEstimator):
     def save(self, path: str | Path) -> Path:
         """A directory with ``model.pt`` (weights only), ``config.json``, ``encoding.json``, ``schema.json``."""
         self._check_fitted()
+        from .io_utils import atomic_path
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        torch.save(self.module_.state_dict(), path / MODEL_FILE)
-        (path / "config.json").write_text(self.module_.cfg.to_json())
+        with atomic_path(path / MODEL_FILE) as tmp:  # a killed save never leaves a truncated model.pt
+            torch.save(self.module_.state_dict(), tmp)
+        with atomic_path(path / "config.json") as tmp:
+            tmp.write_text(self.module_.cfg.to_json())
         self.encoding_.save(path / "encoding.json")
         if self.schema_ is not None:
             self.schema_.save(path / "schema.json")

@@ -49,7 +49,11 @@ def _parse_sets(pairs: list[str]) -> dict:
 def _config(args) -> "MeLESConfig":
     from .config import MeLESConfig
 
-    params = json.loads(Path(args.config).read_text()) if getattr(args, "config", None) else {}
+    from .io_utils import read_json
+
+    params = read_json(args.config, "config") if getattr(args, "config", None) else {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{args.config}: not a config file (expected a JSON object of settings, e.g. {{\"hidden_size\": 256}})")
     params.update(_parse_sets(getattr(args, "set", [])))
     return MeLESConfig.from_dict(params)
 
@@ -57,7 +61,9 @@ def _config(args) -> "MeLESConfig":
 # ---------------------------------------------------------------- commands
 def cmd_data(args) -> None:
     from .datasets.recipes import RECIPES
+    from .io_utils import check_output_dir
 
+    check_output_dir(args.out)
     kwargs = {"show_progress": not args.quiet, "on_error": args.on_error}
     if args.name == "synthetic":
         _, report = RECIPES["synthetic"](args.out, n_clients=args.clients, seed=args.seed, mean_events=args.mean_events,
@@ -72,9 +78,11 @@ def cmd_data(args) -> None:
 
 def cmd_prepare(args) -> None:
     from .encoding import Encoding
+    from .io_utils import check_output_dir
     from .prepare import prepare
     from .schema import EventSchema
 
+    check_output_dir(args.out)
     if args.schema:
         schema = EventSchema.load(args.schema)
     else:
@@ -83,26 +91,31 @@ def cmd_prepare(args) -> None:
         split = lambda s: [c for c in (s or "").split(",") if c]
         schema = EventSchema(args.client_col, args.time_col, split(args.cat), split(args.num), args.time_format, args.num_transform)
     encoding = Encoding.load(args.encoding) if args.encoding else None
+    targets = _read_table(args.targets) if args.targets else None  # a bad target table fails before the work
     if args.engine == "spark":
         from .spark import get_session, parse_conf, prepare_spark
 
+        if args.drop_duplicates:
+            raise ValueError("--drop-duplicates is available with --engine local only; drop duplicate rows before the Spark prepare")
         report = prepare_spark(args.input, schema, args.out, encoding=encoding, on_error=args.on_error, min_count=args.min_count,
                                max_vocab=args.max_vocab, spark=get_session(args.spark_master, parse_conf(args.spark_conf)))
     else:
         _, report = prepare(args.input, schema, out=args.out, encoding=encoding, on_error=args.on_error, min_count=args.min_count,
-                            max_vocab=args.max_vocab, show_progress=not args.quiet)
+                            max_vocab=args.max_vocab, show_progress=not args.quiet, drop_duplicates=args.drop_duplicates)
     schema.save(Path(args.out) / "schema.json")
-    if args.targets:
+    if targets is not None:
         from .datasets.recipes import write_targets
 
-        write_targets(_read_table(args.targets), Path(args.out), args.target_id_col or schema.client_col)
+        write_targets(targets, Path(args.out), args.target_id_col or schema.client_col)
     print(report.summary())
 
 
 def cmd_fit(args) -> None:
     from .api import MeLES
+    from .io_utils import check_output_dir
     from .store import SequenceStore
 
+    check_output_dir(args.out)
     _threads(args.threads)
     config = _config(args)
     store = SequenceStore.load(args.store)
@@ -115,7 +128,9 @@ def cmd_fit(args) -> None:
 
 def cmd_embed(args) -> None:
     from .api import MeLES
+    from .io_utils import check_output_file
 
+    check_output_file(args.out)
     _threads(args.threads)
     model_dir = Path(args.model)
     model = MeLES.load(model_dir / "model" if (model_dir / "model").exists() else model_dir)
@@ -132,6 +147,9 @@ def cmd_embed(args) -> None:
         stats = model.write_embeddings(args.input, args.out, show_progress=not args.quiet)
     print(f"embedded {stats['clients']:,} clients ({stats['dim']} dims) in {stats['seconds']:.1f} s "
           f"({stats['clients_per_s']:,.0f} clients/s) → {args.out}")
+    unseen = {c: share for c, share in stats.get("unseen_shares", {}).items() if share > 0}
+    if unseen:
+        print("events with categories the model did not learn (unseen id): " + ", ".join(f"{c} {v:.1%}" for c, v in unseen.items()))
 
 
 def _read_table(path: str):
@@ -161,7 +179,10 @@ def _feature_table(spec: str):
 
 def cmd_evaluate(args) -> None:
     from .downstream.evaluate import evaluate
+    from .io_utils import atomic_path, check_output_file
 
+    if args.out:
+        check_output_file(args.out)  # before the CV folds, not after them
     tables = [_feature_table(s) for s in args.features]
     targets = _read_table(args.targets)
     if args.target_id_col != "client_id":
@@ -175,13 +196,16 @@ def cmd_evaluate(args) -> None:
         print(r.summary())
         results.append(r.to_dict())
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(json.dumps(results, indent=1))
 
 
 def cmd_demo(args) -> None:
     """The whole path on the shipped synthetic data: data → fit → embed → evaluate."""
     from .bench.demo import run_demo
+    from .io_utils import check_output_dir
 
+    check_output_dir(args.out)
     _threads(args.threads)
     sizes = {k: v for k, v in (("n_clients", args.clients), ("max_epochs", args.epochs)) if v is not None}
     run_demo(Path(args.out), show_progress=not args.quiet, **sizes)
@@ -197,94 +221,119 @@ def cmd_bench(args) -> None:
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ptls-meles", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="log details")
+    p.add_argument("-v", "--verbose", action="store_true", help="log details (detected formats, phases, per-fold scores)")
     sub = p.add_subparsers(dest="command", required=True)
+
+    def parser(name: str, help: str, epilog: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=epilog,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
 
     def common(sp, threads=False):
         sp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
         if threads:
-            sp.add_argument("--threads", type=int, default=None, help="torch threads, e.g. 2 (default: the usable cores not kept busy by other processes, at most 8)")
+            sp.add_argument("--threads", type=int, default=None, metavar="N",
+                            help="torch threads, e.g. --threads 2 (default: the usable cores not kept busy by other processes, at most 8)")
 
     def engine(sp):
-        sp.add_argument("--engine", choices=["local", "spark"], default="local", help="spark: run on a Spark cluster (or local[N])")
-        sp.add_argument("--spark-master", help="Spark master URL (default: local[*]; ignored when a session is active)")
-        sp.add_argument("--spark-conf", action="append", metavar="KEY=VALUE", help="Spark setting, repeatable")
+        sp.add_argument("--engine", choices=["local", "spark"], default="local",
+                        help="local (default): this machine; spark: a Spark cluster or local[N], e.g. --engine spark")
+        sp.add_argument("--spark-master", metavar="URL", help="Spark master, e.g. spark://host:7077 or local[8] (default: local[*]; ignored when a session is active)")
+        sp.add_argument("--spark-conf", action="append", metavar="KEY=VALUE", help="Spark setting, repeatable, e.g. --spark-conf spark.driver.memory=8g")
 
-    d = sub.add_parser("data", help="build a store from a known dataset format (or the synthetic demo data)")
-    d.add_argument("name", choices=["synthetic", "age", "gender", "physionet"])
-    d.add_argument("--raw", help="the dataset's raw files (directory or archive)")
-    d.add_argument("--out", required=True)
-    d.add_argument("--clients", type=int, default=3000, help="synthetic: number of clients")
-    d.add_argument("--seed", type=int, default=0, help="synthetic: seed")
-    d.add_argument("--mean-events", type=float, default=300, help="synthetic: median events per client")
+    d = parser("data", "build a store from a known dataset format (or the synthetic demo data)",
+               "example: ptls-meles data synthetic --out data/synthetic --clients 3000")
+    d.add_argument("name", choices=["synthetic", "age", "gender", "physionet"], help="the dataset")
+    d.add_argument("--raw", metavar="PATH", help="the dataset's raw files (directory or archive), e.g. --raw downloads/age")
+    d.add_argument("--out", required=True, metavar="DIR", help="store directory to write, e.g. --out data/age")
+    d.add_argument("--clients", type=int, default=3000, metavar="N", help="synthetic: number of clients (default 3000)")
+    d.add_argument("--seed", type=int, default=0, help="synthetic: random seed (default 0)")
+    d.add_argument("--mean-events", type=float, default=300, metavar="N", help="synthetic: median events per client (default 300)")
     d.add_argument("--with-type", action="store_true", help="synthetic: add a trans_type column")
-    d.add_argument("--on-error", choices=["raise", "drop"], default="raise")
+    d.add_argument("--on-error", choices=["raise", "drop"], default="raise", help="raise (default): stop at the first bad row; drop: drop bad rows and count them")
     common(d)
     d.set_defaults(func=cmd_data)
 
-    pr = sub.add_parser("prepare", help="raw events (Parquet/CSV file or directory) → sequence store")
-    pr.add_argument("input")
-    pr.add_argument("--out", required=True)
-    pr.add_argument("--schema", help="schema JSON (client_col, time_col, categorical, numeric, time_format)")
-    pr.add_argument("--client-col")
-    pr.add_argument("--time-col")
-    pr.add_argument("--cat", help="comma-separated categorical columns")
-    pr.add_argument("--num", help="comma-separated numeric columns")
-    pr.add_argument("--time-format", default="auto", choices=["auto", "number", "timestamp", "day_hms"])
-    pr.add_argument("--num-transform", default="log", choices=["identity", "log", "standardize", "log_standardize"])
-    pr.add_argument("--encoding", help="apply this saved encoding.json instead of fitting a new one")
-    pr.add_argument("--on-error", choices=["raise", "drop"], default="raise", help="drop: drop bad rows and count them")
-    pr.add_argument("--min-count", type=int, default=1, help="categories rarer than this map to the unseen id")
-    pr.add_argument("--max-vocab", type=int, default=None, help="keep at most this many values per categorical field")
-    pr.add_argument("--targets", help="optional target table (CSV/Parquet) to store beside the sequences")
-    pr.add_argument("--target-id-col", help="client id column of the target table (default: the schema's)")
+    pr = parser("prepare", "raw events (Parquet/CSV file or directory) → sequence store",
+                "example:\n  ptls-meles prepare transactions.csv --out store --client-col client_id --time-col trans_date \\\n"
+                "      --cat small_group --num amount_rur --time-format number\n"
+                "a directory is read in one format (Parquet, else CSV, TSV, TXT); other files in it are skipped and named.")
+    pr.add_argument("input", help="a Parquet or CSV file, or a directory of them, e.g. data/transactions.csv")
+    pr.add_argument("--out", required=True, metavar="DIR", help="store directory to write (sequences.parquet, encoding.json, schema.json), e.g. --out store")
+    pr.add_argument("--schema", metavar="FILE", help='schema JSON instead of the column options, e.g. {"client_col": "client_id", "time_col": "trans_date", '
+                    '"categorical": ["small_group"], "numeric": ["amount_rur"], "time_format": "number"}')
+    pr.add_argument("--client-col", metavar="COL", help="client id column, e.g. --client-col client_id")
+    pr.add_argument("--time-col", metavar="COL", help="event time column, e.g. --time-col trans_date")
+    pr.add_argument("--cat", metavar="A,B", help="comma-separated categorical columns, e.g. --cat mcc,channel")
+    pr.add_argument("--num", metavar="X,Y", help="comma-separated numeric columns, e.g. --num amount")
+    pr.add_argument("--time-format", default="auto", metavar="FORMAT",
+                    help="auto (default: detect), number (a day index or seconds), timestamp (e.g. 2024-03-01 12:00), "
+                         "day_hms (\"12 10:23:26\"), or a strftime pattern, e.g. --time-format %%y%%m%%d for 960728 "
+                         "(patterns and timestamps become seconds since 1970)")
+    pr.add_argument("--num-transform", default="log", choices=["identity", "log", "standardize", "log_standardize"],
+                    help="for every numeric column: log (default, sign·log1p|x|), identity, standardize, log_standardize, "
+                         "e.g. --num-transform standardize")
+    pr.add_argument("--encoding", metavar="FILE", help="apply this saved encoding instead of fitting a new one, e.g. --encoding run/model/encoding.json")
+    pr.add_argument("--on-error", choices=["raise", "drop"], default="raise",
+                    help="raise (default): stop at the first bad value, naming it; drop: drop bad rows and count them per reason")
+    pr.add_argument("--drop-duplicates", action="store_true", help="drop rows equal to an earlier row in every column (default: keep them, counted)")
+    pr.add_argument("--min-count", type=int, default=1, metavar="N", help="categories seen fewer than N times map to the unseen id, e.g. --min-count 5")
+    pr.add_argument("--max-vocab", type=int, default=None, metavar="N", help="keep at most N values per categorical field, e.g. --max-vocab 1000")
+    pr.add_argument("--targets", metavar="FILE", help="optional target table (CSV/Parquet) to store beside the sequences, e.g. --targets train_target.csv")
+    pr.add_argument("--target-id-col", metavar="COL", help="client id column of the target table (default: the schema's client column)")
     common(pr)
     engine(pr)
     pr.set_defaults(func=cmd_prepare)
 
-    f = sub.add_parser("fit", help="self-supervised MeLES training on a store")
-    f.add_argument("store")
-    f.add_argument("--out", required=True, help="run directory: checkpoints/, logs/, model/")
-    f.add_argument("--config", help="MeLESConfig as JSON")
-    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, e.g. --set encoder=lstm")
-    f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.ckpt")
-    f.add_argument("--accelerator", default="auto")
+    f = parser("fit", "self-supervised MeLES training on a store",
+               "example: ptls-meles fit store --out runs/first --set encoder=gru --set max_epochs=20")
+    f.add_argument("store", help="a store directory written by prepare, e.g. store")
+    f.add_argument("--out", required=True, metavar="DIR", help="run directory: checkpoints/, logs/, model/, e.g. --out runs/first")
+    f.add_argument("--config", metavar="FILE", help='MeLESConfig as JSON, e.g. {"hidden_size": 256, "encoder": "gru"}')
+    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a setting, repeatable, e.g. --set encoder=lstm --set lr=0.001")
+    f.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoints/last.ckpt (written every epoch); the store and network settings must match")
+    f.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto (default), cpu, gpu, e.g. --accelerator cpu")
     common(f, threads=True)
     f.set_defaults(func=cmd_fit)
 
-    e = sub.add_parser("embed", help="embedding table (Parquet) from a trained model")
+    e = parser("embed", "embedding table (Parquet) from a trained model",
+               "example: ptls-meles embed store --model runs/first --out embeddings.parquet")
     e.add_argument("input", help="a store directory, or raw events (then --schema or the model's schema is used)")
-    e.add_argument("--model", required=True, help="a run directory of `fit`, or a saved model directory")
-    e.add_argument("--out", required=True)
-    e.add_argument("--schema", help="schema JSON for raw input")
+    e.add_argument("--model", required=True, metavar="DIR", help="a run directory of `fit`, or a saved model directory, e.g. --model runs/first")
+    e.add_argument("--out", required=True, metavar="FILE", help="Parquet table to write, e.g. --out embeddings.parquet")
+    e.add_argument("--schema", metavar="FILE", help="schema JSON for raw input, e.g. --schema store/schema.json")
     common(e, threads=True)
     engine(e)
     e.set_defaults(func=cmd_embed)
 
-    ev = sub.add_parser("evaluate", help="LightGBM with stratified K-fold CV on feature tables")
-    ev.add_argument("--features", nargs="+", required=True, help="tables with client_id; 'handcrafted:STORE' builds the baseline")
-    ev.add_argument("--targets", required=True)
-    ev.add_argument("--target-col", nargs="+", required=True)
-    ev.add_argument("--target-id-col", default="client_id")
-    ev.add_argument("--folds", type=int, default=5)
-    ev.add_argument("--test-size", type=float, default=0.1)
-    ev.add_argument("--seed", type=int, default=42)
-    ev.add_argument("--jobs", type=int, default=2)
-    ev.add_argument("--early-stopping-rounds", type=int,
-                    help="stop each fold's LightGBM after this many rounds without a better validation-part loss (default off)")
-    ev.add_argument("--out", help="write the results as JSON")
+    ev = parser("evaluate", "LightGBM with stratified K-fold CV on feature tables",
+                "example: ptls-meles evaluate --features embeddings.parquet handcrafted:store --targets targets.csv --target-col gender")
+    ev.add_argument("--features", nargs="+", required=True, metavar="TABLE",
+                    help="tables with a client_id column, e.g. embeddings.parquet; 'handcrafted:STORE' builds the baseline from a store")
+    ev.add_argument("--targets", required=True, metavar="FILE", help="target table (CSV/Parquet), e.g. --targets train_target.csv")
+    ev.add_argument("--target-col", nargs="+", required=True, metavar="COL", help="one or more target columns, e.g. --target-col bins")
+    ev.add_argument("--target-id-col", default="client_id", metavar="COL", help="client id column of the target table (default client_id)")
+    ev.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (default 5)")
+    ev.add_argument("--test-size", type=float, default=0.1, metavar="F", help="held-out test share (default 0.1; 0: CV only)")
+    ev.add_argument("--seed", type=int, default=42, help="seed of the splits and LightGBM (default 42)")
+    ev.add_argument("--jobs", type=int, default=2, metavar="N", help="LightGBM threads (default 2)")
+    ev.add_argument("--early-stopping-rounds", type=int, metavar="N",
+                    help="stop each fold's LightGBM after N rounds without a better validation-part loss, e.g. 50 (default off)")
+    ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)
 
-    dm = sub.add_parser("demo", help="the whole path on the shipped synthetic data")
-    dm.add_argument("--out", default="runs/demo")
-    dm.add_argument("--clients", type=int, default=None, help="synthetic clients (default: the demo's, ~5 minutes on 2 cores)")
-    dm.add_argument("--epochs", type=int, default=None, help="self-supervised epochs (default: the demo's)")
+    dm = parser("demo", "the whole path on the shipped synthetic data", "example: ptls-meles demo --out runs/demo --epochs 5")
+    dm.add_argument("--out", default="runs/demo", metavar="DIR", help="working directory (default runs/demo)")
+    dm.add_argument("--clients", type=int, default=None, metavar="N",
+                    help="synthetic clients, e.g. --clients 5000 (default: the demo's, ~5 minutes on 2 cores)")
+    dm.add_argument("--epochs", type=int, default=None, metavar="N", help="self-supervised epochs, e.g. --epochs 20 (default: the demo's)")
     common(dm, threads=True)
     dm.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="benchmarks: speed | paper (ablation tables)")
-    b.add_argument("name", choices=["speed", "paper", "quality", "memory", "spark"])
+    b = parser("bench", "benchmarks: speed | paper (comparison and ablation tables) | quality (configurations at one budget) | memory | spark",
+               "example: ptls-meles bench speed -- --help")
+    b.add_argument("name", choices=["speed", "paper", "quality", "memory", "spark"], help="the benchmark")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `ptls-meles bench NAME -- --help`)")
     common(b, threads=True)
     b.set_defaults(func=cmd_bench)
@@ -300,6 +349,10 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except (SchemaError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a disk full, a permission or a path problem met during the work: one line naming the path
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     return 0
 

@@ -26,6 +26,19 @@ def embedding_columns(dim: int) -> list[str]:
     return [f"emb_{i:03d}" for i in range(dim)]
 
 
+class NonFiniteEmbeddingError(ValueError):
+    """The model produced NaN or infinite embeddings: nothing is written."""
+
+
+def unseen_shares(store: SequenceStore) -> dict[str, float]:
+    """Per categorical field, the share of events the model sees as the unseen id (values it
+    did not learn: new, rare or null), so a shift in the data is visible at embed time."""
+    from .encoding import UNSEEN_ID
+
+    n = max(store.n_events, 1)
+    return {c: float(np.count_nonzero(store.columns[c] == UNSEEN_ID)) / n for c in store.categorical if c in store.columns}
+
+
 # work allowed per batch: events for recurrent encoders, attention cells for Transformers
 # (their memory grows with the square of the length); long clients then come in smaller batches
 MAX_BATCH_EVENTS = 1 << 19
@@ -80,6 +93,14 @@ def iter_embeddings(
                 batch = pad_segments(store.columns, ragged_arange(starts, n), offsets_from_lengths(n))
                 device = next(embedder.parameters()).device
                 out = embedder(batch.to(device)).float().cpu().numpy()
+                bad = ~np.isfinite(out).all(axis=1)
+                if bad.any():
+                    example = store.client_ids[clients[np.flatnonzero(bad)[0]]]
+                    raise NonFiniteEmbeddingError(
+                        f"the model gave NaN or infinite embeddings for {int(bad.sum())} of {len(clients)} clients in a batch "
+                        f"(e.g. client {example!r}); its weights or these clients' inputs hold non-finite or huge values. "
+                        "Nothing was written: retrain the model (fit stops on a non-finite loss) or check the input numbers"
+                    )
                 bar.update(len(clients))
                 yield clients, out
     finally:
@@ -150,4 +171,5 @@ def write_embeddings(
             if buffered:
                 flush(writer)
     seconds = time.perf_counter() - t0
-    return {"clients": rows, "dim": dim, "seconds": seconds, "clients_per_s": rows / seconds if seconds else float("nan")}
+    return {"clients": rows, "dim": dim, "seconds": seconds, "clients_per_s": rows / seconds if seconds else float("nan"),
+            "unseen_shares": unseen_shares(store)}

@@ -19,6 +19,8 @@ PAD_ID = 0
 UNSEEN_ID = 1
 N_RESERVED = 2
 
+from .schema import FLOAT32_MAX
+
 NUMERIC_TRANSFORMS = ("identity", "log", "standardize", "log_standardize")
 
 
@@ -65,24 +67,45 @@ class NumericTransform:
         if self.kind not in NUMERIC_TRANSFORMS:
             raise ValueError(f"numeric transform {self.kind!r} is not one of {NUMERIC_TRANSFORMS}")
 
-    def _base(self, x: np.ndarray) -> np.ndarray:
+    def base(self, x: np.ndarray) -> np.ndarray:
+        """The value before standardising: ``x`` or sign(x)·log1p|x|, as float64."""
         x = np.asarray(x, dtype=np.float64)
         if self.kind in ("log", "log_standardize"):
             return np.sign(x) * np.log1p(np.abs(x))
         return x
 
     def apply(self, x) -> np.ndarray:
-        y = self._base(x)
+        y = self.base(x)
         if self.kind in ("standardize", "log_standardize"):
             y = (y - self.mean) / (self.std if self.std > 0 else 1.0)
         return y.astype(np.float32)
 
+    def check_range(self, parsed):
+        """Mark finite values whose transformed value overflows float32, the store's type, as
+        bad (1e300 with ``identity`` would become inf and poison training): ``parsed`` with
+        those rows added to ``bad`` and their own problem text."""
+        if self.kind in ("log", "log_standardize"):
+            return parsed  # log1p of any finite float64 is below 710
+        over = np.isfinite(parsed.values) & ~(np.abs(parsed.values) <= FLOAT32_MAX)
+        if over.any():
+            parsed.bad = parsed.bad | over
+            parsed.overflow = over
+            parsed.overflow_problem = (f"a value beyond the float32 range (±3.4e38) after the {self.kind!r} transform "
+                                       "(use the 'log' transform, --num-transform log)")
+        return parsed
+
     def fit_moments(self, total: float, total_sq: float, n: int) -> None:
-        """Set mean/std from running sums of the (log-)transformed values."""
+        """Set mean/std from running sums of the (log-)transformed values (float64 arithmetic,
+        so large sums give inf rather than an OverflowError; inf moments are refused)."""
         if n == 0:
             return
-        self.mean = total / n
-        self.std = float(np.sqrt(max(total_sq / n - self.mean**2, 0.0))) or 1.0
+        mean = np.float64(total) / n
+        with np.errstate(over="ignore", invalid="ignore"):
+            var = np.float64(total_sq) / n - mean * mean
+        if not (np.isfinite(mean) and np.isfinite(var)):
+            raise ValueError(f"cannot standardize: the values are too large (mean {mean}, variance {var}); use the 'log_standardize' transform")
+        self.mean = float(mean)
+        self.std = float(np.sqrt(max(var, 0.0))) or 1.0
 
 
 @dataclass
@@ -116,10 +139,33 @@ class Encoding:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Encoding":
+        from .io_utils import read_json
+
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"no encoding state at {path}: it is written by `ptls-meles prepare`")
-        return cls.from_dict(json.loads(path.read_text()))
+        d = read_json(path, "encoding")
+        try:
+            return cls.from_dict(d)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not an encoding file ({type(exc).__name__}: {exc}); "
+                             "it is written by `ptls-meles prepare`, prepare again to rebuild it") from None
+
+    def mismatch(self, other: "Encoding") -> str | None:
+        """Why data encoded with ``other`` cannot feed a model built for this encoding
+        (other fields, another vocabulary, another transform), or None when it can."""
+        for kind, mine, theirs in (("categorical", self.categorical, other.categorical), ("numeric", self.numeric, other.numeric)):
+            if list(mine) != list(theirs):
+                return f"{kind} fields {list(theirs)} instead of {list(mine)}"
+        for c, vocab in self.categorical.items():
+            o = other.categorical[c]
+            if o.values != vocab.values:
+                return (f"another vocabulary for {c!r} ({len(o.values)} vs {len(vocab.values)} values, "
+                        f"e.g. {o.values[:3]} vs {vocab.values[:3]})")
+        for c, t in self.numeric.items():
+            if other.numeric[c] != t:
+                return f"another transform for {c!r} ({other.numeric[c]} vs {t})"
+        return None
 
 
 def as_category_strings(raw) -> np.ndarray:

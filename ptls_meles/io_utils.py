@@ -1,7 +1,10 @@
-"""Small file helpers shared by every writer: outputs appear whole or not at all."""
+"""Small file helpers shared by every writer: outputs appear whole or not at all, output
+paths are checked before the work starts, and JSON state files fail naming the file."""
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,3 +24,46 @@ def atomic_path(target: str | os.PathLike):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_json(path: str | os.PathLike, what: str):
+    """The JSON content of a state file (``config``, ``encoding``, ``schema``); a truncated or
+    edited file gives a ValueError naming the file, not a bare JSON parser message."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a valid {what} file ({exc}); restore or rewrite it") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a valid {what} file (not UTF-8 text); restore or rewrite it") from None
+
+
+def check_output_dir(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, before any work, an output directory that is an existing file or cannot be written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option} {path} is an existing file; the output is a directory: name a directory")
+    _check_writable(path, option)
+
+
+def check_output_file(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, before any work, an output file path that is an existing directory or cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is an existing directory; the output is a file: name a file, e.g. {path / 'out'}")
+    _check_writable(path.parent, option)
+
+
+def _check_writable(directory: Path, option: str) -> None:
+    """Create nothing: find the nearest existing ancestor and try to create a file in it."""
+    existing = directory
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{option} {directory}: {existing} is a file, not a directory")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ptls-meles-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ValueError(f"{option} {directory}: cannot write there ({exc.strerror or exc}); choose a writable location") from None

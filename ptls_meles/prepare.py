@@ -20,7 +20,9 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from .encoding import UNSEEN_ID, CategoryVocab, Encoding, NumericTransform, as_category_strings
-from .schema import EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time
+from .schema import (
+    EventSchema, SchemaError, check_column_types, detect_time_format, exact_client_ids, parse_number, parse_time, unify_id_types,
+)
 from .sources import Source, count_rows, iter_chunks
 from .store import TIME_COLUMN, SequenceStore, offsets_from_lengths
 
@@ -38,6 +40,9 @@ class PrepareReport:
     dropped: Counter = field(default_factory=Counter)  # reason → rows
     null_categories: Counter = field(default_factory=Counter)  # column → nulls mapped to the unseen id
     merged_client_ids: int = 0  # ids read as a number in one place and as text in another (3 and "3"): one client
+    duplicate_rows: int = 0  # rows equal to an earlier row in every column (kept unless drop_duplicates)
+    naive_times_as_utc: int = 0  # timestamps without a time zone, in a column where others have one
+    unseen_categories: Counter = field(default_factory=Counter)  # column → events whose value the applied encoding does not know
     seconds: float = 0.0
 
     @property
@@ -50,6 +55,13 @@ class PrepareReport:
         nulls = f", null categories → unseen id: {dict(self.null_categories)}" if self.null_categories else ""
         if self.merged_client_ids:
             nulls += f", {self.merged_client_ids:,} client ids given both as number and text merged"
+        if self.duplicate_rows and "duplicate row" not in self.dropped:
+            nulls += f", {self.duplicate_rows:,} duplicate rows kept (drop them with --drop-duplicates)"
+        if self.naive_times_as_utc:
+            nulls += f", {self.naive_times_as_utc:,} timestamps without a time zone read as UTC beside ones with a zone"
+        if self.unseen_categories and self.n_events:
+            shares = ", ".join(f"{c} {n / self.n_events:.1%}" for c, n in self.unseen_categories.items())
+            nulls += f", values unknown to the encoding → unseen id: {shares} of events"
         return (
             f"prepared {self.n_clients:,} clients, {self.n_events:,} events; dropped {dropped:,} rows{detail}{nulls}; "
             f"{self.seconds:.1f} s ({self.events_per_second:,.0f} events/s)"
@@ -101,12 +113,14 @@ def prepare(
     max_vocab: int | None = None,
     chunk_rows: int = 1_000_000,
     show_progress: bool = True,
+    drop_duplicates: bool = False,
 ) -> tuple[SequenceStore, PrepareReport]:
     """Validate and encode raw events into a :class:`SequenceStore` (saved to ``out`` if given).
 
-    ``encoding``: a saved encoding to apply (unseen categories → the reserved id) instead of
-    fitting a new one. ``on_error="drop"`` drops bad rows and counts them per reason;
-    the default raises :class:`SchemaError` at the first bad value.
+    ``encoding``: a saved encoding to apply (unseen categories → the reserved id, counted)
+    instead of fitting a new one. ``on_error="drop"`` drops bad rows and counts them per
+    reason; the default raises :class:`SchemaError` at the first bad value. Rows equal to
+    an earlier row in every column are counted, and dropped when ``drop_duplicates``.
     """
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
@@ -126,9 +140,12 @@ def prepare(
         if missing:
             raise SchemaError(f"the saved encoding has no state for column(s) {missing}; it knows {list(encoding.categorical) + list(encoding.numeric)}")
 
+    typed_rows = Counter()  # rows of typed timestamp chunks, by whether the type has a zone
     bar = tqdm(total=count_rows(source), unit="rows", unit_scale=True, desc="prepare", disable=not show_progress)
     for chunk in iter_chunks(source, schema.raw_columns, chunk_rows):
         tbl = check_column_types(chunk.table, chunk.source)
+        tbl = tbl.set_column(0, schema.client_col, exact_client_ids(tbl.column(0)))
+        report.merged_client_ids += chunk.merged_ids
         n = tbl.num_rows
         report.n_rows_read += n
         bad = np.zeros(n, dtype=bool)
@@ -153,6 +170,9 @@ def prepare(
             time_format = detect_time_format(time_raw)
             log.info("time column %r detected as %s", schema.time_col, time_format)
         t = parse_time(time_raw, time_format)
+        report.naive_times_as_utc += t.naive_as_utc
+        if pa.types.is_timestamp(time_raw.type):  # typed stamps: zoned in one file, naive in another
+            typed_rows[time_raw.type.tz is not None] += n
         t_bad = t.bad & ~bad
         if t_bad.any():
             fail(schema.time_col, t.problem, t.example, t.example_row, int(t_bad.sum()), f"bad time ({schema.time_col})")
@@ -160,11 +180,11 @@ def prepare(
 
         nums = {}
         for c in schema.numeric:
-            p = parse_number(tbl.column(c))
+            p = transforms[c].check_range(parse_number(tbl.column(c)))
             c_bad = p.bad & ~bad
             if c_bad.any():
                 row = int(np.flatnonzero(c_bad)[0])
-                fail(c, p.problem, tbl.column(c)[row].as_py(), row, int(c_bad.sum()), f"bad number ({c})")
+                fail(c, p.problem_of(row), tbl.column(c)[row].as_py(), row, int(c_bad.sum()), f"bad number ({c})")
                 bad |= p.bad
             nums[c] = p.values
 
@@ -183,7 +203,7 @@ def prepare(
                 report.null_categories[c] += col.null_count
             parts[c].append(cat_dicts[c].encode(col, canon=as_category_strings).astype(np.int32))
         for c in schema.numeric:
-            base = transforms[c]._base(nums[c] if all_kept else nums[c][keep])
+            base = transforms[c].base(nums[c] if all_kept else nums[c][keep])
             s = num_sums[c]
             s[0] += float(base.sum()); s[1] += float(np.square(base).sum()); s[2] += len(base)
             parts[c].append(base.astype(np.float32))
@@ -192,12 +212,18 @@ def prepare(
 
     if report.n_rows_read == 0:
         raise SchemaError(f"{_name(source)}: no events in the input (0 rows)")
+    if typed_rows[True] and typed_rows[False]:
+        report.naive_times_as_utc += typed_rows[False]
+    if report.naive_times_as_utc:
+        log.warning("column %r: %d timestamps without a time zone beside ones with a zone; they are read as UTC",
+                    schema.time_col, report.naive_times_as_utc)
     client_code = np.concatenate(parts.pop("client") or [np.zeros(0, np.int64)])
     if len(client_code) == 0:
         raise SchemaError(f"{_name(source)}: all {report.n_rows_read} rows were dropped as bad: {dict(report.dropped)}")
 
     # clients ordered by id, so the store does not depend on file order
-    client_values, client_code, report.merged_client_ids = _unify_id_types(clients.index.to_numpy(), client_code)
+    client_values, client_code, merged = unify_id_types(clients.index.to_numpy(), client_code)
+    report.merged_client_ids += merged
     order_of = _sort_order(client_values)
     rank = np.empty(len(order_of), np.int32)
     rank[order_of] = np.arange(len(order_of))
@@ -206,25 +232,45 @@ def prepare(
 
     event_time = np.concatenate(parts.pop(TIME_COLUMN))
     order = np.lexsort((event_time, client_code))
-    counts = np.bincount(client_code, minlength=len(client_values))
+    fields = {c: np.concatenate(parts.pop(c)) for c in [*schema.categorical, *schema.numeric]}
+    sorted_time = event_time[order]
+    del event_time
+    duplicate = _duplicate_rows(client_code, sorted_time, fields, order)  # in sorted positions
+    report.duplicate_rows = int(duplicate.sum())
+    if report.duplicate_rows:
+        if drop_duplicates:
+            report.dropped["duplicate row"] += report.duplicate_rows
+            order, sorted_time = order[~duplicate], sorted_time[~duplicate]
+        else:
+            log.warning("%d rows repeat an earlier row in every column; they are kept (drop_duplicates=True / --drop-duplicates drops them)",
+                        report.duplicate_rows)
+    counts = np.bincount(client_code[order] if report.duplicate_rows and drop_duplicates else client_code, minlength=len(client_values))
     offsets = offsets_from_lengths(counts)
     del client_code
 
-    columns: dict[str, np.ndarray] = {TIME_COLUMN: event_time[order]}
-    del event_time
+    columns: dict[str, np.ndarray] = {TIME_COLUMN: sorted_time}
+    del sorted_time
     vocabs: dict[str, CategoryVocab] = {}
     for c in schema.categorical:
-        codes = np.concatenate(parts.pop(c))
+        codes = fields.pop(c)
         uniques = cat_dicts[c].index.to_numpy().astype(str)
         if encoding is None:
             vocab = CategoryVocab.fit(uniques, cat_dicts[c].counts, min_count=min_count, max_size=max_vocab)
         else:
             vocab = encoding.categorical[c]
-        remap = np.append(vocab.encode(uniques), np.int32(UNSEEN_ID))  # code -1 (null) → unseen
+        ids = vocab.encode(uniques)
+        remap = np.append(ids, np.int32(UNSEEN_ID))  # code -1 (null) → unseen
         columns[c] = remap[codes[order]]
         vocabs[c] = vocab
+        if encoding is not None:
+            unseen = ids == UNSEEN_ID  # values (not nulls) that the applied encoding does not know
+            n_unseen = int(np.isin(codes[order], np.flatnonzero(unseen)).sum()) if unseen.any() else 0
+            if n_unseen:
+                report.unseen_categories[c] = n_unseen
+                log.warning("column %r: %d of %d events (%.1f%%) hold values the encoding does not know, e.g. %r; they get the unseen id",
+                            c, n_unseen, len(order), 100 * n_unseen / max(len(order), 1), uniques[unseen][0])
     for c in schema.numeric:
-        values = np.concatenate(parts.pop(c))[order]
+        values = fields.pop(c)[order]
         tr = transforms[c]
         if encoding is None and tr.kind in ("standardize", "log_standardize"):
             tr.fit_moments(*num_sums[c])
@@ -240,6 +286,7 @@ def prepare(
     report.seconds = time.perf_counter() - t0
     if out is not None:
         store.save(out)
+        remove_stale_outputs(out)
         report.seconds = time.perf_counter() - t0
     log.info(report.summary())
     return store, report
@@ -249,23 +296,41 @@ def _name(source: Source) -> str:
     return type(source).__name__ if isinstance(source, (pd.DataFrame, pa.Table)) else str(source)
 
 
-def _unify_id_types(values: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Client ids that mix numbers and text (int ids in one file, strings in another) all
-    become text, and ``3`` and ``"3"`` become one client; returns (values, codes, merged)."""
-    if pd.api.types.infer_dtype(values, skipna=False) not in ("mixed", "mixed-integer"):
-        return values, codes, 0
-    # one Python call per distinct client, only on this rare path
-    keys = np.array([_id_text(v) for v in values], dtype=object).astype(str)
-    uniques, inverse = np.unique(keys, return_inverse=True)
-    merged = len(values) - len(uniques)
-    log.warning("client ids mix numbers and text; all are read as text (%d ids given both ways merged)", merged)
-    return uniques.astype(object), inverse[codes], merged
+STALE_OUTPUTS = ("targets.parquet",)  # files that describe a store's clients, written beside it by data recipes or --targets
 
 
-def _id_text(value) -> str:
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
+def remove_stale_outputs(out: str | Path) -> None:
+    """A re-run of ``prepare`` into a directory replaces the store: files that described the
+    previous store's clients (``targets.parquet``) are removed, with a warning, not left beside it."""
+    for name in STALE_OUTPUTS:
+        stale = Path(out) / name
+        if stale.exists():
+            stale.unlink()
+            log.warning("removed %s, left by an earlier prepare into %s: it described the previous clients "
+                        "(pass --targets to store targets with the new data)", stale, out)
+
+
+def _duplicate_rows(client: np.ndarray, sorted_time: np.ndarray, fields: dict[str, np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Mask, in sorted order, of rows equal to an earlier row in client, time and every field.
+    Only rows sharing (client, time) with a neighbour in sorted order are compared, so inputs
+    with distinct times cost two vectorised comparisons."""
+    dup = np.zeros(len(order), dtype=bool)
+    if len(order) < 2:
+        return dup
+    tie = sorted_time[1:] == sorted_time[:-1]
+    if tie.any():
+        c = client[order]
+        tie &= c[1:] == c[:-1]
+    if not tie.any():
+        return dup
+    in_tie = np.zeros(len(order), dtype=bool)
+    in_tie[1:] |= tie
+    in_tie[:-1] |= tie
+    pos = np.flatnonzero(in_tie)  # stable sort: the rows of a tie group keep their input order
+    rows = order[pos]
+    frame = pd.DataFrame({"__client": client[rows], "__time": sorted_time[pos], **{k: v[rows] for k, v in fields.items()}})
+    dup[pos[frame.duplicated(keep="first").to_numpy()]] = True
+    return dup
 
 
 def _sort_order(values: np.ndarray) -> np.ndarray:

@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import signal
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -127,6 +130,82 @@ class MeLESModule(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
+class NonFiniteLossError(ValueError):
+    """Training diverged: the loss became NaN or infinite."""
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stop training with a clear error at the first NaN or infinite loss, instead of training
+    on and saving a model whose every embedding is NaN."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"training stopped: the loss became {float(loss)} at epoch {trainer.current_epoch}, batch {batch_idx}. "
+                "Inputs with very large values (e.g. amounts with --num-transform identity) or too high a learning rate "
+                "make the network diverge: use --num-transform log or standardize, or a lower lr (--set lr=...)"
+            )
+
+
+class AtomicModelCheckpoint(pl.callbacks.ModelCheckpoint):
+    """A ModelCheckpoint whose files appear whole: written under a temporary name, then
+    renamed, so a kill during the write never destroys the previous ``last.ckpt``."""
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        tmp = str(Path(filepath).with_name(f".{Path(filepath).name}.tmp"))
+        super()._save_checkpoint(trainer, tmp)
+        if trainer.is_global_zero:
+            os.replace(tmp, filepath)
+        self._last_checkpoint_saved = filepath
+
+
+# settings that define the network's parameters: a checkpoint can only be resumed with the same
+ARCHITECTURE_SETTINGS = ("cat_embedding_dim", "cat_embedding_dims", "time_features", "encoder", "hidden_size", "num_layers", "encoder_kwargs")
+
+
+def check_resumable(ckpt: dict, path: Path, store: SequenceStore, config: MeLESConfig) -> None:
+    """Refuse to resume from a checkpoint made for another store encoding (its category ids
+    would mean other values) or another network shape, naming the difference."""
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or "config" not in hp or "encoding" not in hp:
+        raise UnsafeOrCorruptModelError(f"{path}: not a ptls-meles training checkpoint (no config and encoding inside)")
+    why = Encoding.from_dict(hp["encoding"]).mismatch(store.encoding)
+    if why is not None:
+        raise ValueError(f"cannot resume from {path}: the store was encoded differently from the checkpoint's training data "
+                         f"({why}); resume with the store the run was trained on, or start a new run with another --out")
+    saved = MeLESConfig.from_dict(hp["config"]).to_dict()
+    wanted = config.to_dict()
+    changed = [f"{k}={saved[k]!r} in the checkpoint, {wanted[k]!r} now" for k in ARCHITECTURE_SETTINGS if saved[k] != wanted[k]]
+    if changed:
+        raise ValueError(f"cannot resume from {path}: the network differs ({'; '.join(changed)}); "
+                         "resume with the checkpoint's settings, or start a new run with another --out")
+
+
+@contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a job scheduler, ``kill``, ``timeout``) stops training as Ctrl-C does: Lightning's
+    graceful shutdown, which keeps the last checkpoint, instead of a traceback. DataLoader
+    workers die of the same signal (torch's worker handler re-raises it), so their exit is
+    no longer reported as an error once the shutdown has begun."""
+    def interrupt(signum, frame):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's "worker killed by signal" check
+        raise KeyboardInterrupt(f"received signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    previous_chld = signal.getsignal(signal.SIGCHLD)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL and previous_chld is not None:
+            signal.signal(signal.SIGCHLD, previous_chld)
+
+
 def fit(
     store: SequenceStore,
     config: MeLESConfig,
@@ -150,19 +229,21 @@ def fit(
     module = MeLESModule(config, store.encoding)
     module.embedder.event_encoder.fit_value_moments(store.columns)  # no labels: all clients may inform the scale
     has_val = len(dm.val_clients) >= 2
-    callbacks: list[pl.Callback] = []
+    callbacks: list[pl.Callback] = [StopOnNonFiniteLoss()]
     ckpt_cb = None
     if out_dir is not None:
-        ckpt_cb = pl.callbacks.ModelCheckpoint(
-            dirpath=out_dir / "checkpoints",
-            filename="best",
-            monitor="val_recall" if has_val else None,
-            mode="max",
-            save_last=True,
-            save_top_k=1,
-            save_weights_only=False,
-        )
-        callbacks.append(ckpt_cb)
+        if has_val:
+            ckpt_cb = AtomicModelCheckpoint(
+                dirpath=out_dir / "checkpoints", filename="best", monitor="val_recall", mode="max", save_top_k=1, save_weights_only=False,
+            )
+            callbacks.append(ckpt_cb)
+        # last.ckpt every epoch, whatever the monitored metric does (a ModelCheckpoint with a
+        # monitor writes save_last only when it improves): a killed run resumes where it stopped.
+        # With validation it is written after validation, so early stopping and best-score state are current.
+        callbacks.append(AtomicModelCheckpoint(
+            dirpath=out_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, save_weights_only=False,
+            enable_version_counter=False, save_on_train_epoch_end=not has_val,
+        ))
     if has_val and config.patience:
         callbacks.append(pl.callbacks.EarlyStopping("val_recall", mode="max", patience=config.patience))
     if not has_val:
@@ -182,8 +263,10 @@ def fit(
         ckpt_path = Path(resume) if not isinstance(resume, bool) else (out_dir / "checkpoints" / "last.ckpt" if out_dir else None)
         if ckpt_path is None or not ckpt_path.exists():
             raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
-        load_weights(ckpt_path)  # a corrupt or code-carrying checkpoint fails here with a clear error
-    trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+        # a corrupt or code-carrying checkpoint, or one made for another store or network, fails here with a clear error
+        check_resumable(load_weights(ckpt_path), ckpt_path, store, config)
+    with sigterm_as_interrupt():
+        trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     if ckpt_cb is not None and ckpt_cb.best_model_path and has_val:
         best = load_model(ckpt_cb.best_model_path)
         return best
@@ -212,8 +295,12 @@ def load_weights(path: str | os.PathLike | BinaryIO):
     crafted file cannot run code; refusals and corrupt files raise a clear error."""
     import pickle
 
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        raise UnsafeOrCorruptModelError(f"{path}: not a readable model file (the file is empty); save or train the model again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
     except pickle.UnpicklingError as exc:
         detail = str(exc).split("WeightsUnpickler error:")[-1].strip().split(". Please use")[0].split("\n")[0]
         if "Unsupported global" not in detail:
@@ -221,8 +308,9 @@ def load_weights(path: str | os.PathLike | BinaryIO):
         raise UnsafeOrCorruptModelError(
             f"{path}: refused to load, the file holds objects other than weights (loaded with weights_only=True): {detail}"
         ) from None
-    except (RuntimeError, EOFError) as exc:
-        raise UnsafeOrCorruptModelError(f"{path}: not a readable model file ({str(exc).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]  # an EOFError can have no message
+        raise UnsafeOrCorruptModelError(f"{path}: not a readable model file ({first_line}); the file is truncated or not a model") from None
 
 
 def load_model(source: str | os.PathLike | BinaryIO) -> MeLESModule:
@@ -240,13 +328,17 @@ def load_model(source: str | os.PathLike | BinaryIO) -> MeLESModule:
         if not (path / MODEL_FILE).exists():
             raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
         state = load_weights(path / MODEL_FILE)
-        hp = {"config": json.loads((path / "config.json").read_text()), "encoding": Encoding.load(path / "encoding.json").to_dict()}
+        hp = {"config": read_json(path / "config.json", "config"), "encoding": Encoding.load(path / "encoding.json").to_dict()}
     else:
         if path is not None and not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
         ckpt = load_weights(source)
         hp, state = ckpt["hyper_parameters"], ckpt["state_dict"]
-    module = MeLESModule(hp["config"], hp["encoding"])
-    module.load_state_dict(state)
+    try:
+        module = MeLESModule(hp["config"], hp["encoding"])
+        module.load_state_dict(state)
+    except (KeyError, TypeError, RuntimeError) as exc:
+        first_line = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise UnsafeOrCorruptModelError(f"{path or 'checkpoint'}: not a ptls-meles model of this version ({first_line})") from None
     module.eval()
     return module

@@ -7,9 +7,11 @@ last test prints ``bad-input corpus: N cases, N passing``.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +25,11 @@ from ptls_meles import EventSchema, MeLES, SchemaError
 from ptls_meles.cli import main as cli_main
 from ptls_meles.config import MeLESConfig
 from ptls_meles.downstream.evaluate import EvaluationError, evaluate
+from ptls_meles.embed import NonFiniteEmbeddingError
+from ptls_meles.encoding import Encoding
 from ptls_meles.prepare import prepare
 from ptls_meles.store import SequenceStore
-from ptls_meles.train import UnsafeOrCorruptModelError, load_model
+from ptls_meles.train import NonFiniteLossError, UnsafeOrCorruptModelError, load_model
 
 SCHEMA = EventSchema("client", "day", ["mcc"], ["amount"], time_format="number")
 SMALL = dict(hidden_size=8, cat_embedding_dim=4, batch_size=8, max_epochs=1, num_workers=0, val_fraction=0.0,
@@ -73,6 +77,19 @@ def assert_cli_error(capsys, *argv, names: tuple[str, ...]) -> str:
     for name in names:
         assert name in err, (name, err)
     return err
+
+
+@contextmanager
+def logged():
+    """The messages ptls_meles logs meanwhile (in-process CLI runs log to pytest's handler, not to stderr)."""
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("ptls_meles").addHandler(handler)
+    try:
+        yield messages
+    finally:
+        logging.getLogger("ptls_meles").removeHandler(handler)
 
 
 class Ctx:
@@ -208,6 +225,38 @@ def case_prepare_null_categories_are_counted(ctx, tmp, capsys):
     assert "null categories → unseen id: {'mcc': 2}" in report.summary()
 
 
+@case
+def case_prepare_number_beyond_float32(ctx, tmp, capsys):
+    # 1e300 is finite in float64 but inf in the store's float32: refused or counted, never stored as inf
+    big = ctx.events.copy()
+    big.loc[6, "amount"] = 1e300
+    for transform in ("identity", "standardize"):
+        schema = EventSchema("client", "day", ["mcc"], ["amount"], time_format="number", numeric_transform=transform)
+        with pytest.raises(SchemaError, match=rf"column 'amount' has 1 row\(s\) with a value beyond the float32 range.*'{transform}'.*1e\+300 at row 6"):
+            prepare(big, schema, show_progress=False)
+        store, report = prepare(big, schema, on_error="drop", show_progress=False)
+        assert report.dropped == {"bad number (amount)": 1} and store.n_events == len(big) - 1
+        assert np.isfinite(store.columns["amount"]).all()
+    store, _ = prepare(big, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number", numeric_transform="log"), show_progress=False)
+    assert np.isfinite(store.columns["amount"]).all()  # log(1e300) = 690.8 fits
+    big.to_csv(tmp / "e.csv", index=False)
+    assert_cli_error(capsys, "prepare", tmp / "e.csv", "--out", tmp / "s", *SCHEMA_ARGS, "--num-transform", "identity", "-q",
+                     names=("e.csv", "'amount'", "float32", "1e+300"))
+
+
+@case
+def case_prepare_day_hms_out_of_range(ctx, tmp, capsys):
+    schema = EventSchema("client", "day", ["mcc"], ["amount"], time_format="day_hms")
+    raw = ctx.events.assign(day=[f"{d} 10:{d % 60:02d}:26" for d in ctx.events["day"]])
+    raw.loc[[3, 8], "day"] = ["12 25:61:00", "12 23:59:99"]  # hour 25, minute 61, second 99
+    with pytest.raises(SchemaError, match=r"column 'day' has 2 row\(s\) with unparsable time .*hours 0-23.*'12 25:61:00' at row 3"):
+        prepare(raw, schema, show_progress=False)
+    store, report = prepare(raw, schema, on_error="drop", show_progress=False)
+    assert report.dropped == {"bad time (day)": 2}
+    ok = raw.drop(index=[3, 8]).assign(day=["0 23:59:59.5"] * (len(raw) - 2))
+    assert prepare(ok, schema, show_progress=False)[0].columns["event_time"].max() == 86399.5
+
+
 # =============================================================== prepare: files
 @case
 def case_prepare_empty_inputs(ctx, tmp, capsys):
@@ -277,6 +326,86 @@ def case_prepare_applies_encoding_without_a_column_state(ctx, tmp, capsys):
         prepare(ctx.events, other, encoding=ctx.store.encoding, show_progress=False)
 
 
+@case
+def case_prepare_duplicate_rows_are_counted_or_dropped(ctx, tmp, capsys):
+    doubled = pd.concat([ctx.events, ctx.events.iloc[:10]], ignore_index=True).sample(frac=1.0, random_state=2)
+    store, report = prepare(doubled, SCHEMA, show_progress=False)
+    assert report.duplicate_rows == 10 and store.n_events == len(doubled)
+    assert "10 duplicate rows kept" in report.summary()
+    dropped, report = prepare(doubled, SCHEMA, drop_duplicates=True, show_progress=False)
+    assert report.dropped == {"duplicate row": 10} and report.n_rows_read == report.n_events + 10
+    original, _ = prepare(ctx.events, SCHEMA, show_progress=False)
+    np.testing.assert_array_equal(dropped.offsets, original.offsets)
+    for c in original.columns:
+        np.testing.assert_array_equal(dropped.columns[c], original.columns[c])
+    doubled.to_csv(tmp / "e.csv", index=False)
+    rc, out, err = cli(capsys, "prepare", tmp / "e.csv", "--out", tmp / "s", *SCHEMA_ARGS, "--drop-duplicates", "-q")
+    assert rc == 0 and "duplicate row: 10" in out, err
+
+
+@case
+def case_prepare_big_csv_with_utf8_bom(ctx, tmp, capsys):
+    many = events(n_clients=3000, seed=4)  # well over 64 KiB, the size where the header was read by hand
+    text = many.to_csv(index=False)
+    assert len(text) > 1 << 16
+    (tmp / "bom.csv").write_text("\ufeff" + text, encoding="utf-8")
+    (tmp / "plain.csv").write_text(text, encoding="utf-8")
+    with_bom, _ = prepare(tmp / "bom.csv", SCHEMA, show_progress=False)
+    plain, _ = prepare(tmp / "plain.csv", SCHEMA, show_progress=False)
+    np.testing.assert_array_equal(with_bom.client_ids, plain.client_ids)
+    np.testing.assert_array_equal(with_bom.columns["amount"], plain.columns["amount"])
+
+
+@case
+def case_prepare_naive_and_zoned_timestamps(ctx, tmp, capsys):
+    raw = ctx.events.assign(day=[f"2024-03-{1 + d % 28:02d} 10:00" for d in ctx.events["day"]])
+    raw.loc[[0, 1, 2], "day"] = ["2024-03-01 10:00+02:00", "2024-03-01T08:00Z", "2024-03-02 10:00-0500"]
+    schema = EventSchema("client", "day", ["mcc"], ["amount"], time_format="timestamp")
+    store, report = prepare(raw, schema, show_progress=False)
+    assert report.naive_times_as_utc == len(raw) - 3
+    assert f"{len(raw) - 3} timestamps without a time zone read as UTC" in report.summary()
+    assert prepare(raw.iloc[3:], schema, show_progress=False)[1].naive_times_as_utc == 0  # all naive: nothing to warn about
+    # typed timestamps: a zoned file beside a naive one
+    d = tmp / "parts"
+    d.mkdir()
+    typed = ctx.events.assign(day=pd.Timestamp("2024-03-01") + pd.to_timedelta(ctx.events["day"], unit="D"))
+    typed.iloc[:100].assign(day=typed["day"].iloc[:100].dt.tz_localize("Europe/Moscow")).to_parquet(d / "a.parquet")
+    typed.iloc[100:].to_parquet(d / "b.parquet")
+    assert prepare(d, schema, show_progress=False)[1].naive_times_as_utc == len(typed) - 100
+
+
+@case
+def case_prepare_again_removes_stale_targets(ctx, tmp, capsys):
+    ctx.events.to_csv(tmp / "e.csv", index=False)
+    pd.DataFrame({"client": [3, 10], "y": [0, 1]}).to_csv(tmp / "t.csv", index=False)
+    rc, _, err = cli(capsys, "prepare", tmp / "e.csv", "--out", tmp / "s", *SCHEMA_ARGS, "--targets", tmp / "t.csv", "-q")
+    assert rc == 0 and (tmp / "s" / "targets.parquet").exists(), err
+    with logged() as messages:
+        rc, _, err = cli(capsys, "prepare", tmp / "e.csv", "--out", tmp / "s", *SCHEMA_ARGS, "-q")
+    assert rc == 0, err
+    assert not (tmp / "s" / "targets.parquet").exists()
+    assert any("removed" in m and "targets.parquet" in m for m in messages), messages
+
+
+@case
+def case_prepare_directory_with_non_data_files(ctx, tmp, capsys):
+    for fmt in ("parquet", "csv"):
+        d = tmp / fmt
+        d.mkdir()
+        half = len(ctx.events) // 2
+        for i, part in enumerate([ctx.events.iloc[:half], ctx.events.iloc[half:]]):
+            part.to_parquet(d / f"part-{i}.parquet") if fmt == "parquet" else part.to_csv(d / f"part-{i}.csv", index=False)
+        (d / "README.txt").write_text("These are the exported transactions.\nAsk the data team.\n")
+        (d / "notes.md").write_text("# notes\n")
+        store, _ = prepare(d, SCHEMA, show_progress=False)
+        assert store.n_events == len(ctx.events)
+        with logged() as messages:
+            rc, _, err = cli(capsys, "prepare", d, "--out", tmp / f"s-{fmt}", *SCHEMA_ARGS, "-q")
+        assert rc == 0, err
+        skipped = [m for m in messages if "skipped 2 other file(s)" in m]
+        assert len(skipped) == 1 and "README.txt" in skipped[0] and "notes.md" in skipped[0], messages
+
+
 # =============================================================== client ids
 ODD_IDS = ["😀 client", " leading space", "trailing space ", "x" * 5000, "tab\there", "0042", "", "3.0", "ü-ñ-ß", "None"]
 
@@ -320,6 +449,59 @@ def case_ids_number_in_one_file_text_in_another(ctx, tmp, capsys):
     mixed.loc[mixed.index % 2 == 0, "client"] = mixed.loc[mixed.index % 2 == 0, "client"].astype(str)
     store2, _ = prepare(mixed, SCHEMA, show_progress=False)
     assert store2.n_clients == ctx.events["client"].nunique()
+
+
+BIG_IDS = [2**64 - 1 - 7 * i for i in range(12)] + [2**63 + i for i in range(3)] + [12345678901234567890123]
+
+
+@case
+def case_csv_ids_beyond_int64_stay_exact(ctx, tmp, capsys):
+    # 20-digit ids must not pass through float: 16 distinct ids stay 16 clients, written exactly
+    raw = events(n_clients=len(BIG_IDS), ids=[str(i) for i in BIG_IDS])
+    raw.to_csv(tmp / "e.csv", index=False)
+    store, report = prepare(tmp / "e.csv", SCHEMA, show_progress=False)
+    assert sorted(store.client_ids.tolist()) == sorted(str(i) for i in BIG_IDS)
+    for cid in BIG_IDS:
+        assert store.lengths[store.client_ids.tolist().index(str(cid))] == (raw["client"] == str(cid)).sum()
+    rc, _, err = cli(capsys, "prepare", tmp / "e.csv", "--out", tmp / "s", *SCHEMA_ARGS, "--encoding", ctx.model_dir / "encoding.json", "-q")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "embed", tmp / "s", "--model", ctx.model_dir, "--out", tmp / "emb.parquet", "-q", "--threads", "1")
+    assert rc == 0, err
+    assert sorted(pd.read_parquet(tmp / "emb.parquet")["client_id"].tolist()) == sorted(str(i) for i in BIG_IDS)
+    # ids within int64 stay int64, beyond 2**53 too
+    small = events(n_clients=5, ids=[2**62 + i for i in range(5)])
+    small.to_csv(tmp / "small.csv", index=False)
+    assert prepare(tmp / "small.csv", SCHEMA, show_progress=False)[0].client_ids.tolist() == [2**62 + i for i in range(5)]
+
+
+@case
+def case_parquet_uint64_ids_stay_exact(ctx, tmp, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ids = [i for i in BIG_IDS if i < 2**64] + [5, 6]
+    raw = events(n_clients=len(ids), ids=ids)
+    table = pa.Table.from_pandas(raw.assign(client=raw["client"].astype(np.uint64)), preserve_index=False)
+    assert table.schema.field("client").type == pa.uint64()
+    pq.write_table(table, tmp / "e.parquet")
+    for chunk_rows in (1_000_000, 7):  # one chunk, and chunks with and without ids beyond int64
+        store, _ = prepare(tmp / "e.parquet", SCHEMA, chunk_rows=chunk_rows, show_progress=False)
+        assert sorted(store.client_ids.tolist()) == sorted(str(i) for i in ids), chunk_rows
+    # uint64 ids within int64 stay integers
+    fits = raw[raw["client"].isin([5, 6])]
+    pq.write_table(pa.Table.from_pandas(fits.assign(client=fits["client"].astype(np.uint64)), preserve_index=False), tmp / "f.parquet")
+    assert prepare(tmp / "f.parquet", SCHEMA, show_progress=False)[0].client_ids.tolist() == [5, 6]
+
+
+@case
+def case_dataframe_ids_mixing_numbers_and_text_are_counted(ctx, tmp, capsys):
+    ids = [1, "1", 2.0, "2.0", 3, "3", "a", 4, 5.5]  # 9 raw ids; 1/"1" and 3/"3" are one client each
+    raw = events(n_clients=len(ids), ids=ids)
+    assert raw["client"].map(type).nunique() == 3  # int, str and float values in one object column
+    store, report = prepare(raw, SCHEMA, show_progress=False)
+    assert store.n_clients == 7 and report.merged_client_ids == 2
+    assert "2 client ids given both as number and text merged" in report.summary()
+    assert sorted(store.client_ids.tolist()) == ["1", "2", "2.0", "3", "4", "5.5", "a"]
 
 
 # =============================================================== fit
@@ -389,6 +571,66 @@ def case_enormous_sequence(ctx, tmp, capsys):
     np.testing.assert_allclose(ctx.model.transform(alone).iloc[0, 1:].to_numpy(float), emb.iloc[0, 1:].to_numpy(float), atol=1e-5)
     MeLES(**{**SMALL, "split": "slices"}).fit(store, show_progress=False)
     assert time.perf_counter() - t0 < 20
+
+
+SMALL_SETS = [a for k, v in SMALL.items() for a in ("--set", f"{k}={v}")]
+
+
+@case
+def case_fit_stops_on_non_finite_loss(ctx, tmp, capsys):
+    # a store holding inf (e.g. written by an older version) makes the loss NaN: stop, do not save a NaN model
+    cols = dict(ctx.store.columns)
+    cols["amount"] = np.full_like(cols["amount"], np.inf)
+    store = SequenceStore(ctx.store.client_ids, ctx.store.offsets, cols, ctx.store.encoding)
+    with pytest.raises(NonFiniteLossError, match=r"the loss became (nan|inf) at epoch 0"):
+        MeLES(**SMALL).fit(store, show_progress=False)
+    store.save(tmp / "s")
+    assert_cli_error(capsys, "fit", tmp / "s", "--out", tmp / "run", *SMALL_SETS, "-q", "--threads", "1", names=("loss became", "--num-transform"))
+    assert not (tmp / "run" / "model").exists()
+
+
+@case
+def case_fit_last_checkpoint_every_epoch(ctx, tmp, capsys):
+    # validation recall that never improves after epoch 0: last.ckpt must still follow every epoch
+    import ptls_meles.train
+
+    cfg = {**SMALL, "val_fraction": 0.2, "max_epochs": 3}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ptls_meles.train, "recall_at_k", lambda *args: 0.5)
+        MeLES(**cfg).fit(ctx.store, out_dir=tmp / "run", show_progress=False)
+    last = torch.load(tmp / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 2
+    assert (tmp / "run" / "checkpoints" / "best.ckpt").exists()
+
+
+@case
+def case_fit_resume_checks_store_and_network(ctx, tmp, capsys):
+    MeLES(**SMALL).fit(ctx.store, out_dir=tmp / "run", show_progress=False)
+    # same schema and vocabulary size, other values: category ids would mean other categories
+    other, _ = prepare(ctx.events.assign(mcc=ctx.events["mcc"] + 1), SCHEMA, out=tmp / "other", show_progress=False)
+    assert len(other.encoding.categorical["mcc"].values) == len(ctx.store.encoding.categorical["mcc"].values)
+    with pytest.raises(ValueError, match=r"cannot resume from .*last\.ckpt.*another vocabulary for 'mcc'"):
+        MeLES(**SMALL).fit(other, out_dir=tmp / "run", resume=True, show_progress=False)
+    assert_cli_error(capsys, "fit", tmp / "other", "--out", tmp / "run", "--resume", *SMALL_SETS, "-q", "--threads", "1",
+                     names=("last.ckpt", "another vocabulary for 'mcc'"))
+    # another schema (no categorical field) and another network size
+    no_mcc, _ = prepare(ctx.events, EventSchema("client", "day", [], ["amount"], time_format="number"), out=tmp / "nomcc", show_progress=False)
+    assert_cli_error(capsys, "fit", tmp / "nomcc", "--out", tmp / "run", "--resume", *SMALL_SETS, "-q", "--threads", "1",
+                     names=("last.ckpt", "categorical fields [] instead of ['mcc']"))
+    assert_cli_error(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--resume", *SMALL_SETS, "--set", "hidden_size=16",
+                     "-q", "--threads", "1", names=("last.ckpt", "hidden_size=8 in the checkpoint, 16 now"))
+    # the right store and settings resume
+    rc, _, err = cli(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--resume", *SMALL_SETS, "--set", "max_epochs=2",
+                     "-q", "--threads", "1")
+    assert rc == 0, err
+
+
+@case
+def case_fit_out_is_a_file_or_not_writable(ctx, tmp, capsys):
+    (tmp / "run.txt").write_text("not a directory")
+    # the output is checked before the store is even read: the missing store is not what fails
+    assert_cli_error(capsys, "fit", tmp / "nostore", "--out", tmp / "run.txt", "-q", names=("run.txt", "existing file"))
+    assert_cli_error(capsys, "fit", tmp / "nostore", "--out", tmp / "run.txt" / "sub", "-q", names=("run.txt", "is a file"))
 
 
 # =============================================================== embed
@@ -490,6 +732,102 @@ def case_crafted_pickles_are_refused(ctx, tmp, capsys):
     assert not marker.exists()
 
 
+@case
+def case_embed_refuses_non_finite_embeddings(ctx, tmp, capsys):
+    broken = MeLES.load(ctx.model_dir)
+    with torch.no_grad():
+        for param in broken.module_.parameters():
+            param.fill_(float("nan"))
+    with pytest.raises(NonFiniteEmbeddingError, match=r"NaN or infinite embeddings for \d+ of \d+ clients.*client"):
+        broken.transform(ctx.store)
+    broken.save(tmp / "nan-model")
+    assert_cli_error(capsys, "embed", ctx.root / "store", "--model", tmp / "nan-model", "--out", tmp / "e.parquet", "-q", "--threads", "1",
+                     names=("NaN or infinite embeddings", "Nothing was written"))
+    assert not (tmp / "e.parquet").exists()
+
+
+@case
+def case_embed_reports_unseen_categories(ctx, tmp, capsys):
+    new = ctx.events.copy()
+    new.loc[new.index[: len(new) // 4], "mcc"] = 9999  # a quarter of the events: a category the model never saw
+    store, report = prepare(new, SCHEMA, encoding=ctx.store.encoding, show_progress=False)
+    assert report.unseen_categories == {"mcc": len(new) // 4}
+    assert "values unknown to the encoding → unseen id: mcc 2" in report.summary()
+    store.save(tmp / "s")
+    rc, out, err = cli(capsys, "embed", tmp / "s", "--model", ctx.model_dir, "--out", tmp / "e.parquet", "-q", "--threads", "1")
+    assert rc == 0, err
+    assert f"mcc {(len(new) // 4) / len(new):.1%}" in out
+
+
+@case
+def case_model_files_truncated_empty_or_corrupt(ctx, tmp, capsys):
+    good = (ctx.model_dir / "model.pt").read_bytes()
+    for name, payload in [("truncated", good[: len(good) // 2]), ("empty", b""), ("one byte", good[:1])]:
+        m = tmp / name.replace(" ", "-")
+        m.mkdir()
+        for f in ("config.json", "encoding.json"):
+            (m / f).write_text((ctx.model_dir / f).read_text())
+        (m / "model.pt").write_bytes(payload)
+        with pytest.raises(UnsafeOrCorruptModelError, match=r"model\.pt: not a readable model file"):
+            MeLES.load(m)
+        assert_cli_error(capsys, "embed", ctx.root / "store", "--model", m, "--out", tmp / "e.parquet", "-q", "--threads", "1",
+                         names=(str(m / "model.pt"), "not a readable model file"))
+    # corrupt JSON state files: the message names the file
+    for f, text in [("config.json", '{"hidden_size": 8,'), ("encoding.json", "{not json")]:
+        m = tmp / f"bad-{f}"
+        m.mkdir()
+        for g in ("config.json", "encoding.json", "model.pt"):
+            (m / g).write_bytes((ctx.model_dir / g).read_bytes())
+        (m / f).write_text(text)
+        assert_cli_error(capsys, "embed", ctx.root / "store", "--model", m, "--out", tmp / "e.parquet", "-q", "--threads", "1",
+                         names=(str(m / f), "not a valid"))
+    (tmp / "s").mkdir()
+    (tmp / "s" / "encoding.json").write_text('{"client_col": "client"}')  # valid JSON, not an encoding
+    with pytest.raises(ValueError, match=r"encoding\.json: not an encoding file"):
+        Encoding.load(tmp / "s" / "encoding.json")
+    (tmp / "cfg.json").write_text("[1, 2")
+    assert_cli_error(capsys, "fit", ctx.root / "store", "--out", tmp / "run", "--config", tmp / "cfg.json", "-q", names=("cfg.json", "not a valid config"))
+
+
+@case
+def case_output_paths_checked_before_the_work(ctx, tmp, capsys):
+    (tmp / "taken.parquet").write_text("a file")
+    (tmp / "adir").mkdir()
+    # each command is given an input that would fail later: the output problem must be found first
+    assert_cli_error(capsys, "prepare", tmp / "nowhere.csv", "--out", tmp / "taken.parquet", *SCHEMA_ARGS, "-q",
+                     names=("taken.parquet", "existing file"))
+    assert_cli_error(capsys, "embed", tmp / "nostore", "--model", ctx.model_dir, "--out", tmp / "adir", "-q", "--threads", "1",
+                     names=("adir", "existing directory"))
+    assert_cli_error(capsys, "embed", tmp / "nostore", "--model", ctx.model_dir, "--out", tmp / "taken.parquet" / "e.parquet", "-q",
+                     names=("taken.parquet", "is a file"))
+    assert_cli_error(capsys, "prepare", tmp / "nowhere.csv", "--out", tmp / "taken.parquet" / "s", *SCHEMA_ARGS, "-q",
+                     names=("taken.parquet", "is a file"))
+    if os.geteuid() != 0:  # root writes anywhere: the permission case can only be shown as another user
+        (tmp / "ro").mkdir(mode=0o500)
+        assert_cli_error(capsys, "prepare", tmp / "nowhere.csv", "--out", tmp / "ro" / "s", *SCHEMA_ARGS, "-q", names=("ro", "cannot write"))
+    if Path("/proc/self").exists():  # a read-only place even for root
+        assert_cli_error(capsys, "prepare", tmp / "nowhere.csv", "--out", "/proc/ptls-meles-test/s", *SCHEMA_ARGS, "-q",
+                         names=("/proc/ptls-meles-test/s", "cannot write"))
+
+
+@case
+def case_model_save_is_atomic(ctx, tmp, capsys):
+    saved = ctx.model.save(tmp / "m")
+    before = (saved / "model.pt").read_bytes()
+
+    def half_then_fail(obj, f, *args, **kwargs):
+        Path(f).write_bytes(before[: len(before) // 2])
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", half_then_fail)
+        with pytest.raises(OSError, match="No space left"):
+            ctx.model.save(tmp / "m")
+    assert (saved / "model.pt").read_bytes() == before  # the previous model is intact
+    assert sorted(p.name for p in saved.iterdir()) == ["config.json", "encoding.json", "model.pt", "schema.json"]
+    MeLES.load(saved)
+
+
 # =============================================================== evaluate
 def feature_table(n: int = 80, seed: int = 0) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
@@ -573,6 +911,76 @@ def case_evaluate_cli_file_problems(ctx, tmp, capsys):
     pd.read_csv(tmp / "t.csv").rename(columns={"client_id": "cid"}).to_csv(tmp / "t2.csv", index=False)
     assert_cli_error(capsys, "evaluate", "--features", tmp / "f.parquet", "--targets", tmp / "t2.csv", "--target-col", "y",
                      names=("'client_id'", "'cid'"))
+
+
+@case
+def case_evaluate_tiny_folds_warn_and_output_checked_first(ctx, tmp, capsys):
+    feats = feature_table(24)
+    targets = pd.DataFrame({"client_id": np.arange(24), "y": np.arange(24) % 2})
+    with logged() as messages:
+        r = evaluate(feats, targets, "y", n_folds=3, test_size=0, lgbm_params=FAST)
+    assert r.join.n_used == 24
+    assert any("min_child_samples=20" in m and "16 labelled clients" in m for m in messages), messages
+    # --out that cannot be written fails before the folds run, and a failed write keeps the old results
+    feats.to_parquet(tmp / "f.parquet")
+    targets.to_csv(tmp / "t.csv", index=False)
+    (tmp / "file").write_text("x")
+    assert_cli_error(capsys, "evaluate", "--features", tmp / "f.parquet", "--targets", tmp / "nott.csv", "--target-col", "y",
+                     "--out", tmp / "file" / "r.json", names=("file", "is a file"))
+    argv = ["evaluate", "--features", tmp / "f.parquet", "--targets", tmp / "t.csv", "--target-col", "y", "--folds", "2", "--test-size", "0",
+            "--jobs", "1", "--out", tmp / "r.json"]
+    rc, _, err = cli(capsys, *argv)
+    assert rc == 0, err
+    before = (tmp / "r.json").read_text()
+    real_write = Path.write_text
+
+    def half_then_fail(self, data, *args, **kwargs):
+        real_write(self, data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Path, "write_text", half_then_fail)
+        rc, _, err = cli(capsys, *argv)
+    assert rc == 2 and err.startswith("error: No space left on device"), err
+    assert (tmp / "r.json").read_text() == before
+
+
+# =============================================================== CLI and time formats
+@case
+def case_time_format_strftime_pattern(ctx, tmp, capsys):
+    # integer YYMMDD dates: 960731 → 960801 is one day, not 70
+    raw = pd.DataFrame({"client": [1, 1, 1, 2, 2], "day": [960728, 960731, 960801, 991231, 991201], "mcc": 1, "amount": 1.0})
+    schema = EventSchema("client", "day", ["mcc"], ["amount"], time_format="%y%m%d")
+    store, _ = prepare(raw, schema, show_progress=False)
+    assert np.diff(store.columns["event_time"][:3]).tolist() == [3 * 86400, 86400]
+    assert store.columns["event_time"][4] - store.columns["event_time"][3] == 30 * 86400
+    text = raw.assign(day=["28.07.1996 10:00", "31.07.1996 10:00", "01.08.1996 10:00", "31.12.1999 10:00", "32.01.2010 10:00"])
+    with pytest.raises(SchemaError, match=r"column 'day'.*expected the pattern '%d\.%m\.%Y %H:%M', e\.g\. '28\.07\.1996 10:23'.*'32\.01\.2010 10:00' at row 4"):
+        prepare(text, EventSchema("client", "day", ["mcc"], ["amount"], time_format="%d.%m.%Y %H:%M"), show_progress=False)
+    raw.to_csv(tmp / "e.csv", index=False)
+    rc, out, err = cli(capsys, "prepare", tmp / "e.csv", "--out", tmp / "s", "--client-col", "client", "--time-col", "day", "--cat", "mcc",
+                       "--num", "amount", "--time-format", "%y%m%d", "-q")
+    assert rc == 0, err
+    assert SequenceStore.load(tmp / "s").encoding.time_format == "%y%m%d"
+    with pytest.raises(SchemaError, match=r"time_format 'yymmdd' is not one of .* nor a strftime pattern"):
+        EventSchema("client", "day", time_format="yymmdd")
+
+
+@case
+def case_cli_every_option_has_help_with_an_example(ctx, tmp, capsys):
+    import argparse
+
+    from ptls_meles.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {opt.option_strings or opt.dest}" for name, sp in sub.choices.items() for opt in sp._actions
+               if not opt.help or opt.help == argparse.SUPPRESS]
+    assert not missing, missing
+    with pytest.raises(SystemExit):
+        cli_main(["prepare", "--help"])
+    text = capsys.readouterr().out
+    for expected in ("--client-col COL", "e.g. --client-col", "--time-format", "%y%m%d", "--out DIR", "example:"):
+        assert expected in text, expected
 
 
 # =============================================================== the corpus

@@ -175,3 +175,65 @@ def test_data_loader_workers_do_not_change_training(tmp_path):
     a = MeLES(**cfg, num_workers=0).fit(store, show_progress=False).transform(store)
     b = MeLES(**cfg, num_workers=1).fit(store, show_progress=False).transform(store)
     assert np.array_equal(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy())
+
+
+# small and fast epochs; lr=0 keeps the validation recall constant (fixed validation views), so
+# a checkpoint that followed only improvements would stay at epoch 0
+STALL_SETS = dict(hidden_size=16, cat_embedding_dim=4, batch_size=32, max_epochs=200, num_workers=0, val_fraction=0.1,
+                  cnt_min=5, cnt_max=20, patience=None, seed=1, lr=0.0)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("small_store")
+    prepare(raw_events(300, 30, seed=4), SCHEMA, out=out, show_progress=False)
+    return out
+
+
+def checkpoint_epoch(path: Path) -> int | None:
+    """The epoch stored in a checkpoint, or None while it does not exist yet."""
+    if not path.exists():
+        return None
+    return int(torch.load(path, map_location="cpu", weights_only=True)["epoch"])
+
+
+def test_killed_run_resumes_at_the_last_finished_epoch(small_store, tmp_path):
+    sets = [a for k, v in STALL_SETS.items() for a in ("--set", f"{k}={v}")]
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    victim = start(cli("fit", small_store, "--out", run_dir, *sets, "--threads", "1", "-q"), tmp_path / "fit.log")
+    try:
+        wait_for(lambda: (checkpoint_epoch(last) or 0) >= 2, victim, 180, "last.ckpt of epoch 2")
+        kill9(victim)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    k = checkpoint_epoch(last)  # whole: checkpoints are renamed into place, never half-written
+    assert k >= 2
+    run_ok(cli("fit", small_store, "--out", run_dir, *sets, "--set", f"max_epochs={k + 3}", "--resume", "--threads", "1", "-q"))
+    resumed = pd.read_csv(next((run_dir / "logs").glob("resumed-*/metrics.csv")))
+    assert sorted(resumed["epoch"].dropna().astype(int).unique().tolist()) == [k + 1, k + 2]
+    assert checkpoint_epoch(last) == k + 2
+
+
+def test_sigterm_stops_training_like_ctrl_c(small_store, tmp_path):
+    """SIGTERM to the process group (a terminal, ``timeout``, a scheduler), DataLoader workers
+    included: Lightning's graceful shutdown and exit code 1, no traceback, the checkpoint kept."""
+    sets = [a for k, v in {**STALL_SETS, "num_workers": 1}.items() for a in ("--set", f"{k}={v}")]
+    run_dir = tmp_path / "run"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    with open(tmp_path / "fit.log", "w") as fh:
+        proc = subprocess.Popen(cli("fit", small_store, "--out", run_dir, *sets, "--threads", "1", "-q"), cwd=REPO, env=ENV,
+                                stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    LOGS[proc.pid] = tmp_path / "fit.log"
+    try:
+        wait_for(last.exists, proc, 180, "the first checkpoint")
+        time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=60) == 1, tail(proc)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = (tmp_path / "fit.log").read_text()
+    assert "Traceback" not in log and "graceful shutdown" in log, log[-3000:]
+    assert checkpoint_epoch(last) >= 0

@@ -483,3 +483,60 @@ def test_category_vocab_fit_and_encode_any_dtype():
     np.testing.assert_array_equal(vocab.encode(np.array([1, 2, 3, 4])), [2, 3, 4, 1])
     np.testing.assert_array_equal(vocab.encode(np.array([1.0, 2.0])), [2, 3])
     np.testing.assert_array_equal(vocab.encode(np.array(["3", "x"], dtype=object)), [4, 1])
+
+
+# ------------------------------------------------------------------ exactness at type boundaries
+def test_csv_client_ids_never_pass_through_float():
+    from ptls_meles.schema import csv_client_ids
+
+    typed = csv_client_ids(pa.array(["3", "12", "NA", ""]))
+    assert typed.type == pa.int64() and typed.to_pylist() == [3, 12, None, None]  # null markers in a numeric column
+    assert csv_client_ids(pa.array(["1.0", "2.5"])).to_pylist() == [1.0, 2.5]  # exact in float64
+    big = ["18446744073709551615", "9223372036854775808", "7"]
+    assert csv_client_ids(pa.array(big)).to_pylist() == big  # beyond int64: the text itself
+    assert csv_client_ids(pa.array(["1e30", "2"])).to_pylist() == ["1e30", "2"]  # integral beyond 2**53 in float: text
+    assert csv_client_ids(pa.array(["u1", "", "NA"])).to_pylist() == ["u1", None, "NA"]  # text: only the empty field is missing
+
+
+def test_exact_client_ids_for_unsigned_and_decimal():
+    from decimal import Decimal
+
+    from ptls_meles.schema import exact_client_ids
+
+    assert exact_client_ids(pa.array([1, 2**63 - 1], pa.uint64())).type == pa.int64()
+    assert exact_client_ids(pa.array([1, 2**64 - 1], pa.uint64())).to_pylist() == ["1", str(2**64 - 1)]
+    assert exact_client_ids(pa.array([Decimal(5), Decimal(2**70)], pa.decimal128(30, 0))).to_pylist() == ["5", str(2**70)]
+    assert exact_client_ids(pa.array(["a"])).to_pylist() == ["a"]
+
+
+def test_strftime_time_format_and_day_hms_ranges():
+    from ptls_meles.schema import parse_time
+
+    p = parse_time(pa.array([960731, 960801, 961301]), "%y%m%d")
+    assert p.values[1] - p.values[0] == 86400 and p.bad.tolist() == [False, False, True]
+    assert "expected the pattern '%y%m%d', e.g. '960728'" in p.problem and p.example == 961301
+    q = parse_time(pa.array(["0 23:59:59.5", "1 24:00:00", "1 00:60:00", "1 00:00:60", "2 00:00:00"]), "day_hms")
+    assert q.bad.tolist() == [False, True, True, True, False] and q.values[0] == 86399.5
+    z = parse_time(pa.array(["2024-01-01 10:00", "2024-01-01 10:00Z", "2024-01-01 12:00+02:00"]), "timestamp")
+    assert z.naive_as_utc == 1 and len(set(z.values)) == 1
+
+
+def test_numeric_overflow_and_moments():
+    from ptls_meles.schema import parse_number
+
+    p = NumericTransform("identity").check_range(parse_number(pa.array([1.0, 1e300, -1e39, 3e38])))
+    assert p.bad.tolist() == [False, True, True, False] and "float32" in p.problem_of(1)
+    assert not NumericTransform("log").check_range(parse_number(pa.array([1e300]))).bad.any()
+    t = NumericTransform("standardize")
+    with pytest.raises(ValueError, match="too large"):
+        t.fit_moments(1e300, float("inf"), 2)  # no OverflowError from Python float arithmetic
+    t.fit_moments(6.0, 20.0, 2)
+    assert (t.mean, t.std) == (3.0, 1.0)
+
+
+def test_encoding_mismatch_names_the_difference():
+    a = Encoding("c", "t", "number", {"mcc": CategoryVocab(["1", "2"])}, {"amount": NumericTransform("log")})
+    assert a.mismatch(a) is None
+    assert "another vocabulary for 'mcc'" in a.mismatch(Encoding("c", "t", "number", {"mcc": CategoryVocab(["2", "1"])}, a.numeric))
+    assert "numeric fields [] instead of ['amount']" in a.mismatch(Encoding("c", "t", "number", a.categorical, {}))
+    assert "another transform for 'amount'" in a.mismatch(Encoding("c", "t", "number", a.categorical, {"amount": NumericTransform("identity")}))

@@ -161,6 +161,46 @@ def test_timestamps_float_ids_and_odd_category_types_same_store(spark, tmp_path)
     assert store.columns["event_time"].min() == pd.Timestamp("2024-03-01 12:00", tz="UTC").timestamp()
 
 
+def test_exact_ids_mixed_ids_and_overflow_same_as_single_machine(spark, tmp_path):
+    """The exactness rules are shared: ids beyond int64 (20-digit CSV text, Parquet uint64)
+    stay exact text, pandas ids mixing 1 and "1" are merged and counted, and a number that
+    overflows float32 or a "d hh:mm:ss" out of range gives the local error text."""
+    import pyarrow as pa
+
+    from ptls_meles.spark import prepare_spark
+
+    ids = [2**64 - 1 - 7 * i for i in range(6)] + [5, 6]
+    df = events(len(ids), seed=3, text_ids=False)
+    df["client"] = df["client"].map(dict(zip(sorted(df["client"].unique()), ids))).astype(np.uint64)
+    df.to_csv(tmp_path / "big.csv", index=False)
+    pq.write_table(pa.Table.from_pandas(df, preserve_index=False), tmp_path / "big.parquet")
+    for name in ("big.csv", "big.parquet"):
+        prepare_spark(tmp_path / name, SCHEMA, tmp_path / f"spark-{name}", spark=spark)
+        prepare(tmp_path / name, SCHEMA, out=tmp_path / f"local-{name}", show_progress=False)
+        store = assert_same_store(tmp_path / f"spark-{name}", tmp_path / f"local-{name}", exact_json=False)
+        assert sorted(store.client_ids.tolist()) == sorted(str(i) for i in ids), name
+
+    mixed = events(6, seed=4, text_ids=False).astype({"client": object})
+    mixed.loc[mixed.index % 2 == 0, "client"] = mixed.loc[mixed.index % 2 == 0, "client"].astype(str)
+    report = prepare_spark(mixed, SCHEMA, tmp_path / "spark-mixed", spark=spark)
+    _, local = prepare(mixed, SCHEMA, out=tmp_path / "local-mixed", show_progress=False)
+    assert_same_store(tmp_path / "spark-mixed", tmp_path / "local-mixed", exact_json=False)
+    assert report.merged_client_ids == local.merged_client_ids == 6
+
+    big = events(8, seed=2, text_ids=False)
+    big.loc[5, "amount"] = 1e300
+    schema = EventSchema("client", "day", ["mcc"], ["amount"], time_format="number", numeric_transform="identity")
+    local_error = _error(lambda: prepare(big, schema, out=tmp_path / "l1", show_progress=False))
+    assert "beyond the float32 range" in local_error
+    assert _error(lambda: prepare_spark(big, schema, tmp_path / "s1", spark=spark)) == local_error
+    hms = big.assign(amount=1.0, day=[f"{d} 10:00:00" for d in big["day"]])
+    hms.loc[3, "day"] = "2 23:59:61"
+    schema = EventSchema("client", "day", ["mcc"], ["amount"], time_format="day_hms")
+    local_error = _error(lambda: prepare(hms, schema, out=tmp_path / "l2", show_progress=False))
+    assert "hours 0-23" in local_error and "'2 23:59:61' at row 3" in local_error
+    assert _error(lambda: prepare_spark(hms, schema, tmp_path / "s2", spark=spark)) == local_error
+
+
 def _error(fn) -> str:
     with pytest.raises(SchemaError) as e:
         fn()

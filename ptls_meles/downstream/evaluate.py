@@ -62,6 +62,7 @@ def evaluate(
     X, y_raw, report = join_features_and_targets(features, targets, target_col, id_col)
     plan = plan_cv(y_raw, report, target_col, task, n_folds, test_size, seed, labelled_fraction)
     params = {**PAPER_LGBM_PARAMS, "random_state": seed, "n_jobs": n_jobs, **(lgbm_params or {})}
+    _warn_small_folds(min(len(fit_rows) for fit_rows, _ in plan.folds), params, target_col)
     # plain arrays: LightGBM rejects some characters that category values bring into column names
     values = X.to_numpy(dtype=np.float32, na_value=np.nan)
     y = plan.y
@@ -102,3 +103,15 @@ def load_feature_table(path: str | os.PathLike, id_col: str = "client_id") -> pd
             f"feature table {path} has no client id column {id_col!r}; columns: {list(table.columns)[:10]}"
         )
     return table
+
+
+def _warn_small_folds(fit_size: int, params: dict, target_col: str) -> None:
+    """LightGBM makes no split when a leaf would hold fewer than ``min_child_samples`` clients:
+    on folds that small every model predicts one constant, and AUROC reads 0.500 ± 0.000."""
+    min_child = int(params.get("min_child_samples", params.get("min_data_in_leaf", 20)))
+    if fit_size < 2 * min_child:
+        logger.warning(
+            "target %r: the training folds hold only %d labelled clients, fewer than 2 × LightGBM's min_child_samples=%d, "
+            "so the trees can barely split (or not at all) and the scores say little; label more clients, use fewer folds, "
+            "or pass lgbm_params={'min_child_samples': ...}", target_col, fit_size, min_child,
+        )

@@ -22,7 +22,9 @@ that scale past one machine's memory:
 Known differences: moments of ``standardize`` columns agree to float64 rounding (the
 sums are added in another order); error counts are per 1,000,000-row chunk for Parquet
 and pandas input like the local path, but per file for CSV (the local path counts per
-64 MB block); one input must be all Parquet or all CSV.
+64 MB block). The local path's counts of duplicate rows, of naive timestamps beside
+zoned ones and of categories unknown to an applied encoding are not reported here (the
+events are the same; only the counts in the summary are missing).
 """
 from __future__ import annotations
 
@@ -44,9 +46,11 @@ import pyarrow.parquet as pq
 
 from ..encoding import UNSEEN_ID, N_RESERVED, CategoryVocab, Encoding, NumericTransform, as_category_strings
 from ..io_utils import atomic_path
-from ..prepare import ON_ERROR, PrepareReport
-from ..schema import EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time
-from ..sources import PARQUET_SUFFIXES, _check_columns, _from_pandas, iter_chunks, list_files
+from ..prepare import ON_ERROR, PrepareReport, remove_stale_outputs
+from ..schema import (
+    EXACT_FLOAT_INT, FLOAT32_MAX, INT64_MAX, EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time,
+)
+from ..sources import PARQUET_SUFFIXES, _check_columns, _from_pandas, csv_header, iter_chunks, list_files, pandas_client_ids
 from ..store import ENCODING_FILE, STORE_FILE, TIME_COLUMN
 from .session import get_session
 
@@ -64,6 +68,7 @@ class _Input:
     csv: bool
     first: pa.Table | None  # first chunk of the first file (time-format detection)
     label: str  # the whole source, for messages
+    merged_ids: int = 0  # client ids given both as number and text in a pandas column, merged
 
 
 def _q(name: str) -> str:
@@ -78,18 +83,6 @@ def spark_path(path: Path) -> str:
 
 def _is_spark_frame(source) -> bool:
     return type(source).__module__.startswith("pyspark.") and hasattr(source, "sparkSession")
-
-
-def _csv_header(file: Path, columns: list[str]) -> str:
-    """The local path's checks on a CSV header (empty file, missing columns); returns the delimiter."""
-    if file.stat().st_size == 0:
-        raise SchemaError(f"{file}: the file is empty (expected a header line with columns {columns})")
-    with open(file, "rb") as fh:
-        head = fh.readline().decode("utf-8", "replace")
-    delimiter = max([",", ";", "\t", "|"], key=head.count)
-    header = [h.strip().strip('"') for h in head.rstrip("\r\n").split(delimiter)]
-    _check_columns(header, columns, str(file))
-    return delimiter
 
 
 def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _Input:
@@ -107,7 +100,12 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
     if isinstance(source, (pd.DataFrame, pa.Table)):
         label = "<DataFrame>" if isinstance(source, pd.DataFrame) else "<Table>"
         first_chunk = next(iter_chunks(source, cols, chunk_rows), None)  # the local missing-column error
-        table = _from_pandas(source[cols], label) if isinstance(source, pd.DataFrame) else source.select(cols)
+        merged = 0
+        if isinstance(source, pd.DataFrame):
+            clients, merged = pandas_client_ids(source[cols[0]])  # the local rule for ids mixing 1 and "1"
+            table = _from_pandas(source[cols[1:]], label).add_column(0, cols[0], clients)
+        else:
+            table = source.select(cols)
         files, names = [tmp / "input.parquet"], [label]
         pq.write_table(table, files[0])
     else:
@@ -122,7 +120,7 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
     delimiter = ","
     for f, name in zip(files, names):
         if csv:
-            found = _csv_header(f, cols)
+            _, found = csv_header(f, cols)
             delimiter = found if f == files[0] else delimiter
             continue
         try:
@@ -163,7 +161,7 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
         ranks += [(form, rank_of[local]) for form in dict.fromkeys([uri, uri.replace("file:///", "file:/", 1)])]
     file_ranks = spark.createDataFrame(ranks, "__path string, __file int")
     df = df.join(F.broadcast(file_ranks), "__path", "left").drop("__path").fillna(-1, subset=["__file"])
-    return _Input(df, names, not csv, csv, first, label)
+    return _Input(df, names, not csv, csv, first, label, merged if isinstance(source, pd.DataFrame) else 0)
 
 
 # ----------------------------------------------------------------- parsing
@@ -234,6 +232,9 @@ def _client_expr(df, name: str, csv: bool):
         return c.cast("long")
     if isinstance(t, T.BooleanType):
         return F.when(c, F.lit("True")).when(~c, F.lit("False"))
+    if isinstance(t, T.DecimalType) and t.scale == 0:  # Parquet uint64: ids beyond int64 stay exact, as text
+        lo, hi = df.select(F.min(c), F.max(c)).first()
+        return c.cast("long") if hi is None or (lo >= -INT64_MAX - 1 and hi <= INT64_MAX) else c.cast("string")
     if isinstance(t, (T.FractionalType,)):
         x = c.cast("double")
         frac = df.select(F.count(F.when(x.isNotNull() & (F.isnan(x) | (x != F.floor(x))), 1))).first()[0]
@@ -241,13 +242,16 @@ def _client_expr(df, name: str, csv: bool):
     if isinstance(t, T.StringType) and csv:
         s = F.when(c != "", c)
         d = F.expr(f"try_cast(nullif({_q(name)}, '') as double)")
-        n, n_long, n_dbl, n_frac = df.select(
+        # as csv_client_ids: through float only when every id is exact in float64 (rint, not
+        # floor: Spark's floor returns a bigint, which clamps ids beyond 2**63)
+        inexact = F.isnan(d) | (F.abs(d) == float("inf")) | ((d == F.rint(d)) & (F.abs(d) > EXACT_FLOAT_INT))
+        n, n_long, n_dbl, n_frac, n_inexact = df.select(
             F.count(s), F.count(F.expr(f"try_cast(nullif({_q(name)}, '') as bigint)")), F.count(d),
-            F.count(F.when(d != F.floor(d), 1)),
+            F.count(F.when(d != F.rint(d), 1)), F.count(F.when(inexact, 1)),
         ).first()
         if n == n_long:
             return s.cast("long")
-        if n == n_dbl:
+        if n == n_dbl and n_inexact == 0:
             return d.cast("long") if n_frac == 0 else d
         return s
     return c.cast("string")
@@ -315,20 +319,22 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
     def bad(x):
         return x.isNull() | F.isnan(x) | (F.abs(x) == float("inf"))
 
-    code = F.when(F.col("__cid").isNull(), 1).when(bad(F.col("__t")), 2)
-    for i in range(len(schema.numeric)):
-        code = code.when(bad(F.col(f"__v{i}")), 3 + i)
-    df = df.withColumn("__code", code.otherwise(0))
     for i, c in enumerate(schema.numeric):
         v = F.col(f"__v{i}")
         base = F.signum(v) * F.log1p(F.abs(v)) if transforms[c].kind in ("log", "log_standardize") else v
         df = df.withColumn(f"__b{i}", base)
+    code = F.when(F.col("__cid").isNull(), 1).when(bad(F.col("__t")), 2)
+    for i in range(len(schema.numeric)):
+        # NumericTransform.check_range: a value beyond float32 after the transform is a bad number
+        code = code.when(bad(F.col(f"__v{i}")) | (F.abs(F.col(f"__b{i}")) > FLOAT32_MAX), 3 + i)
+    df = df.withColumn("__code", code.otherwise(0))
     client_type = df.schema["__cid"].dataType.simpleString()
     return _Parsed(df, client_type, time_format, time_problem, number_problem, python_parsing)
 
 
 # ----------------------------------------------------------------- validation report
-def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchema, chunk_rows: int) -> None:
+def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchema, chunk_rows: int,
+                         transforms: dict[str, NumericTransform]) -> None:
     """The error the local path raises: the first chunk (file order) with a bad row, its first
     failing check, the first such row, the count in that chunk."""
     from pyspark.sql import functions as F
@@ -363,6 +369,9 @@ def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchem
         if problem is None:
             problem = ("non-numeric, null, NaN or infinite value" if nn_any.get(f"__nn{i}") else "null, NaN or infinite value")
         example = raw.select(F.col(_q(column))).first()[0]
+        first = transforms[column].check_range(parse_number(pa.array([example])))
+        if first.overflow is not None and first.overflow[0]:
+            problem = first.overflow_problem
     raise SchemaError(
         f"{inp.names[f]}: column {column!r} has {count} row(s) with {problem}, "
         f"e.g. {example!r} at row {row}. Fix the input or pass on_error='drop' (--on-error drop)."
@@ -438,10 +447,11 @@ def prepare_spark(
         null_cats = stats[5 + n_num : 5 + n_num + n_cat]
         sums = stats[5 + n_num + n_cat :]
         report.n_rows_read = int(n_rows)
+        report.merged_client_ids += inp.merged_ids
         if n_rows == 0:
             raise SchemaError(f"{inp.label}: no events in the input (0 rows)")
         if on_error == "raise" and any(bad_counts):
-            _raise_first_problem(spark, inp, parsed, schema, chunk_rows)
+            _raise_first_problem(spark, inp, parsed, schema, chunk_rows, transforms)
         reasons = ["null client id", f"bad time ({schema.time_col})"] + [f"bad number ({c})" for c in schema.numeric]
         for reason, n in zip(reasons, bad_counts):
             if n:
@@ -501,6 +511,7 @@ def prepare_spark(
         log.info("spark prepare phases: %s", ", ".join(f"{k} {b - a:.1f} s" for k, a, b in zip(list(phases)[1:], times, times[1:])))
         report.n_events = int(n_kept)
         enc.save(out / ENCODING_FILE)
+        remove_stale_outputs(out)
     finally:
         if parsed_df is not None and cache:
             parsed_df.unpersist()
