@@ -14,7 +14,6 @@ import argparse
 import ast
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path

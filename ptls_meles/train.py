@@ -1,7 +1,6 @@
 """Self-supervised MeLES training: the LightningModule and the ``fit`` function."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,6 +17,7 @@ import torch
 from .config import MeLESConfig
 from .data import MeLESDataModule
 from .encoding import Encoding
+from .io_utils import read_json
 from .losses import make_loss
 from .metrics import recall_at_k
 from .nn import build_embedder

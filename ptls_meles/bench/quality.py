@@ -22,7 +22,6 @@ import shlex
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 
