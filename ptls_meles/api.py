@@ -168,25 +168,17 @@ class MeLES(TransformerMixin, BaseEstimator):
 def check_store_encoding(encoding: Encoding, store: SequenceStore) -> None:
     """A store prepared with another encoding than a model's maps values to other ids (or to
     ids past the embedding tables): refuse it, naming the column, instead of embedding garbage."""
-    for c, vocab in encoding.categorical.items():
-        other = store.encoding.categorical.get(c)
-        if other is None or c not in store.columns:
-            raise ValueError(f"the store has no categorical column {c!r} that the model was trained on; "
-                             f"it has {sorted(store.columns)}")
-        if other.values != vocab.values:
-            raise ValueError(
-                f"the store's column {c!r} was encoded with another vocabulary than the model's "
-                f"({len(other.values)} vs {len(vocab.values)} values, e.g. {other.values[:3]} vs {vocab.values[:3]}); "
-                "pass raw events, or prepare the store with the model's encoding (prepare(..., encoding=model.encoding_) / "
-                "`ptls-meles prepare --encoding MODEL/encoding.json`)"
-            )
-    for c, transform in encoding.numeric.items():
-        other = store.encoding.numeric.get(c)
-        if other is None or c not in store.columns:
-            raise ValueError(f"the store has no numeric column {c!r} that the model was trained on; it has {sorted(store.columns)}")
-        if other != transform:
-            raise ValueError(f"the store's column {c!r} was transformed as {other}, the model expects {transform}; "
-                             "prepare the store with the model's encoding")
+    for kind, names in (("categorical", encoding.categorical), ("numeric", encoding.numeric)):
+        for c in names:
+            if c not in store.columns:
+                raise ValueError(f"the store has no {kind} column {c!r} that the model was trained on; "
+                                 f"it has {sorted(store.columns)}")
+    why = encoding.mismatch(store.encoding)
+    if why is not None:
+        raise ValueError(
+            f"the store was encoded differently from the model: {why}; pass raw events, or prepare the store with "
+            "the model's encoding (prepare(..., encoding=model.encoding_) / `ptls-meles prepare --encoding MODEL/encoding.json`)"
+        )
 
 
 def _single_client(frame: pd.DataFrame, client_col: str, i: int):

@@ -219,7 +219,7 @@ def test_encoding_mismatch_is_refused(data):
     other = store.encoding.to_dict()
     other["categorical"]["mcc"]["values"] = list(reversed(VALUES))
     pretrained = MeLESModule(CONFIG.to_dict(), other)
-    with pytest.raises(ValueError, match="column 'mcc' was encoded with another vocabulary"):
+    with pytest.raises(ValueError, match="another vocabulary for 'mcc'"):
         supervised_eval(store, targets, "is_zero", CONFIG, pretrained=pretrained, **FAST)
     with pytest.raises(ValueError, match="n_folds"):
         supervised_eval(store, targets, "is_zero", CONFIG, n_folds=1, show_progress=False)
