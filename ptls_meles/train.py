@@ -295,7 +295,7 @@ def load_weights(path: str | os.PathLike | BinaryIO):
     crafted file cannot run code; refusals and corrupt files raise a clear error."""
     import pickle
 
-    if Path(path).is_file() and Path(path).stat().st_size == 0:
+    if isinstance(path, (str, os.PathLike)) and Path(path).is_file() and Path(path).stat().st_size == 0:
         raise UnsafeOrCorruptModelError(f"{path}: not a readable model file (the file is empty); save or train the model again")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
