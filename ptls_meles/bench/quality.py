@@ -129,12 +129,12 @@ def _score(features, targets, target_list, lgbm: dict, threads: int) -> dict:
     return out
 
 
-def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a) -> dict:
+def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a, key: str) -> dict:
     from ..api import MeLES
 
     config = MeLESConfig.from_dict({**overrides, "max_minutes": a.budget_min, "max_epochs": a.epochs,
                                     "patience": None})
-    run_dir = work / "runs" / name
+    run_dir = work / "runs" / f"{name}-{key}"  # one directory per row: logs of other budgets never mix in
     t0 = time.perf_counter()
     model = MeLES(**config.to_dict()).fit(store, out_dir=run_dir, show_progress=False)
     minutes = (time.perf_counter() - t0) / 60
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         key = _digest({"data": data_key, "config": overrides, "budget": a.budget_min, "epochs": a.epochs})
         file = rows_dir / f"{name}-{key}.json"
         if not file.exists():
-            row, emb = _train_row(name, overrides, store, work, a)
+            row, emb = _train_row(name, overrides, store, work, a, key)
             t0 = time.perf_counter()
             row.update(name=name, overrides=overrides,
                        scores=_score(emb, targets, target_list, lgbm, a.threads),
