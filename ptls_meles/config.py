@@ -45,23 +45,34 @@ PRESETS: dict[str, dict] = {
 }
 
 
+#: what the lever settings meant for configs saved before the levers existed (those
+#: models were built this way; today's defaults would not fit their weights)
+SAVED_BEFORE_LEVERS: dict = dict(numeric_encoding="scalar", time_features="", pooling="last", aux_objective="",
+                                 lr_schedule="step", grad_clip=None)
+
+
 @dataclass
 class MeLESConfig:
     """Everything that defines a MeLES run. ``preset`` (e.g. ``"paper"``) fills every
-    setting left at its default with the preset's value, then is cleared."""
+    setting left at its default with the preset's value, then is cleared.
+
+    Defaults (chosen on PhysioNet 2012 and the synthetic banking data, docs/results/
+    quality_*.md): numbers also read within their event's category, time gaps / elapsed /
+    absolute time as inputs, and last + mean + max pooling; the MeLES paper's contrastive
+    loss with hard negatives and its slices."""
 
     preset: str | None = None
 
     # event encoder
     cat_embedding_dim: int = 16
     cat_embedding_dims: dict[str, int] = field(default_factory=dict)  # per-field override
-    numeric_encoding: str = "scalar"  # set of scalar | by_category | periodic
-    time_features: str = ""  # set of gap | elapsed | absolute | daytime ("" = none)
+    numeric_encoding: str = "scalar,by_category"  # set of scalar | by_category | periodic
+    time_features: str = "gap,elapsed,absolute"  # set of gap | elapsed | absolute | daytime ("" = none)
     # sequence encoder
     encoder: str = "gru"
     hidden_size: int = 256
     num_layers: int = 1
-    pooling: str = "last"  # set of last | mean | max | attention
+    pooling: str = "last,mean,max"  # set of last | mean | max | attention
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"nhead": 4}
     # pair generation
     split: str = "slices"
@@ -140,6 +151,8 @@ class MeLESConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MeLES setting(s) {unknown}; known settings: {sorted(known)}")
+        if "numeric_encoding" not in d:  # saved before the quality levers: their settings then
+            d = {**SAVED_BEFORE_LEVERS, **d}
         return cls(**d)
 
     def embedding_dim_of(self, column: str) -> int:

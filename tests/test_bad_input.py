@@ -512,7 +512,7 @@ def case_fit_and_embed_one_event_clients(ctx, tmp, capsys):
     assert (store.lengths == 1).all()
     model = MeLES(**SMALL).fit(store, show_progress=False)
     emb = model.transform(store).iloc[:, 1:].to_numpy()
-    assert emb.shape == (24, SMALL["hidden_size"]) and np.isfinite(emb).all()
+    assert emb.shape == (24, model.module_.embedder.output_size) and np.isfinite(emb).all()
     assert np.isfinite(ctx.model.transform(raw).iloc[:, 1:].to_numpy()).all()
 
 

@@ -224,3 +224,13 @@ def test_next_event_objective_trains_and_is_refused_for_a_transformer():
     aux.backward()
     assert seq.shape == (4, 6, 8) and torch.isfinite(aux)
     assert module.embedder.seq_encoder.rnn.weight_ih_l0.grad.abs().sum() > 0
+
+
+def test_configs_saved_before_the_levers_keep_the_architecture_they_were_trained_with():
+    from ptls_meles.config import SAVED_BEFORE_LEVERS
+
+    old = {k: v for k, v in MeLESConfig().to_dict().items() if k not in SAVED_BEFORE_LEVERS}
+    old["time_features"] = True  # the old boolean
+    c = MeLESConfig.from_dict(old)
+    assert (c.numeric_encoding, c.pooling, c.time_features) == ("scalar", "last", "gap")
+    assert MeLESConfig.from_dict(MeLESConfig().to_dict()) == MeLESConfig()
