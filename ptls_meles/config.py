@@ -146,12 +146,14 @@ class MeLESConfig:
         return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MeLESConfig":
+    def from_dict(cls, d: dict, saved: bool = False) -> "MeLESConfig":
+        """``saved=True`` for a config read from a checkpoint or model directory: one saved
+        before the quality levers existed gets the settings it was trained with."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown MeLES setting(s) {unknown}; known settings: {sorted(known)}")
-        if "numeric_encoding" not in d:  # saved before the quality levers: their settings then
+        if saved and "numeric_encoding" not in d:  # saved before the quality levers: their settings then
             d = {**SAVED_BEFORE_LEVERS, **d}
         return cls(**d)
 

@@ -63,7 +63,8 @@ class MeLESModule(pl.LightningModule):
 
     def __init__(self, config: MeLESConfig | dict, encoding: Encoding | dict) -> None:
         super().__init__()
-        self.cfg = config if isinstance(config, MeLESConfig) else MeLESConfig.from_dict(config)
+        # a dict is a saved config (checkpoint, model directory)
+        self.cfg = config if isinstance(config, MeLESConfig) else MeLESConfig.from_dict(config, saved=True)
         self.encoding = encoding if isinstance(encoding, Encoding) else Encoding.from_dict(encoding)
         # plain dicts travel inside every checkpoint (loadable with weights_only)
         self.save_hyperparameters({"config": self.cfg.to_dict(), "encoding": self.encoding.to_dict()})
@@ -174,7 +175,7 @@ def check_resumable(ckpt: dict, path: Path, store: SequenceStore, config: MeLESC
     if why is not None:
         raise ValueError(f"cannot resume from {path}: the store was encoded differently from the checkpoint's training data "
                          f"({why}); resume with the store the run was trained on, or start a new run with another --out")
-    saved = MeLESConfig.from_dict(hp["config"]).to_dict()
+    saved = MeLESConfig.from_dict(hp["config"], saved=True).to_dict()
     wanted = config.to_dict()
     changed = [f"{k}={saved[k]!r} in the checkpoint, {wanted[k]!r} now" for k in ARCHITECTURE_SETTINGS if saved[k] != wanted[k]]
     if changed:

@@ -231,6 +231,7 @@ def test_configs_saved_before_the_levers_keep_the_architecture_they_were_trained
 
     old = {k: v for k, v in MeLESConfig().to_dict().items() if k not in SAVED_BEFORE_LEVERS}
     old["time_features"] = True  # the old boolean
-    c = MeLESConfig.from_dict(old)
+    c = MeLESConfig.from_dict(old, saved=True)
     assert (c.numeric_encoding, c.pooling, c.time_features) == ("scalar", "last", "gap")
+    assert MeLESConfig.from_dict({"hidden_size": 8}).pooling == MeLESConfig().pooling  # partial settings: today's defaults
     assert MeLESConfig.from_dict(MeLESConfig().to_dict()) == MeLESConfig()
