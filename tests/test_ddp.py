@@ -53,7 +53,7 @@ SCRIPT = textwrap.dedent(
     store = store_from_lengths(np.random.default_rng(0).integers(30, 60, {n}))
     store.encoding = Encoding("client", "event_time", "number",
                               numeric={{"amount": NumericTransform("identity"), "pos": NumericTransform("identity")}})
-    cfg = MeLESConfig(hidden_size=16, batch_size={batch}, split_count=2, cnt_min=5, cnt_max=20, max_epochs={epochs},
+    cfg = MeLESConfig(hidden_size=16, pooling="last", batch_size={batch}, split_count=2, cnt_min=5, cnt_max=20, max_epochs={epochs},
                       val_fraction=0.0, num_workers=0, patience=None, max_events=64)
     module = fit(store, cfg, accelerator="cpu", devices=2, strategy="ddp", show_progress=False)
     rank = int(os.environ.get("LOCAL_RANK", 0))
