@@ -72,7 +72,7 @@ def test_supervised_binary_learns_well_above_chance(data):
     assert r.test_mean > 0.85 and r.cv_mean > 0.85, r.summary()
     assert all(0 <= s <= 1 for s in r.cv_scores + r.test_scores)
     assert r.n_test == 48 and r.n_train == 192 and r.join.n_used == 240
-    assert r.classes == [0, 1] and r.n_features == 16
+    assert r.classes == [0, 1] and r.n_features == CONFIG.hidden_size * len(CONFIG.parts("pooling"))
     assert r.model == "supervised_encoder" and r.to_dict()["model"] == "supervised_encoder"
     assert r.params["encoder_lr"] == r.params["lr"] == 0.01 and r.params["max_epochs"] == 3
     assert len(r.best_epochs) == 2 and all(1 <= e <= 3 for e in r.best_epochs)
