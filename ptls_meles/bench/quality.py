@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config import MeLESConfig
+from ..config import MeLESConfig, parse_settings
 from ..downstream.evaluate import PAPER_LGBM_PARAMS, evaluate
 from ..downstream.features import handcrafted_features
 from ..embed import embed_frame
@@ -61,20 +61,11 @@ DEFAULT_TARGETS = {
 
 
 def parse_define(text: str) -> tuple[str, dict]:
-    """``NAME:key=value;key=value`` -> (name, overrides); values parse as JSON where they can."""
+    """``NAME:key=value;key=value`` -> (name, overrides), values as in ``--set``."""
     name, _, body = text.partition(":")
     if not name or not body:
         raise ValueError(f"--define {text!r}: expected NAME:KEY=VALUE;KEY=VALUE, e.g. wide:hidden_size=512;pooling=last,mean")
-    overrides = {}
-    for item in body.split(";"):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--define {text!r}: {item!r} is not KEY=VALUE")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return name, overrides
+    return name, parse_settings(body.split(";"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     target_list = a.targets.split(",") if a.targets else DEFAULT_TARGETS.get(dataset) or (known[0] if known else [
         c for c in targets.columns if c != "client_id" and 2 <= targets[c].nunique() <= 20])
     lgbm = LGBM[a.lgbm]
-    common = dict(parse_define("all:" + ";".join(a.set))[1]) if a.set else {}
+    common = parse_settings(a.set)
     configs = {n: {**CONFIGS[n], **common} for n in a.configs.split(",") if n}
     unknown = [n for n in a.configs.split(",") if n and n not in CONFIGS]
     if unknown:
