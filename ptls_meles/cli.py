@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import logging
 import sys
@@ -31,29 +30,14 @@ def _threads(n: int | None) -> None:
     set_threads(n)
 
 
-def _parse_sets(pairs: list[str]) -> dict:
-    """``--set key=value`` pairs; values are Python literals when they parse, else strings."""
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--set expects key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        try:
-            out[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key.strip()] = value
-    return out
-
-
 def _config(args) -> "MeLESConfig":
-    from .config import MeLESConfig
-
+    from .config import MeLESConfig, parse_settings
     from .io_utils import read_json
 
     params = read_json(args.config, "config") if getattr(args, "config", None) else {}
     if not isinstance(params, dict):
         raise ValueError(f"{args.config}: not a config file (expected a JSON object of settings, e.g. {{\"hidden_size\": 256}})")
-    params.update(_parse_sets(getattr(args, "set", [])))
+    params.update(parse_settings(getattr(args, "set", [])))
     return MeLESConfig.from_dict(params)
 
 

@@ -161,6 +161,23 @@ class MeLESConfig:
         return self.cat_embedding_dims.get(column, self.cat_embedding_dim)
 
 
+def parse_settings(pairs: list[str] | None) -> dict:
+    """``KEY=VALUE`` strings (``--set``, ``--define``) -> settings; values are Python
+    literals when they parse (``8``, ``None``, ``True``), else strings (``last,mean``)."""
+    import ast
+
+    out = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"expected KEY=VALUE, e.g. hidden_size=128, got {pair!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value
+    return out
+
+
 def _normalise_set(name: str, value: str, valid: tuple[str, ...], may_be_empty: bool) -> str:
     parts = [p.strip() for p in value.split(",") if p.strip()]
     bad = [p for p in parts if p not in valid]

@@ -13,7 +13,7 @@ from ptls_meles.schema import EventSchema
 
 
 def test_parse_define_reads_json_values_and_plain_strings():
-    assert parse_define("wide:hidden_size=512;pooling=last,mean;grad_clip=null") == (
+    assert parse_define("wide:hidden_size=512;pooling=last,mean;grad_clip=None") == (
         "wide", {"hidden_size": 512, "pooling": "last,mean", "grad_clip": None})
 
 

@@ -38,7 +38,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from ..config import MeLESConfig
+from ..config import MeLESConfig, parse_settings
 from ..downstream.evaluate import PAPER_LGBM_PARAMS, EvalResult, evaluate
 from ..downstream.protocol import TASKS, to_plain
 from ..io_utils import atomic_path
@@ -297,10 +297,8 @@ class PaperBench:
         store_dir, dataset = _build_store(a, self.work)
         self.store, self.targets = load_data(store_dir, a.max_clients, a.seed)
         self.target_list = parse_targets(a.targets, self.targets, dataset)
-        from ..cli import _parse_sets
-
         self.config = MeLESConfig.from_dict({"max_epochs": a.epochs, "hidden_size": a.hidden_size, "seed": a.seed,
-                                             **_parse_sets(a.set)})
+                                             **parse_settings(a.set)})
         data_key = {"store": str(store_dir.resolve()), "n_clients": self.store.n_clients, "n_events": self.store.n_events,
                     "max_clients": a.max_clients, "first_ids": [str(x) for x in self.store.client_ids[:5]]}
         self.settings = {

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import logging
-import platform
 import shlex
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ..config import MeLESConfig
+from ..config import MeLESConfig, parse_settings
 from ..downstream.evaluate import PAPER_LGBM_PARAMS, evaluate
 from ..downstream.features import handcrafted_features
 from ..embed import embed_frame
@@ -62,20 +61,11 @@ DEFAULT_TARGETS = {
 
 
 def parse_define(text: str) -> tuple[str, dict]:
-    """``NAME:key=value;key=value`` -> (name, overrides); values parse as JSON where they can."""
+    """``NAME:key=value;key=value`` -> (name, overrides), values as in ``--set``."""
     name, _, body = text.partition(":")
     if not name or not body:
         raise ValueError(f"--define {text!r}: expected NAME:KEY=VALUE;KEY=VALUE, e.g. wide:hidden_size=512;pooling=last,mean")
-    overrides = {}
-    for item in body.split(";"):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--define {text!r}: {item!r} is not KEY=VALUE")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return name, overrides
+    return name, parse_settings(body.split(";"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     target_list = a.targets.split(",") if a.targets else DEFAULT_TARGETS.get(dataset) or (known[0] if known else [
         c for c in targets.columns if c != "client_id" and 2 <= targets[c].nunique() <= 20])
     lgbm = LGBM[a.lgbm]
-    common = dict(parse_define("all:" + ";".join(a.set))[1]) if a.set else {}
+    common = parse_settings(a.set)
     configs = {n: {**CONFIGS[n], **common} for n in a.configs.split(",") if n}
     unknown = [n for n in a.configs.split(",") if n and n not in CONFIGS]
     if unknown:
@@ -234,6 +224,12 @@ def cached_rows(rows_dir: Path, target_list: list[str]) -> list[dict]:
     return [hand] + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
 
 
+def _machine() -> str:
+    from .speed import _machine as machine
+
+    return machine(1).rsplit(", threads=", 1)[0]
+
+
 def _brief(scores: dict) -> str:
     return " ".join(f"{t} {s['test']:.3f}±{s['test_interval']:.3f}" for t, s in scores.items())
 
@@ -250,13 +246,13 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
     hand = rows[0]["scores"]
     metric = {t: hand[t]["metric"] for t in target_list}
     head = "| configuration | features | " + " | ".join(f"{t} ({metric[t]})" for t in target_list) + \
-        " | train min | epochs (best) | val recall |"
+        " | budget min | train min | epochs (best) | val recall |"
     lines = [
         f"# Quality bench: {Path(a.out).name}", "",
         "Command: `ptls-meles bench quality -- " + shlex.join(argv or []) + "`", "",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} torch thread(s), LightGBM budget `{a.lgbm}`; "
-        f"training budget {a.budget_min:g} min or {a.epochs} epochs per configuration. Cells: test mean ± 95% "
-        "interval over 5 folds (CV mean below).", "",
+        f"Machine: {_machine()}; one torch thread per run, LightGBM budget `{a.lgbm}`. Each configuration "
+        "trains for its wall-clock budget (or its epoch cap), then embeds every client. Cells: test mean ± 95% "
+        "interval over 5 folds (CV mean in brackets); val recall: the best validation recall@(views−1).", "",
         head, "|" + "---|" * (head.count("|") - 1),
     ]
 
@@ -264,12 +260,13 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
         return " | ".join(f"{scores[t]['test']:.3f} ± {scores[t]['test_interval']:.3f} (cv {scores[t]['cv']:.3f})"
                           for t in target_list)
 
-    lines.append(f"| hand-crafted | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – |")
+    lines.append(f"| hand-crafted | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – | – |")
     for r in rows[1:]:
         best = f"{r['epochs']} ({r['best_epoch']})" if r.get("epochs") else "–"
         vr = f"{r['val_recall']:.3f}" if r.get("val_recall") is not None else "–"
-        lines.append(f"| {r['name']} | embeddings | {cells(r['scores'])} | {r['train_minutes']:.1f} | {best} | {vr} |")
-        lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | |")
+        lines.append(f"| {r['name']} | embeddings | {cells(r['scores'])} | {r['budget_min']:g} | {r['train_minutes']:.1f} "
+                     f"| {best} | {vr} |")
+        lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | | |")
     lines += ["", "Configurations (overrides of `MeLESConfig` defaults):", ""]
     lines += [f"- `{r['name']}`: `{json.dumps(r['overrides'])}`" for r in rows[1:]]
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
