@@ -136,7 +136,7 @@ def test_gru_with_pooled_states_gives_the_same_vector_alone_or_in_a_batch():
 
     enc.categorical["p"] = CategoryVocab(values=["a", "b", "c"])
     torch.manual_seed(0)
-    emb = embedder_from_config(MeLESConfig(hidden_size=8, pooling="last,mean,max,attention"), enc).eval()
+    emb = embedder_from_config(MeLESConfig(hidden_size=8, pooling="last,mean,max,attention", time_features=""), enc).eval()
     assert emb.output_size == 32
     rows = [torch.randint(2, 5, (n,)) for n in (3, 7, 5)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([3, 7, 5]))

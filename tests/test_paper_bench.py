@@ -162,7 +162,7 @@ def test_rerun_skips_cached_rows(bench, monkeypatch, capsys):
     assert "(cached)" not in capsys.readouterr().out
     assert fresh["table"] == {} and fresh["settings"]["lgbm_trees"] == 10
     assert set(fresh["runs"]) == {fresh["ablations"]["size"][v]["run"] for v in ("16", "32")}
-    assert fresh["ablations"]["size"]["32"]["targets"]["bins"]["n_features"] == 32
+    assert fresh["ablations"]["size"]["32"]["targets"]["bins"]["n_features"] == 32 * 3  # last, mean and max pooled
 
 
 def test_labelled_subsample_is_stratified_nested_and_order_preserving():
