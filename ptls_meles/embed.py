@@ -65,17 +65,33 @@ def _length_sorted_batches(order: np.ndarray, take: np.ndarray, batch_size: int,
         s += n
 
 
+def chunk_segments(starts: np.ndarray, lengths: np.ndarray, chunk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut each segment ``[start, start + length)`` into ``ceil(length / chunk)`` contiguous,
+    evenly sized chunks: ``(chunk starts, chunk lengths, segment position of each chunk)``."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    k = np.maximum(1, -(-lengths // chunk))
+    owner = np.repeat(np.arange(len(lengths)), k)
+    j = np.arange(int(k.sum())) - np.repeat(np.cumsum(k) - k, k)
+    first = (j * lengths[owner]) // k[owner]
+    last = ((j + 1) * lengths[owner]) // k[owner]
+    return np.asarray(starts, dtype=np.int64)[owner] + first, last - first, owner
+
+
 def iter_embeddings(
     embedder: torch.nn.Module,
     store: SequenceStore,
     max_events: int | None = None,
     batch_size: int = 256,
     show_progress: bool = True,
+    chunk: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(client positions, embeddings [n, D])`` batch by batch, in length order.
 
     Embeddings are the raw (not L2-normalised) encoder outputs: downstream models get the
-    full information, and cosine retrieval can still normalise them.
+    full information, and cosine retrieval can still normalise them. With ``chunk``, a
+    client's window is cut into contiguous chunks of at most ``chunk`` events and its
+    embedding is the mean of theirs: the encoder then reads sequences as long as the views
+    it was trained on, not several times longer.
     """
     lengths = store.lengths
     take = lengths if max_events is None else np.minimum(lengths, max_events)
@@ -90,9 +106,15 @@ def iter_embeddings(
             for clients in _length_sorted_batches(order, take, batch_size, _cost_fn(embedder)):
                 n = take[clients]
                 starts = store.offsets[clients + 1] - n
+                owner = None
+                if chunk:
+                    starts, n, owner = chunk_segments(starts, n, chunk)
                 batch = pad_segments(store.columns, ragged_arange(starts, n), offsets_from_lengths(n))
                 device = next(embedder.parameters()).device
                 out = embedder(batch.to(device)).float().cpu().numpy()
+                if owner is not None:  # the mean of each client's chunks (a client's chunks are adjacent)
+                    counts = np.bincount(owner, minlength=len(clients))
+                    out = (np.add.reduceat(out.astype(np.float64), np.cumsum(counts) - counts) / counts[:, None]).astype(np.float32)
                 bad = ~np.isfinite(out).all(axis=1)
                 if bad.any():
                     example = store.client_ids[clients[np.flatnonzero(bad)[0]]]

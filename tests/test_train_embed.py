@@ -162,3 +162,34 @@ def test_length_sorted_batches_respect_the_work_budget():
     assert all(len(b) <= 4 for b in batches)
     assert all(len(b) == 1 or len(b) * take[b].max() <= 2000 for b in batches)
     assert [len(b) for b in batches] == [4, 2, 2]  # short clients together, long ones in halves
+
+
+def test_chunks_cut_each_window_evenly_and_chunked_embedding_is_the_mean_of_the_chunks():
+    import torch
+    from conftest import events_frame
+    from ptls_meles.config import MeLESConfig
+    from ptls_meles.embed import chunk_segments
+    from ptls_meles.store import SequenceStore
+    from ptls_meles.train import MeLESModule
+
+    starts, lengths, owner = chunk_segments(np.array([0, 10, 17]), np.array([10, 7, 3]), 4)
+    # 10 events → 3 chunks (3, 3, 4), 7 → 2 chunks (3, 4), 3 → 1 chunk
+    assert starts.tolist() == [0, 3, 6, 10, 13, 17] and lengths.tolist() == [3, 3, 4, 3, 4, 3]
+    assert owner.tolist() == [0, 0, 0, 1, 1, 2]
+
+    torch.manual_seed(0)
+    tx = events_frame(n_clients=12, max_len=40, seed=3)
+    store, _ = prepare(tx, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), show_progress=False)
+    embedder = MeLESModule(MeLESConfig(hidden_size=8), store.encoding).embedder
+    chunked = embed_frame(embedder, store, max_events=30, chunk=8, show_progress=False)
+    # by hand: client 0's last 30 events, cut in chunks, each embedded alone, averaged
+    n = min(int(store.lengths[0]), 30)
+    c_starts, c_lengths, _ = chunk_segments(np.array([store.offsets[1] - n]), np.array([n]), 8)
+    offsets = np.concatenate([[0], np.cumsum(c_lengths)])
+    index = np.concatenate([np.arange(s, s + l) for s, l in zip(c_starts, c_lengths)])
+    pieces = SequenceStore(client_ids=np.arange(len(c_lengths)), offsets=offsets,
+                           columns={k: v[index] for k, v in store.columns.items()}, encoding=store.encoding)
+    by_hand = embed_frame(embedder, pieces, show_progress=False).drop(columns="client_id").to_numpy().mean(0)
+    assert np.allclose(chunked.iloc[0, 1:].to_numpy(dtype=float), by_hand, atol=1e-5)
+    whole = embed_frame(embedder, store, max_events=30, show_progress=False)
+    assert not np.allclose(whole.iloc[0, 1:].to_numpy(dtype=float), by_hand, atol=1e-3)  # chunking changes the vector
