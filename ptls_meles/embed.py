@@ -39,6 +39,12 @@ def unseen_shares(store: SequenceStore) -> dict[str, float]:
     return {c: float(np.count_nonzero(store.columns[c] == UNSEEN_ID)) / n for c in store.categorical if c in store.columns}
 
 
+def window_lengths(lengths: np.ndarray, max_events: int | None) -> np.ndarray:
+    """How many events of each client inference reads: its last ``max_events`` (``None``:
+    all). The one definition of the inference window; the events are the client's last ones."""
+    return lengths if max_events is None else np.minimum(lengths, max_events)
+
+
 # work allowed per batch: events for recurrent encoders, attention cells for Transformers
 # (their memory grows with the square of the length); long clients then come in smaller batches
 MAX_BATCH_EVENTS = 1 << 19
@@ -72,18 +78,16 @@ def iter_embeddings(
     batch_size: int = 256,
     show_progress: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(client positions, embeddings [n, D])`` batch by batch, in length order.
+    """Yield ``(client positions, embeddings [n, D])`` batch by batch, in length order, from
+    each client's last ``max_events`` events (:func:`window_lengths`).
 
-    Embeddings are the raw (not L2-normalised) encoder outputs: downstream models get the
+    Embeddings are the embedder's raw (not L2-normalised) outputs: downstream models get the
     full information, and cosine retrieval can still normalise them.
     """
-    lengths = store.lengths
-    take = lengths if max_events is None else np.minimum(lengths, max_events)
+    take = window_lengths(store.lengths, max_events)
     order = np.argsort(take, kind="stable")
-    was_training, normalize = embedder.training, getattr(embedder, "normalize", False)
+    was_training = embedder.training
     embedder.eval()
-    if hasattr(embedder, "normalize"):
-        embedder.normalize = False
     bar = tqdm(total=store.n_clients, unit="clients", desc="embed", disable=not show_progress)
     try:
         with torch.inference_mode():
@@ -106,8 +110,6 @@ def iter_embeddings(
     finally:
         bar.close()
         embedder.train(was_training)
-        if hasattr(embedder, "normalize"):
-            embedder.normalize = normalize
 
 
 def embed_frame(embedder: torch.nn.Module, store: SequenceStore, **kwargs) -> pd.DataFrame:

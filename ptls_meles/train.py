@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 import pytorch_lightning as pl
 import torch
+from torch.nn.functional import normalize
 
 from .config import MeLESConfig
 from .data import MeLESDataModule
@@ -59,7 +60,8 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
 
 
 class MeLESModule(pl.LightningModule):
-    """Step logic only: embed views, mine pairs, compute the loss; validation recall@(k−1)."""
+    """Step logic only: embed views, L2-normalise them, mine pairs, compute the loss;
+    validation recall@(k−1). The embedder itself stays raw (what ``embed`` writes)."""
 
     def __init__(self, config: MeLESConfig | dict, encoding: Encoding | dict) -> None:
         super().__init__()
@@ -94,19 +96,19 @@ class MeLESModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         padded, labels = batch
         if self.next_event is None:
-            emb = self.embedder(padded)
+            emb = normalize(self.embedder(padded), dim=-1)  # metric learning works on the unit sphere
             loss = self.loss_fn(emb, labels)
         else:
             emb, sequence = self.embedder(padded, return_sequence=True)
             aux = self.next_event(sequence, padded)
-            loss = self.loss_fn(emb, labels) + self.cfg.aux_weight * aux
+            loss = self.loss_fn(normalize(emb, dim=-1), labels) + self.cfg.aux_weight * aux
             self.log("aux_loss", aux, on_step=False, on_epoch=True, batch_size=int(labels.max()) + 1)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(labels.max()) + 1)
         return loss
 
     def validation_step(self, batch, batch_idx):
         padded, labels = batch
-        emb = self.embedder(padded)
+        emb = normalize(self.embedder(padded), dim=-1)
         self._val.append((emb.detach().cpu(), labels.cpu() + batch_idx * (10**6)))
 
     def on_validation_epoch_end(self) -> None:

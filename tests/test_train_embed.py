@@ -95,6 +95,31 @@ def test_max_events_uses_the_last_events(fitted, store):
     np.testing.assert_allclose(alone.iloc[0, 1:].to_numpy(float), last10.iloc[i, 1:].to_numpy(float), atol=1e-5)
 
 
+def test_training_head_normalises_and_the_table_stays_raw(fitted, store, monkeypatch):
+    import torch
+    from torch.nn.functional import normalize
+
+    from ptls_meles.batch import pad_segments
+    from ptls_meles.data import ViewBatches
+
+    module = fitted[0].module_
+    padded, labels = ViewBatches(store, np.arange(16), module.cfg)[(0, 0)]
+    with torch.no_grad():
+        raw = module.embedder(padded)
+        assert not torch.allclose(raw.norm(dim=1), torch.ones(len(raw)), atol=1e-3)
+        module._val.clear()
+        module.validation_step((padded, labels), 0)
+        np.testing.assert_allclose(module._val.pop()[0].norm(dim=1).numpy(), 1.0, atol=1e-5)
+        expected = module.loss_fn(normalize(raw, dim=-1), labels)
+        monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no Trainer attached
+        assert torch.allclose(module.training_step((padded, labels), 0), expected)
+    table = embed_frame(module.embedder, store.take(np.arange(16)), show_progress=False)
+    one = store.take(np.array([3]))
+    with torch.no_grad():
+        direct = module.embedder(pad_segments(one.columns, np.arange(one.n_events), one.offsets))[0].numpy()
+    np.testing.assert_allclose(table.iloc[3, 1:].to_numpy(float), direct, atol=1e-5)  # embed writes the raw vector
+
+
 def test_write_embeddings_streams_a_parquet_table_with_metadata(fitted, store, tmp_path):
     model, _ = fitted
     path = tmp_path / "emb.parquet"

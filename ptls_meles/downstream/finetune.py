@@ -104,7 +104,6 @@ class SequenceClassifier(pl.LightningModule):
                  encoder_lr: float = 1e-3, weight_decay: float = 0.0, max_events: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.embedder = embedder.train()  # a pretrained copy comes in eval mode; Lightning does not switch it
-        self.embedder.normalize = False
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(embedder.output_size, n_classes)
         self.head_lr, self.encoder_lr, self.weight_decay = head_lr, encoder_lr, weight_decay

@@ -85,15 +85,18 @@ def embed_spark(
     model,
     out: str | Path,
     spark=None,
-    max_events: int | None = -1,  # -1: the model's own window
+    max_events: int | None = None,
     batch_size: int | None = None,
     partitions: int | None = None,
     row_group_rows: int = 65_536,
 ) -> dict:
     """Embed every client of a store on Spark into the Parquet table ``out``.
 
-    ``model``: a fitted MeLES, a MeLESModule, or a model/run directory. ``max_events`` and
-    ``batch_size`` default to the model config's (``max_events=-1`` means "the config's").
+    ``model``: a fitted MeLES, a MeLESModule, or a model/run directory. Each client is
+    embedded from its last ``max_events`` events, as ``MeLES.transform`` does; ``None`` (the
+    default) is the model config's window, a number overrides it (there is no "whole
+    sequence" value: pass a number above the longest client). ``batch_size`` defaults to
+    the config's too.
     ``partitions``: client-id ranges to split the work into (default: twice the default
     parallelism).
     Returns ``{"clients", "dim", "seconds", "clients_per_s"}`` like the local writer.
@@ -105,8 +108,8 @@ def embed_spark(
     spark = spark or get_session()
     module = _resolve_model(model)
     config, encoding = module.cfg.to_dict(), module.encoding.to_dict()
-    max_events = config["max_events"] if max_events == -1 else max_events
-    batch_size = batch_size or config["embed_batch_size"]
+    max_events = module.cfg.max_events if max_events is None else max_events
+    batch_size = batch_size or module.cfg.embed_batch_size
     buf = io.BytesIO()
     torch.save({"hyper_parameters": {"config": config, "encoding": encoding}, "state_dict": module.state_dict()}, buf)
     payload = spark.sparkContext.broadcast({"model": buf.getvalue(), "token": uuid.uuid4().hex})
