@@ -235,6 +235,19 @@ def test_same_error_messages(spark, tmp_path, case):
     assert not (tmp_path / "spark" / STORE_FILE).exists()
 
 
+def test_csv_files_with_different_delimiters_are_refused_not_misread(spark, tmp_path):
+    from ptls_meles.spark import prepare_spark
+
+    df = events(6, seed=4, text_ids=False)
+    (tmp_path / "in").mkdir()
+    df.iloc[:20].to_csv(tmp_path / "in" / "a.csv", index=False)
+    df.iloc[20:].to_csv(tmp_path / "in" / "b.csv", index=False, sep=";")
+    _, local = prepare(tmp_path / "in", SCHEMA, show_progress=False)  # the local engine reads each file with its own
+    assert local.n_rows_read == len(df)
+    with pytest.raises(SchemaError, match=r"different delimiters .*a\.csv ','.*b\.csv ';'"):
+        prepare_spark(tmp_path / "in", SCHEMA, tmp_path / "spark", spark=spark)
+
+
 def test_embed_matches_single_machine(spark, tmp_path):
     import torch
 

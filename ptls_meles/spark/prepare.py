@@ -46,7 +46,10 @@ import pyarrow.parquet as pq
 
 from ..encoding import UNSEEN_ID, N_RESERVED, CategoryVocab, Encoding, NumericTransform, as_category_strings
 from ..io_utils import atomic_path
-from ..prepare import ON_ERROR, PrepareReport, remove_stale_outputs
+from ..prepare import PrepareReport, remove_stale_outputs
+from ..prepare_rules import (
+    NULL_CLIENT_PROBLEM, all_dropped_error, bad_rows_error, check_arguments, drop_reasons, no_rows_error, numeric_transforms,
+)
 from ..schema import (
     EXACT_FLOAT_INT, FLOAT32_MAX, INT64_MAX, EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time,
 )
@@ -117,11 +120,10 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
     if any(is_parquet) and not all(is_parquet):
         raise SchemaError(f"{label}: mixes Parquet and CSV files; the Spark engine reads one format per input")
     csv = not is_parquet[0]
-    delimiter = ","
+    delimiters: dict[str, str] = {}  # the local engine's rule (csv_header), file by file
     for f, name in zip(files, names):
         if csv:
-            _, found = csv_header(f, cols)
-            delimiter = found if f == files[0] else delimiter
+            delimiters.setdefault(csv_header(f, cols)[1], name)
             continue
         try:
             available = pq.read_schema(f).names
@@ -132,8 +134,13 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
         first_chunk = next(iter_chunks(files[0], cols, chunk_rows), None)
     first = check_column_types(first_chunk.table, names[0]) if first_chunk is not None else None
 
+    if len(delimiters) > 1:
+        (d1, f1), (d2, f2) = list(delimiters.items())[:2]
+        raise SchemaError(f"{label}: the CSV files use different delimiters ({f1} {d1!r}, {f2} {d2!r}); the Spark "
+                          "engine reads one delimiter per input: rewrite the files with one, or use the local engine")
     uris = [spark_path(f) for f in files]
     if csv:
+        delimiter = next(iter(delimiters))
         reader = spark.read.options(header="true", sep=delimiter, inferSchema="false", escape='"', nullValue=CSV_NULL_MARK, mode="FAILFAST")
         raw = reader.csv(uris)
         # an empty field comes back null whatever nullValue says; pyarrow reads it as "" (the
@@ -321,7 +328,7 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
 
     for i, c in enumerate(schema.numeric):
         v = F.col(f"__v{i}")
-        base = F.signum(v) * F.log1p(F.abs(v)) if transforms[c].kind in ("log", "log_standardize") else v
+        base = F.signum(v) * F.log1p(F.abs(v)) if transforms[c].logged else v  # NumericTransform.base
         df = df.withColumn(f"__b{i}", base)
     code = F.when(F.col("__cid").isNull(), 1).when(bad(F.col("__t")), 2)
     for i in range(len(schema.numeric)):
@@ -358,7 +365,7 @@ def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchem
         row = inp.df.filter((F.col("__file") == f) & ((F.col("__blk") < blk) | ((F.col("__blk") == blk) & (F.col("__pos") < pos)))).count()
     nn_any = dict(zip(nn_cols, nn))
     if k == 1:
-        column, problem, example = schema.client_col, "a null client id", None
+        column, problem, example = schema.client_col, NULL_CLIENT_PROBLEM, None
     elif k == 2:
         column, problem = schema.time_col, parsed.time_problem
         example = raw.select(F.col(_q(column))).first()[0]
@@ -372,10 +379,7 @@ def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchem
         first = transforms[column].check_range(parse_number(pa.array([example])))
         if first.overflow is not None and first.overflow[0]:
             problem = first.overflow_problem
-    raise SchemaError(
-        f"{inp.names[f]}: column {column!r} has {count} row(s) with {problem}, "
-        f"e.g. {example!r} at row {row}. Fix the input or pass on_error='drop' (--on-error drop)."
-    )
+    raise bad_rows_error(inp.names[f], column, count, problem, example, row)
 
 
 # ----------------------------------------------------------------- the pipeline
@@ -403,12 +407,7 @@ def prepare_spark(
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    if encoding is not None:
-        missing = [c for c in schema.categorical if c not in encoding.categorical] + [c for c in schema.numeric if c not in encoding.numeric]
-        if missing:
-            raise SchemaError(f"the saved encoding has no state for column(s) {missing}; it knows {list(encoding.categorical) + list(encoding.numeric)}")
+    check_arguments(schema, encoding, on_error)
     t0 = time.perf_counter()
     spark = spark or get_session()
     out = Path(out)
@@ -416,10 +415,7 @@ def prepare_spark(
     tmp = out / f".spark-prepare-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     report = PrepareReport()
-    transforms = {
-        c: (NumericTransform(**vars(encoding.numeric[c])) if encoding is not None else NumericTransform(schema.transform_of(c)))
-        for c in schema.numeric
-    }
+    transforms = numeric_transforms(schema, encoding)
     parsed_df = None
     time_zone = spark.conf.get("spark.sql.session.timeZone")
     spark.conf.set("spark.sql.session.timeZone", "UTC")  # naive timestamps and dates read as UTC, like pyarrow
@@ -449,26 +445,24 @@ def prepare_spark(
         report.n_rows_read = int(n_rows)
         report.merged_client_ids += inp.merged_ids
         if n_rows == 0:
-            raise SchemaError(f"{inp.label}: no events in the input (0 rows)")
+            raise no_rows_error(inp.label)
         if on_error == "raise" and any(bad_counts):
             _raise_first_problem(spark, inp, parsed, schema, chunk_rows, transforms)
-        reasons = ["null client id", f"bad time ({schema.time_col})"] + [f"bad number ({c})" for c in schema.numeric]
-        for reason, n in zip(reasons, bad_counts):
+        for reason, n in zip(drop_reasons(schema), bad_counts):  # check k fails with __code k + 1
             if n:
                 report.dropped[reason] += int(n)
         for c, n in zip(schema.categorical, null_cats):
             if n:
                 report.null_categories[c] += int(n)
         if n_kept == 0:
-            raise SchemaError(f"{inp.label}: all {n_rows} rows were dropped as bad: {dict(report.dropped)}")
+            raise all_dropped_error(inp.label, n_rows, report.dropped)
 
         # encoding: vocabularies and moments fitted exactly as the local path fits them
         vocabs = _vocabularies(parsed_df.filter(kept), schema, encoding, min_count, max_vocab)
         phases["vocabularies"] = time.perf_counter()
         for i, c in enumerate(schema.numeric):
-            tr = transforms[c]
-            if encoding is None and tr.kind in ("standardize", "log_standardize"):
-                tr.fit_moments(float(sums[2 * i] or 0.0), float(sums[2 * i + 1] or 0.0), int(n_kept))
+            if encoding is None:
+                transforms[c].fit_moments(float(sums[2 * i] or 0.0), float(sums[2 * i + 1] or 0.0), int(n_kept))
         enc = encoding or Encoding(schema.client_col, schema.time_col, parsed.time_format, vocabs, transforms)
 
         events = parsed_df.filter(kept)
@@ -484,7 +478,7 @@ def prepare_spark(
         for i, c in enumerate(schema.numeric):
             value = F.col(f"__b{i}").cast("float")
             tr = transforms[c]
-            if tr.kind in ("standardize", "log_standardize"):  # float32 arithmetic, like NumPy's on the local path
+            if tr.standardized:  # NumericTransform.standardize: float32 arithmetic
                 value = ((value - F.lit(tr.mean).cast("float")) / F.lit(tr.std).cast("float")).cast("float")
             fields.append(value.alias(f"n{i}"))
         n_parts = int(spark.conf.get("spark.sql.shuffle.partitions"))
