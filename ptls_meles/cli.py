@@ -85,7 +85,6 @@ def cmd_prepare(args) -> None:
     else:
         _, report = prepare(args.input, schema, out=args.out, encoding=encoding, on_error=args.on_error, min_count=args.min_count,
                             max_vocab=args.max_vocab, show_progress=not args.quiet, drop_duplicates=args.drop_duplicates)
-    schema.save(Path(args.out) / "schema.json")
     if targets is not None:
         from .datasets.recipes import write_targets
 
@@ -241,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "      --cat small_group --num amount_rur --time-format number\n"
                 "a directory is read in one format (Parquet, else CSV, TSV, TXT); other files in it are skipped and named.")
     pr.add_argument("input", help="a Parquet or CSV file, or a directory of them, e.g. data/transactions.csv")
-    pr.add_argument("--out", required=True, metavar="DIR", help="store directory to write (sequences.parquet, encoding.json, schema.json), e.g. --out store")
+    pr.add_argument("--out", required=True, metavar="DIR", help="store directory to write (sequences.parquet, which carries the schema, and encoding.json), e.g. --out store")
     pr.add_argument("--schema", metavar="FILE", help='schema JSON instead of the column options, e.g. {"client_col": "client_id", "time_col": "trans_date", '
                     '"categorical": ["small_group"], "numeric": ["amount_rur"], "time_format": "number"}')
     pr.add_argument("--client-col", metavar="COL", help="client id column, e.g. --client-col client_id")
@@ -284,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("input", help="a store directory, or raw events (then --schema or the model's schema is used)")
     e.add_argument("--model", required=True, metavar="DIR", help="a run directory of `fit`, or a saved model directory, e.g. --model runs/first")
     e.add_argument("--out", required=True, metavar="FILE", help="Parquet table to write, e.g. --out embeddings.parquet")
-    e.add_argument("--schema", metavar="FILE", help="schema JSON for raw input, e.g. --schema store/schema.json")
+    e.add_argument("--schema", metavar="FILE", help="schema JSON for raw input (default: the model's, model/schema.json), e.g. --schema schema.json")
     common(e, threads=True)
     engine(e)
     e.set_defaults(func=cmd_embed)

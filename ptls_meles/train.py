@@ -16,7 +16,7 @@ import torch
 from torch.nn.functional import normalize
 
 from .config import MeLESConfig
-from .data import MeLESDataModule
+from .datamodule import MeLESDataModule, trainer_epoch
 from .encoding import Encoding
 from .io_utils import read_json
 from .losses import make_loss
@@ -27,11 +27,6 @@ from .store import SequenceStore
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"  # the weights of a saved model directory (MeLES.save)
-
-# Lightning's advertising tip and a deprecation inside Lightning itself are noise to our users
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-warnings.filterwarnings("ignore", message=".*litlogger.*")
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
 
 
 def embedder_from_config(config: MeLESConfig, encoding: Encoding):
@@ -91,7 +86,7 @@ class MeLESModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # dropout etc. depend only on (seed, epoch): resumed runs repeat uninterrupted ones
-        torch.manual_seed(self.cfg.seed * 1000 + self.trainer.fit_loop.epoch_progress.current.processed)
+        torch.manual_seed(self.cfg.seed * 1000 + trainer_epoch(self.trainer))
 
     def training_step(self, batch, batch_idx):
         padded, labels = batch
@@ -259,8 +254,6 @@ def fit(
         trainer_kwargs.setdefault("max_time", {"seconds": int(round(config.max_minutes * 60))})
     if config.grad_clip is not None:
         trainer_kwargs.setdefault("gradient_clip_val", config.grad_clip)
-    trainer = build_trainer(config.max_epochs, callbacks, n_batches, show_progress, logger=logger, accelerator=accelerator,
-                            devices=devices, default_root_dir=str(out_dir) if out_dir else None, **trainer_kwargs)
     ckpt_path = None
     if resume:
         ckpt_path = Path(resume) if not isinstance(resume, bool) else (out_dir / "checkpoints" / "last.ckpt" if out_dir else None)
@@ -268,12 +261,33 @@ def fit(
             raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
         # a corrupt or code-carrying checkpoint, or one made for another store or network, fails here with a clear error
         check_resumable(load_weights(ckpt_path), ckpt_path, store, config)
-    with sigterm_as_interrupt():
+    with quiet_lightning(), sigterm_as_interrupt():
+        trainer = build_trainer(config.max_epochs, callbacks, n_batches, show_progress, logger=logger, accelerator=accelerator,
+                                devices=devices, default_root_dir=str(out_dir) if out_dir else None, **trainer_kwargs)
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     if ckpt_cb is not None and ckpt_cb.best_model_path and has_val:
         best = load_model(ckpt_cb.best_model_path)
         return best
     return module
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's advertising tip (at Trainer construction) and a deprecation inside Lightning
+    itself (during fit) are noise to our users: silenced while our Trainer is built and runs,
+    not for the whole process."""
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+
+    def no_tip(record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+        rank_zero.addFilter(no_tip)
+        try:
+            yield
+        finally:
+            rank_zero.removeFilter(no_tip)
 
 
 def build_trainer(max_epochs: int, callbacks: list[pl.Callback], n_batches: int, show_progress: bool = True,

@@ -290,6 +290,6 @@ def test_cli_engine_spark(spark, tmp_path):
     _, local = prepare(tmp_path / "raw.parquet", EventSchema("client", "day", ["mcc", "kind"], ["amount"]), out=tmp_path / "local",
                        show_progress=False)
     assert_same_store(tmp_path / "store", tmp_path / "local")
-    assert (tmp_path / "store" / "schema.json").exists()
+    assert SequenceStore.load(tmp_path / "store").meta["schema"]["client_col"] == "client"  # the one copy of the schema
     assert main(["prepare", str(tmp_path / "raw.parquet"), "--out", str(tmp_path / "bad"), "--client-col", "nope",
                  "--time-col", "day", "-q", *common]) == 2

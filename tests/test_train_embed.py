@@ -100,7 +100,7 @@ def test_training_head_normalises_and_the_table_stays_raw(fitted, store, monkeyp
     from torch.nn.functional import normalize
 
     from ptls_meles.batch import pad_segments
-    from ptls_meles.data import ViewBatches
+    from ptls_meles.datamodule import ViewBatches
 
     module = fitted[0].module_
     padded, labels = ViewBatches(store, np.arange(16), module.cfg)[(0, 0)]
@@ -187,3 +187,36 @@ def test_length_sorted_batches_respect_the_work_budget():
     assert all(len(b) <= 4 for b in batches)
     assert all(len(b) == 1 or len(b) * take[b].max() <= 2000 for b in batches)
     assert [len(b) for b in batches] == [4, 2, 2]  # short clients together, long ones in halves
+
+
+def test_training_silences_lightning_noise_only_while_it_runs(tmp_path):
+    """Importing ``train`` leaves the process's warning filters alone; a fit shows neither
+    Lightning's advertising tip nor its internal deprecation, and restores the filters."""
+    import subprocess
+    import sys
+
+    script = """
+import logging, warnings
+from ptls_meles.train import fit
+from ptls_meles.config import MeLESConfig
+from ptls_meles.datasets.synthetic import generate
+from ptls_meles.prepare import prepare
+from ptls_meles import EventSchema
+ours = lambda: [f for f in warnings.filters if f[1] is not None and "LeafSpec" in f[1].pattern]
+rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+assert not ours() and not rank_zero.filters, "importing train changed the process's warning filters"
+before = list(warnings.filters)
+tx, _ = generate(n_clients=24, seed=1, mean_events=50)
+store, _ = prepare(tx, EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number"), show_progress=False)
+fit(store, MeLESConfig(hidden_size=8, cat_embedding_dim=4, batch_size=8, max_epochs=1, num_workers=0, val_fraction=0.0,
+                       cnt_min=5, cnt_max=20, patience=None), show_progress=False)
+assert warnings.filters == before and not rank_zero.filters, "fit left filters behind"
+print("done")
+"""
+    import os
+
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # show every warning that is not filtered on purpose
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "done" in out.stdout
+    assert "litlogger" not in out.stderr + out.stdout and "LeafSpec" not in out.stderr + out.stdout
