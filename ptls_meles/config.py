@@ -25,7 +25,7 @@ SET_CHOICES: dict[str, tuple[str, ...]] = {
     "numeric_encoding": ("scalar", "by_category", "periodic"),
     "time_features": ("gap", "elapsed", "absolute", "daytime"),
     "pooling": ("last", "mean", "max", "attention"),
-    "aux_objective": ("next_event",),
+    "aux_objective": ("next_event", "view_stats"),
 }
 _SETS_THAT_MAY_BE_EMPTY = ("time_features", "aux_objective")
 
@@ -85,7 +85,7 @@ class MeLESConfig:
     margin: float | None = None  # None: the loss's own default (contrastive 0.5, triplet/margin 0.2)
     neg_count: int = 5
     temperature: float = 0.1  # infonce only
-    aux_objective: str = ""  # "" | next_event: also predict each next event (recurrent encoders)
+    aux_objective: str = ""  # set of next_event (recurrent encoders) | view_stats ("" = none)
     aux_weight: float = 1.0
     # optimisation
     batch_size: int = 64  # clients per batch (× split_count views)
@@ -129,7 +129,7 @@ class MeLESConfig:
             raise ValueError(f"need 1 <= cnt_min <= cnt_max, got cnt_min={self.cnt_min}, cnt_max={self.cnt_max}")
         if self.split_count < 2:
             raise ValueError(f"split_count must be >= 2 (views per client make the positive pairs), got {self.split_count}")
-        if self.aux_objective and self.encoder == "transformer":
+        if "next_event" in self.parts("aux_objective") and self.encoder == "transformer":
             raise ValueError("aux_objective 'next_event' needs a recurrent encoder (gru, lstm): a Transformer sees the future")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")

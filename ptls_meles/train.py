@@ -79,6 +79,14 @@ class MeLESModule(pl.LightningModule):
                 self.cfg.hidden_size, first, self.encoding.categorical[first].size if first else 0,
                 list(self.encoding.numeric), predict_gap=bool(self.cfg.parts("time_features")),
             )
+        self.view_stats = None
+        if "view_stats" in self.cfg.parts("aux_objective"):
+            from .nn.view_stats import ViewStatsHead
+
+            self.view_stats = ViewStatsHead(
+                self.embedder.output_size, {c: v.size for c, v in self.encoding.categorical.items()},
+                list(self.encoding.numeric), use_time=bool(self.cfg.parts("time_features")),
+            )
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch):
@@ -91,14 +99,21 @@ class MeLESModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         padded, labels = batch
         if self.next_event is None:
-            emb = normalize(self.embedder(padded), dim=-1)  # metric learning works on the unit sphere
-            loss = self.loss_fn(emb, labels)
+            emb = self.embedder(padded)
         else:
             emb, sequence = self.embedder(padded, return_sequence=True)
-            aux = self.next_event(sequence, padded)
-            loss = self.loss_fn(normalize(emb, dim=-1), labels) + self.cfg.aux_weight * aux
-            self.log("aux_loss", aux, on_step=False, on_epoch=True, batch_size=int(labels.max()) + 1)
-        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=int(labels.max()) + 1)
+        emb = normalize(emb, dim=-1)  # metric learning (and the view-stats head) work on the unit sphere
+        loss = self.loss_fn(emb, labels)
+        n_clients = int(labels.max()) + 1
+        aux = {}
+        if self.next_event is not None:
+            aux["next_event_loss"] = self.next_event(sequence, padded)
+        if self.view_stats is not None:
+            aux["view_stats_loss"] = self.view_stats(emb, padded, labels)
+        for name, value in aux.items():
+            loss = loss + self.cfg.aux_weight * value
+            self.log(name, value, on_step=False, on_epoch=True, batch_size=n_clients)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n_clients)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -226,6 +241,8 @@ def fit(
     dm = MeLESDataModule(store, config)
     module = MeLESModule(config, store.encoding)
     module.embedder.event_encoder.fit_value_moments(store.columns)  # no labels: all clients may inform the scale
+    if module.view_stats is not None:
+        module.view_stats.fit_value_moments(store.columns)
     has_val = len(dm.val_clients) >= 2
     callbacks: list[pl.Callback] = [StopOnNonFiniteLoss()]
     ckpt_cb = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -178,12 +179,16 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     config = MeLESConfig(hidden_size=8, batch_size=8, max_epochs=2, num_workers=0, val_fraction=0.25, cnt_min=2,
                          cnt_max=10, patience=None, numeric_encoding="scalar,by_category,periodic",
                          time_features="gap,elapsed,absolute", pooling="last,mean,max", loss="infonce",
-                         lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01)
+                         lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01,
+                         aux_objective="next_event,view_stats")
     module = fit(store, config, out_dir=tmp_path, show_progress=False)
     moments = module.embedder.event_encoder.value_mean
     assert moments.abs().sum() > 0  # fitted from the store, not left at zero
     loaded = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.equal(loaded.embedder.event_encoder.value_mean, moments)
+    assert torch.equal(loaded.view_stats.value_mean, module.view_stats.value_mean)
+    logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
+    assert logged["view_stats_loss"].notna().any() and logged["next_event_loss"].notna().any()
     assert isinstance(loaded.cfg, MeLESConfig) and loaded.cfg.pooling == "last,mean,max"
     assert module.embedder.output_size == 24
 
@@ -235,3 +240,66 @@ def test_configs_saved_before_the_levers_keep_the_architecture_they_were_trained
     assert (c.numeric_encoding, c.pooling, c.time_features) == ("scalar", "last", "gap")
     assert MeLESConfig.from_dict({"hidden_size": 8}).pooling == MeLESConfig().pooling  # partial settings: today's defaults
     assert MeLESConfig.from_dict(MeLESConfig().to_dict()) == MeLESConfig()
+
+
+# --------------------------------------------------------------------------- view statistics
+def _view_stats_batch():
+    # two clients × two views; field p (ids 1..3), one number x, times in days
+    p = [[1, 1, 2, 0], [2, 3, 0, 0], [3, 3, 3, 3], [1, 3, 0, 0]]
+    x = [[1.0, 3.0, 10.0, 0.0], [20.0, 5.0, 0.0, 0.0], [4.0, 6.0, 8.0, 2.0], [7.0, 1.0, 0.0, 0.0]]
+    t = [[0.0, 1.0, 3.0, 0.0], [0.0, 2.0, 0.0, 0.0], [0.0, 1.0, 2.0, 3.0], [0.0, 4.0, 0.0, 0.0]]
+    return PaddedBatch({"p": torch.tensor(p), "x": torch.tensor(x), "event_time": torch.tensor(t, dtype=torch.float64)},
+                       torch.tensor([3, 2, 4, 2])), torch.tensor([0, 0, 1, 1])
+
+
+def test_view_statistics_are_shares_per_category_means_and_mean_log_gap_counted_by_hand():
+    from ptls_meles.nn.view_stats import ViewStatsHead
+
+    batch, _ = _view_stats_batch()
+    head = ViewStatsHead(4, {"p": 4}, ["x"], use_time=True)
+    sums, counts = head.view_statistics(batch)
+    ratio = sums / counts.clamp(min=1e-6)
+    assert ratio[0, :4].tolist() == pytest.approx([0, 2 / 3, 1 / 3, 0])  # shares of ids 0..3 in view 0
+    assert ratio[2, :4].tolist() == pytest.approx([0, 0, 0, 1])
+    assert ratio[0, 4:8].tolist() == pytest.approx([0, 2.0, 10.0, 0])  # mean x per id (moments 0 / 1)
+    assert counts[0, 4:8].tolist() == [0, 2, 1, 0]  # padding (id 0, x 0) is never counted
+    assert ratio[0, 8].item() == pytest.approx((math.log(2) + math.log(3)) / 2)  # gaps 1, 2 days
+
+
+def test_view_targets_come_from_the_clients_other_views_only():
+    from ptls_meles.nn.view_stats import ViewStatsHead, other_views
+
+    batch, labels = _view_stats_batch()
+    head = ViewStatsHead(4, {"p": 4}, ["x"], use_time=False)
+    sums, counts = head.view_statistics(batch)
+    target, known = other_views(sums, counts, labels)
+    own = sums / counts.clamp(min=1e-6)
+    assert torch.allclose(target[0], own[1]) and torch.allclose(target[1], own[0])
+    assert torch.allclose(target[2], own[3]) and torch.allclose(target[3], own[2])
+    assert known[0, 4:8].tolist() == [False, False, True, True]  # view 1 saw ids 2 and 3 only
+    # a lone view has no target at all
+    _, lone = other_views(sums[:3], counts[:3], torch.tensor([0, 0, 1]))
+    assert not lone[2].any()
+
+
+def test_view_stats_objective_learns_the_other_views_mix_and_trains_the_encoder():
+    from ptls_meles.encoding import CategoryVocab
+
+    batch, labels = _view_stats_batch()
+    enc = Encoding("c", "t", "number", numeric={"x": None})
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
+    module = MeLESModule(MeLESConfig(hidden_size=8, aux_objective="view_stats", time_features="gap"), enc)
+    module.view_stats.fit_value_moments({"p": np.array([1, 1, 2, 3, 3]), "x": np.array([1.0, 3.0, 5.0, 2.0, 4.0])})
+    assert module.view_stats.value_mean[0, 1:4].tolist() == pytest.approx([2.0, 5.0, 3.0])
+    emb = module.embedder(batch)
+    first = module.view_stats(emb, batch, labels)
+    first.backward()
+    assert torch.isfinite(first) and module.embedder.seq_encoder.rnn.weight_ih_l0.grad.abs().sum() > 0
+    opt = torch.optim.Adam(module.parameters(), lr=0.01)
+    for _ in range(60):
+        opt.zero_grad()
+        loss = module.view_stats(module.embedder(batch), batch, labels)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first.item()
+    MeLESConfig(encoder="transformer", aux_objective="view_stats")  # no future to peek at: allowed

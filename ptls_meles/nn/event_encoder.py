@@ -122,6 +122,28 @@ class PeriodicEncoding(nn.Module):
         return torch.cat([torch.relu(lin(periodic[..., i, :])) for i, lin in enumerate(self.linear)], dim=-1)
 
 
+@torch.no_grad()
+def category_value_moments(columns: dict, category_field: str, numeric_fields: list[str],
+                           vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n_numeric, vocab]`` mean and std of each number within each category of
+    ``category_field`` over flat store columns; categories with < 2 values get 0 / 1."""
+    ids = torch.from_numpy(np.asarray(columns[category_field], dtype=np.int64))
+    means, stds = [], []
+    for name in numeric_fields:
+        x = torch.from_numpy(np.asarray(columns[name], dtype=np.float64))
+        ok = torch.isfinite(x)
+        c, v = ids[ok], x[ok]
+        n = torch.bincount(c, minlength=vocab).double()
+        s = torch.bincount(c, weights=v, minlength=vocab)
+        mean = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
+        sq = torch.bincount(c, weights=(v - mean[c]) ** 2, minlength=vocab)
+        std = torch.sqrt(sq / (n - 1).clamp(min=1))
+        means.append(mean.float())
+        stds.append(torch.where((n > 1) & (std > 1e-6), std, torch.ones_like(std)).float())
+    empty = torch.zeros(0, vocab)
+    return (torch.stack(means) if means else empty), (torch.stack(stds) if stds else empty + 1)
+
+
 class EventEncoder(nn.Module):
     """One vector per event: per-field category embeddings, numbers and time features.
 
@@ -192,26 +214,14 @@ class EventEncoder(nn.Module):
                 f"field {name!r} is missing from the batch; present fields: {sorted(batch.payload)}"
             ) from None
 
-    @torch.no_grad()
     def fit_value_moments(self, columns: dict) -> None:
         """Per-category mean/std of every numeric field over the given flat store columns
-        (category = the first categorical field); categories with < 2 values keep 0 / 1."""
-        if not self.by_category:
-            return
-        ids = torch.from_numpy(np.asarray(columns[self.categorical_fields[0]], dtype=np.int64))
-        vocab = self.value_mean.shape[1]
-        for i, name in enumerate(self.numeric_fields):
-            x = torch.from_numpy(np.asarray(columns[name], dtype=np.float64))
-            ok = torch.isfinite(x)
-            c, v = ids[ok], x[ok]
-            n = torch.bincount(c, minlength=vocab).double()
-            s = torch.bincount(c, weights=v, minlength=vocab)
-            mean = torch.where(n > 0, s / n.clamp(min=1), torch.zeros_like(s))
-            sq = torch.bincount(c, weights=(v - mean[c]) ** 2, minlength=vocab)
-            std = torch.sqrt(sq / (n - 1).clamp(min=1))
-            std = torch.where((n > 1) & (std > 1e-6), std, torch.ones_like(std))
-            self.value_mean[i] = mean.float()
-            self.value_std[i] = std.float()
+        (category = the first categorical field)."""
+        if self.by_category:
+            mean, std = category_value_moments(columns, self.categorical_fields[0], self.numeric_fields,
+                                               self.value_mean.shape[1])
+            self.value_mean.copy_(mean)
+            self.value_std.copy_(std)
 
     def forward(self, batch: PaddedBatch) -> torch.Tensor:
         """``[B, T, output_size]`` float32, zeros at padded positions."""
