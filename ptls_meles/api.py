@@ -112,9 +112,7 @@ class MeLES(TransformerMixin, BaseEstimator):
 
     def _embed(self, store: SequenceStore, ids: list | None, show_progress: bool) -> pd.DataFrame:
         check_store_encoding(self.encoding_, store)
-        cfg = self.module_.cfg
-        table = embed_frame(self.module_.embedder, store, max_events=cfg.max_events, batch_size=cfg.embed_batch_size,
-                            show_progress=show_progress)
+        table = embed_frame(self.module_.embedder, store, **self.module_.inference_settings, show_progress=show_progress)
         if ids is None:
             return table
         table = table.set_index("client_id")
@@ -128,25 +126,21 @@ class MeLES(TransformerMixin, BaseEstimator):
         self._check_fitted()
         store, _ = self._store(events, self.encoding_, show_progress)
         check_store_encoding(self.encoding_, store)
-        cfg = self.module_.cfg
-        meta = {"config": cfg.to_dict(), "encoding": self.encoding_.to_dict()}
-        return write_embeddings(
-            self.module_.embedder, store, path, metadata=meta, max_events=cfg.max_events,
-            batch_size=cfg.embed_batch_size, show_progress=show_progress,
-        )
+        meta = {"config": self.module_.cfg.to_dict(), "encoding": self.encoding_.to_dict()}
+        return write_embeddings(self.module_.embedder, store, path, metadata=meta, **self.module_.inference_settings,
+                                show_progress=show_progress)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """A directory with ``model.pt`` (weights only), ``config.json``, ``encoding.json``, ``schema.json``."""
         self._check_fitted()
-        from .io_utils import atomic_path
+        from .io_utils import atomic_path, write_json
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path / MODEL_FILE) as tmp:  # a killed save never leaves a truncated model.pt
             torch.save(self.module_.state_dict(), tmp)
-        with atomic_path(path / "config.json") as tmp:
-            tmp.write_text(self.module_.cfg.to_json())
+        write_json(path / "config.json", self.module_.cfg.to_dict())
         self.encoding_.save(path / "encoding.json")
         if self.schema_ is not None:
             self.schema_.save(path / "schema.json")

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -61,7 +60,7 @@ def cmd_data(args) -> None:
 
 def cmd_prepare(args) -> None:
     from .encoding import Encoding
-    from .io_utils import check_output_dir
+    from .io_utils import check_output_dir, read_table
     from .prepare import prepare
     from .schema import EventSchema
 
@@ -74,7 +73,7 @@ def cmd_prepare(args) -> None:
         split = lambda s: [c for c in (s or "").split(",") if c]
         schema = EventSchema(args.client_col, args.time_col, split(args.cat), split(args.num), args.time_format, args.num_transform)
     encoding = Encoding.load(args.encoding) if args.encoding else None
-    targets = _read_table(args.targets) if args.targets else None  # a bad target table fails before the work
+    targets = read_table(args.targets, "target table") if args.targets else None  # a bad target table fails before the work
     if args.engine == "spark":
         from .spark import get_session, parse_conf, prepare_spark
 
@@ -134,20 +133,6 @@ def cmd_embed(args) -> None:
         print("events with categories the model did not learn (unseen id): " + ", ".join(f"{c} {v:.1%}" for c, v in unseen.items()))
 
 
-def _read_table(path: str):
-    """A target table from CSV or Parquet, with errors that name the file."""
-    import pandas as pd
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"target table {path} does not exist")
-    try:
-        if path.endswith((".parquet", ".pq")) or Path(path).is_dir():
-            return pd.read_parquet(path)
-        return pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read the target table ({exc})") from None
-
-
 def _feature_table(spec: str):
     from .downstream.evaluate import load_feature_table
 
@@ -161,12 +146,12 @@ def _feature_table(spec: str):
 
 def cmd_evaluate(args) -> None:
     from .downstream.evaluate import evaluate
-    from .io_utils import atomic_path, check_output_file
+    from .io_utils import check_output_file, read_table, write_json
 
     if args.out:
         check_output_file(args.out)  # before the CV folds, not after them
     tables = [_feature_table(s) for s in args.features]
-    targets = _read_table(args.targets)
+    targets = read_table(args.targets, "target table")
     if args.target_id_col != "client_id":
         if args.target_id_col not in targets.columns:
             raise ValueError(f"{args.targets}: no id column {args.target_id_col!r}; it has columns {list(targets.columns)}")
@@ -178,8 +163,7 @@ def cmd_evaluate(args) -> None:
         print(r.summary())
         results.append(r.to_dict())
     if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(results, indent=1))
+        write_json(args.out, results)
 
 
 def cmd_demo(args) -> None:

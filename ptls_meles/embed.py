@@ -112,17 +112,17 @@ def iter_embeddings(
         embedder.train(was_training)
 
 
+def embed_array(embedder: torch.nn.Module, store: SequenceStore, **kwargs) -> np.ndarray:
+    """All embeddings ``[n_clients, D]`` (float32) in store order."""
+    out = np.zeros((store.n_clients, embedder.output_size), np.float32)
+    for clients, emb in iter_embeddings(embedder, store, **kwargs):
+        out[clients] = emb
+    return out
+
+
 def embed_frame(embedder: torch.nn.Module, store: SequenceStore, **kwargs) -> pd.DataFrame:
     """All embeddings as a DataFrame ``client_id, emb_000, ...`` in store order."""
-    parts, positions = [], []
-    for clients, emb in iter_embeddings(embedder, store, **kwargs):
-        parts.append(emb)
-        positions.append(clients)
-    emb = np.concatenate(parts) if parts else np.zeros((0, embedder.output_size), np.float32)
-    pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    inverse = np.empty_like(pos)
-    inverse[pos] = np.arange(len(pos))
-    emb = emb[inverse]
+    emb = embed_array(embedder, store, **kwargs)
     df = pd.DataFrame(emb, columns=embedding_columns(emb.shape[1]))
     df.insert(0, "client_id", store.client_ids)
     return df

@@ -7,7 +7,6 @@ values in order of decreasing frequency.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -156,10 +155,9 @@ class Encoding:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        from .io_utils import atomic_path
+        from .io_utils import write_json
 
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Encoding":

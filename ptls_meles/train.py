@@ -92,6 +92,12 @@ class MeLESModule(pl.LightningModule):
     def forward(self, batch):
         return self.embedder(batch)
 
+    @property
+    def inference_settings(self) -> dict:
+        """How this model embeds clients (``embed.iter_embeddings``'s settings): each client's
+        last ``max_events`` events, ``embed_batch_size`` clients per batch."""
+        return {"max_events": self.cfg.max_events, "batch_size": self.cfg.embed_batch_size}
+
     def on_train_epoch_start(self) -> None:
         # dropout etc. depend only on (seed, epoch): resumed runs repeat uninterrupted ones
         torch.manual_seed(self.cfg.seed * 1000 + trainer_epoch(self.trainer))

@@ -27,8 +27,7 @@ import torch
 from ..config import MeLESConfig, parse_settings
 from ..downstream.evaluate import PAPER_LGBM_PARAMS, evaluate
 from ..downstream.features import handcrafted_features
-from ..embed import embed_frame
-from ..io_utils import atomic_path
+from ..io_utils import write_json
 from ..store import SequenceStore
 
 log = logging.getLogger(__name__)
@@ -132,8 +131,7 @@ def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a, 
     minutes = (time.perf_counter() - t0) / 60
     metrics = pd.read_csv(next((run_dir / "logs").rglob("metrics.csv")))
     val = metrics.dropna(subset=["val_recall"]) if "val_recall" in metrics else metrics.iloc[:0]
-    emb = embed_frame(model.module_.embedder, store, max_events=config.max_events,
-                      batch_size=config.embed_batch_size, show_progress=False)
+    emb = model.transform(store)
     emb.to_parquet(run_dir / "embeddings.parquet")
     return {
         "config": config.to_dict(),
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         row = {"name": "hand-crafted", "scores": _score(hand, targets, target_list, lgbm, a.threads),
                "n_features": hand.shape[1] - 1, "eval_minutes": (time.perf_counter() - t0) / 60}
-        _write_json(hand_file, row)
+        write_json(hand_file, row, default=float)
     rows = [json.loads(hand_file.read_text())]
     log.info("hand-crafted: %s", _brief(rows[0]["scores"]))
 
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                        scores=_score(emb, targets, target_list, lgbm, a.threads),
                        scores_both=_score([hand, emb], targets, target_list, lgbm, a.threads),
                        eval_minutes=(time.perf_counter() - t0) / 60, budget_min=a.budget_min, epoch_cap=a.epochs)
-            _write_json(file, row)
+            write_json(file, row, default=float)
         row = json.loads(file.read_text())
         rows.append(row)
         log.info("%s (%.1f min, %s epochs): emb %s | both %s", name, row["train_minutes"], row["epochs"],
@@ -234,11 +232,6 @@ def _machine() -> str:
 
 def _brief(scores: dict) -> str:
     return " ".join(f"{t} {s['test']:.3f}±{s['test_interval']:.3f}" for t, s in scores.items())
-
-
-def _write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=1, default=float))
 
 
 def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv) -> None:

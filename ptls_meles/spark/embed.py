@@ -4,7 +4,7 @@ The model travels once per executor as a broadcast (a checkpoint's bytes: config
 and weights, rebuilt there by :func:`ptls_meles.train.load_model`);
 each task turns its Arrow record batches of store rows straight into a
 :class:`SequenceStore` (no per-client Python objects) and runs
-:func:`ptls_meles.embed.iter_embeddings` on it with one torch thread, so the numbers are
+:func:`ptls_meles.embed.embed_array` on it with one torch thread, so the numbers are
 the single-machine numbers (up to the float noise of other batch compositions). The
 result is the same table as :func:`ptls_meles.embed.write_embeddings` (``client_id``,
 ``emb_000..``, config and encoding in the schema metadata), in client order.
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..embed import embedding_columns, iter_embeddings
+from ..embed import embed_array, embedding_columns
 from ..encoding import Encoding
 from ..store import ENCODING_FILE, STORE_FILE, SequenceStore
 from .prepare import combine_parts, spark_path
@@ -70,12 +70,8 @@ def _embed_batches(batches, payload: dict, store_encoding: dict, max_events: int
             continue
         table = pa.Table.from_batches([batch])
         store = SequenceStore.from_arrow(table, encoding)
-        parts = list(iter_embeddings(embedder, store, max_events=max_events, batch_size=batch_size, show_progress=False))
-        pos = np.concatenate([p for p, _ in parts])
-        emb = np.concatenate([e for _, e in parts]).astype(np.float32, copy=False)
-        rows = np.empty_like(pos)
-        rows[pos] = np.arange(len(pos))
-        emb = np.ascontiguousarray(emb[rows].T)  # [D, n], store order
+        emb = embed_array(embedder, store, max_events=max_events, batch_size=batch_size, show_progress=False)
+        emb = np.ascontiguousarray(emb.T)  # [D, n], store order
         arrays = [table.column("client_id").combine_chunks()] + [pa.array(emb[j]) for j in range(emb.shape[0])]
         yield pa.RecordBatch.from_arrays(arrays, names=names)
 
@@ -108,8 +104,9 @@ def embed_spark(
     spark = spark or get_session()
     module = _resolve_model(model)
     config, encoding = module.cfg.to_dict(), module.encoding.to_dict()
-    max_events = module.cfg.max_events if max_events is None else max_events
-    batch_size = batch_size or module.cfg.embed_batch_size
+    own = module.inference_settings
+    max_events = own["max_events"] if max_events is None else max_events
+    batch_size = batch_size or own["batch_size"]
     buf = io.BytesIO()
     torch.save({"hyper_parameters": {"config": config, "encoding": encoding}, "state_dict": module.state_dict()}, buf)
     payload = spark.sparkContext.broadcast({"model": buf.getvalue(), "token": uuid.uuid4().hex})

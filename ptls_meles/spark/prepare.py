@@ -51,7 +51,8 @@ from ..prepare_rules import (
     NULL_CLIENT_PROBLEM, all_dropped_error, bad_rows_error, check_arguments, drop_reasons, no_rows_error, numeric_transforms,
 )
 from ..schema import (
-    EXACT_FLOAT_INT, FLOAT32_MAX, INT64_MAX, EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time,
+    BAD_NUMBER, EXACT_FLOAT_INT, FLOAT32_MAX, INT64_MAX, NOT_A_NUMBER, EventSchema, SchemaError, check_column_types,
+    detect_time_format, parse_number, parse_time,
 )
 from ..sources import PARQUET_SUFFIXES, _check_columns, _from_pandas, csv_header, iter_chunks, list_files, pandas_client_ids
 from ..store import ENCODING_FILE, STORE_FILE, TIME_COLUMN
@@ -200,7 +201,7 @@ def _udf_number():
     def parse(s: pd.Series) -> pd.DataFrame:
         p = parse_number(pa.array(s, from_pandas=True))
         nn = np.zeros(len(s), dtype=bool)
-        if p.bad.any() and p.problem.startswith("non-numeric"):
+        if p.bad.any() and p.problem == NOT_A_NUMBER:
             bad_values = pd.Series(s[p.bad]).dropna().unique()  # one check per distinct bad value
             nonnumeric = [v for v in bad_values if not _castable(v)]
             nn = (s.isin(nonnumeric).to_numpy(dtype=bool) & p.bad) if nonnumeric else nn
@@ -301,7 +302,7 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
         col = F.col(_q(c))
         if _is_numeric_type(df.schema[c].dataType):
             cols[f"__v{i}"] = col.cast("double")
-            number_problem[c] = parse_number(pa.array([None], pa.float64())).problem
+            number_problem[c] = BAD_NUMBER
         else:
             cols[f"__p{i}"] = _udf_number()(col)
             number_problem[c] = None
@@ -374,7 +375,7 @@ def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchem
         column = schema.numeric[i]
         problem = parsed.number_problem[column]
         if problem is None:
-            problem = ("non-numeric, null, NaN or infinite value" if nn_any.get(f"__nn{i}") else "null, NaN or infinite value")
+            problem = NOT_A_NUMBER if nn_any.get(f"__nn{i}") else BAD_NUMBER
         example = raw.select(F.col(_q(column))).first()[0]
         first = transforms[column].check_range(parse_number(pa.array([example])))
         if first.overflow is not None and first.overflow[0]:
