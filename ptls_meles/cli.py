@@ -186,6 +186,8 @@ def cmd_bench(args) -> None:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import BENCHES
+
     p = argparse.ArgumentParser(prog="ptls-meles", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log details (detected formats, phases, per-fold scores)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -299,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = parser("bench", "benchmarks: speed | paper (comparison and ablation tables) | quality (configurations at one budget) | memory | spark",
                "example: ptls-meles bench speed -- --help")
-    b.add_argument("name", choices=["speed", "paper", "quality", "memory", "spark"], help="the benchmark")
+    b.add_argument("name", choices=BENCHES, help="the benchmark")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `ptls-meles bench NAME -- --help`)")
     common(b, threads=True)
     b.set_defaults(func=cmd_bench)
