@@ -26,6 +26,13 @@ def embedding_columns(dim: int) -> list[str]:
     return [f"emb_{i:03d}" for i in range(dim)]
 
 
+def embedding_schema(id_type: pa.DataType, dim: int, metadata: dict) -> pa.Schema:
+    """The embedding table's schema: ``client_id``, ``emb_000..`` float32, ``metadata`` (config,
+    encoding) as JSON under the ``ptls_meles`` key; written alike by local and Spark embed."""
+    fields = [pa.field("client_id", id_type)] + [pa.field(c, pa.float32()) for c in embedding_columns(dim)]
+    return pa.schema(fields, metadata={b"ptls_meles": json.dumps(metadata).encode()})
+
+
 class NonFiniteEmbeddingError(ValueError):
     """The model produced NaN or infinite embeddings: nothing is written."""
 
@@ -145,10 +152,7 @@ def write_embeddings(
     path = Path(path)
     t0 = time.perf_counter()
     dim = embedder.output_size
-    schema = pa.schema(
-        [pa.field("client_id", pa.array(store.client_ids[:1]).type)] + [pa.field(c, pa.float32()) for c in embedding_columns(dim)],
-        metadata={b"ptls_meles": json.dumps(metadata or {}).encode()},
-    )
+    schema = embedding_schema(pa.array(store.client_ids[:1]).type, dim, metadata or {})
     rows = 0
     buffered: list[tuple[np.ndarray, np.ndarray]] = []
     n_buffered = 0

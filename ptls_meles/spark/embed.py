@@ -12,7 +12,6 @@ result is the same table as :func:`ptls_meles.embed.write_embeddings` (``client_
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import time
 import uuid
@@ -22,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..embed import embed_array, embedding_columns
+from ..embed import embed_array, embedding_columns, embedding_schema
 from ..encoding import Encoding
 from ..store import ENCODING_FILE, STORE_FILE, SequenceStore
 from .prepare import combine_parts, spark_path
@@ -132,11 +131,7 @@ def embed_spark(
     tmp = out.parent / f".{out.name}.spark-{uuid.uuid4().hex[:8]}"
     try:
         df.mapInArrow(run, out_schema).write.parquet(str(tmp.resolve()))
-        id_type = pq.read_schema(store_file).field("client_id").type
-        target = pa.schema(
-            [pa.field("client_id", id_type)] + [pa.field(c, pa.float32()) for c in embedding_columns(dim)],
-            metadata={b"ptls_meles": json.dumps({"config": config, "encoding": encoding}).encode()},
-        )
+        target = embedding_schema(pq.read_schema(store_file).field("client_id").type, dim, {"config": config, "encoding": encoding})
         rows = combine_parts(tmp, out, target, row_group_rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
