@@ -267,8 +267,6 @@ def prepare(
         columns[c] = transforms[c].standardize(fields.pop(c)[order])
 
     enc = encoding or Encoding(schema.client_col, schema.time_col, time_format, vocabs, transforms)
-    if encoding is None:
-        enc.time_format = time_format
     store = SequenceStore(_plain_ids(client_values), offsets, columns, enc, {"schema": schema.to_dict()})
     report.n_clients, report.n_events = store.n_clients, store.n_events
     report.seconds = time.perf_counter() - t0

@@ -270,13 +270,11 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
 
 
 def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
-    import matplotlib
+    from .report import pyplot, save_figure, target_axes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(target_list), figsize=(4.5 * len(target_list), 3.6), squeeze=False)
-    for ax, t in zip(axes[0], target_list):
+    plt = pyplot()
+    fig, axes = target_axes(plt, target_list)
+    for ax, t in zip(axes, target_list):
         ax.axhline(rows[0]["scores"][t]["test"], color="k", ls="--", lw=1, label="hand-crafted")
         for r in rows[1:]:
             x = r["train_minutes"]
@@ -285,8 +283,6 @@ def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
             ax.plot([x], [r["scores_both"][t]["test"]], "x", color=ax.lines[-1].get_color())
         ax.set_title(f"{t} ({rows[0]['scores'][t]['metric']})")
         ax.set_xlabel("training minutes")
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    axes[0][0].set_ylabel("test score (o: embeddings, x: + hand-crafted)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("test score (o: embeddings, x: + hand-crafted)")
+    save_figure(fig, plt, path)

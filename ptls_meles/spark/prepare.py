@@ -117,10 +117,7 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
         files = list_files(Path(source))
         names = [str(f) for f in files]
         first_chunk = None
-    is_parquet = [f.name.lower().endswith(PARQUET_SUFFIXES) for f in files]
-    if any(is_parquet) and not all(is_parquet):
-        raise SchemaError(f"{label}: mixes Parquet and CSV files; the Spark engine reads one format per input")
-    csv = not is_parquet[0]
+    csv = not files[0].name.lower().endswith(PARQUET_SUFFIXES)  # list_files: one format per input
     delimiters: dict[str, str] = {}  # the local engine's rule (csv_header), file by file
     for f, name in zip(files, names):
         if csv:
