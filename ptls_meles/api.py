@@ -16,7 +16,7 @@ from .prepare import prepare
 from .schema import EventSchema
 from .sources import Source
 from .store import SequenceStore
-from .train import MODEL_FILE, fit as fit_module, load_model
+from .train import MODEL_FILE, fit as fit_module, load_model, saved_model_dir
 
 #: MeLES's parameters besides ``schema``: every MeLESConfig field, with its default (a field
 #: whose default is a fresh dict defaults to None here, "the config's default", as
@@ -152,7 +152,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         checkpoint (``.ckpt``) with :func:`~ptls_meles.train.load_model`; never unpickles code."""
         path = Path(path)
         module = load_model(path)
-        model_dir = path / "model" if (path / "model" / MODEL_FILE).exists() else path
+        model_dir = saved_model_dir(path)
         schema = EventSchema.load(model_dir / "schema.json") if (model_dir / "schema.json").exists() else None
         obj = cls(schema=schema, **module.cfg.to_dict())
         obj.module_, obj.encoding_, obj.schema_ = module, module.encoding, schema

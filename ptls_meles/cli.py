@@ -113,8 +113,7 @@ def cmd_embed(args) -> None:
 
     check_output_file(args.out)
     _threads(args.threads)
-    model_dir = Path(args.model)
-    model = MeLES.load(model_dir / "model" if (model_dir / "model").exists() else model_dir)
+    model = MeLES.load(args.model)  # a run directory or a saved model directory
     if args.schema:
         from .schema import EventSchema
 

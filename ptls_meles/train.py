@@ -29,6 +29,11 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"  # the weights of a saved model directory (MeLES.save)
 
 
+def saved_model_dir(path: Path) -> Path:
+    """The saved model directory of ``path``: ``path/model`` for a run directory of ``fit``."""
+    return path / "model" if (path / "model" / MODEL_FILE).exists() else path
+
+
 def embedder_from_config(config: MeLESConfig, encoding: Encoding):
     """The embedder a config describes, sized by the encoding's vocabularies."""
     categorical = {c: (v.size, config.embedding_dim_of(c)) for c, v in encoding.categorical.items()}
@@ -362,9 +367,8 @@ def load_model(source: str | os.PathLike | BinaryIO) -> MeLESModule:
     ``{"hyper_parameters": {"config", "encoding"}, "state_dict"}`` (what Spark broadcasts).
     """
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
-    if path is not None and (path / "model" / MODEL_FILE).exists():
-        path = path / "model"
     if path is not None and path.suffix != ".ckpt":
+        path = saved_model_dir(path)
         if not (path / MODEL_FILE).exists():
             raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
         state = load_weights(path / MODEL_FILE)
