@@ -268,7 +268,6 @@ class _Parsed:
     client_type: str  # Spark simple type name of __cid
     time_format: str
     time_problem: str
-    number_problem: dict[str, str | None]  # None: decided per chunk from the __nn flag
     python_parsing: bool  # some column is parsed by a pandas UDF
 
 
@@ -294,15 +293,12 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
         cols["__t"] = _udf_time(time_format)(tcol)
         python_parsing = True
 
-    number_problem: dict[str, str | None] = {}
     for i, c in enumerate(schema.numeric):
         col = F.col(_q(c))
         if _is_numeric_type(df.schema[c].dataType):
             cols[f"__v{i}"] = col.cast("double")
-            number_problem[c] = BAD_NUMBER
-        else:
+        else:  # text: the __nn flag marks values that are not numbers at all
             cols[f"__p{i}"] = _udf_number()(col)
-            number_problem[c] = None
             python_parsing = True
     for i, c in enumerate(schema.categorical):
         col, t = F.col(_q(c)), df.schema[c].dataType
@@ -334,7 +330,7 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
         code = code.when(bad(F.col(f"__v{i}")) | (F.abs(F.col(f"__b{i}")) > FLOAT32_MAX), 3 + i)
     df = df.withColumn("__code", code.otherwise(0))
     client_type = df.schema["__cid"].dataType.simpleString()
-    return _Parsed(df, client_type, time_format, time_problem, number_problem, python_parsing)
+    return _Parsed(df, client_type, time_format, time_problem, python_parsing)
 
 
 # ----------------------------------------------------------------- validation report
@@ -370,9 +366,7 @@ def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchem
     else:
         i = k - 3
         column = schema.numeric[i]
-        problem = parsed.number_problem[column]
-        if problem is None:
-            problem = NOT_A_NUMBER if nn_any.get(f"__nn{i}") else BAD_NUMBER
+        problem = NOT_A_NUMBER if nn_any.get(f"__nn{i}") else BAD_NUMBER  # as parse_number names them
         example = raw.select(F.col(_q(column))).first()[0]
         first = transforms[column].check_range(parse_number(pa.array([example])))
         if first.overflow is not None and first.overflow[0]:
