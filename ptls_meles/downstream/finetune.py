@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from ..batch import PaddedBatch, pad_segments
 from ..config import MeLESConfig
 from ..datamodule import EpochBatchSampler, ViewBatches
-from ..embed import iter_embeddings
+from ..embed import iter_embeddings, window_lengths
 from ..views import random_slices
 from ..store import SequenceStore
 from .protocol import CVPlan, EvalResult, EvaluationError, JoinReport, Task, join_features_and_targets, plan_cv
@@ -88,9 +88,9 @@ class ClientSlices(ViewBatches):
         epoch, b = key
         clients = self._epoch_plan(epoch)[b]
         starts, lengths = self.offsets[clients], self.offsets[clients + 1] - self.offsets[clients]
-        cap = int(self.config.max_events or lengths.max())
+        cap = int(window_lengths(lengths, self.config.max_events).max())  # the inference window's size
         # cnt_min = cap + 1: clients within the cap take the split's short-client rule (length uniform
-        # in [ceil(L/2), L]); longer clients get a random window of cap events
+        # in [ceil(L/2), L]); longer clients get a random window of cap events (inference: the last cap)
         rng = np.random.default_rng([self.config.seed, epoch, b, 13])
         views = random_slices(starts, lengths, 1, cap + 1, cap, rng)
         return pad_segments(self.columns, views.index, views.offsets), torch.from_numpy(self.label_of[clients])
