@@ -24,7 +24,8 @@ sums are added in another order); error counts are per 1,000,000-row chunk for P
 and pandas input like the local path, but per file for CSV (the local path counts per
 64 MB block). The local path's counts of duplicate rows, of naive timestamps beside
 zoned ones and of categories unknown to an applied encoding are not reported here (the
-events are the same; only the counts in the summary are missing).
+events are the same; only the counts in the summary are missing). CSV files of one input
+must share one delimiter (the local path sniffs each file's own).
 """
 from __future__ import annotations
 
