@@ -142,12 +142,18 @@ def _text_or_none(value) -> str | None:
     return str(value)
 
 
-def _iter_parquet(file: Path, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:
+def open_parquet(file: Path, columns: list[str]) -> pq.ParquetFile:
+    """A Parquet file (its footer read) checked for the needed columns, errors naming it."""
     try:
         pf = pq.ParquetFile(file)
     except (pa.ArrowInvalid, OSError) as exc:
         raise SchemaError(f"{file}: not a readable Parquet file ({exc})") from None
     _check_columns(pf.schema_arrow.names, columns, str(file))
+    return pf
+
+
+def _iter_parquet(file: Path, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:
+    pf = open_parquet(file, columns)
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns):

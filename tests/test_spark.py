@@ -66,6 +66,8 @@ def assert_same_store(spark_dir, local_dir, exact_json: bool = True) -> Sequence
         assert a.columns[name].dtype == b.columns[name].dtype, name
         np.testing.assert_array_equal(a.columns[name], b.columns[name], err_msg=name)
     assert a.meta == b.meta
+    embedded = json.loads(pq.read_schema(spark_dir / STORE_FILE).metadata[b"ptls_meles_encoding"])
+    assert embedded == json.loads((spark_dir / ENCODING_FILE).read_text())  # the encoding travels inside the file too
     assert pq.read_schema(spark_dir / STORE_FILE).remove_metadata() == pq.read_schema(local_dir / STORE_FILE).remove_metadata()
     ja, jb = (json.loads((d / ENCODING_FILE).read_text()) for d in (spark_dir, local_dir))
     if exact_json:

@@ -29,7 +29,6 @@ must share one delimiter (the local path sniffs each file's own).
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -55,8 +54,10 @@ from ..schema import (
     BAD_NUMBER, EXACT_FLOAT_INT, FLOAT32_MAX, INT64_MAX, NOT_A_NUMBER, EventSchema, SchemaError, check_column_types,
     detect_time_format, parse_number, parse_time,
 )
-from ..sources import PARQUET_SUFFIXES, _check_columns, _from_pandas, csv_header, iter_chunks, list_files, pandas_client_ids
-from ..store import ENCODING_FILE, STORE_FILE, TIME_COLUMN
+from ..sources import (
+    PARQUET_SUFFIXES, _check_columns, _from_pandas, csv_header, iter_chunks, list_files, open_parquet, pandas_client_ids,
+)
+from ..store import ENCODING_FILE, STORE_FILE, TIME_COLUMN, file_metadata
 from .session import get_session
 
 log = logging.getLogger(__name__)
@@ -119,16 +120,12 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
         names = [str(f) for f in files]
         first_chunk = None
     csv = not files[0].name.lower().endswith(PARQUET_SUFFIXES)  # list_files: one format per input
-    delimiters: dict[str, str] = {}  # the local engine's rule (csv_header), file by file
+    delimiters: dict[str, str] = {}  # the local engine's rules (csv_header, open_parquet), file by file
     for f, name in zip(files, names):
         if csv:
             delimiters.setdefault(csv_header(f, cols)[1], name)
-            continue
-        try:
-            available = pq.read_schema(f).names
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SchemaError(f"{name}: not a readable Parquet file ({exc})") from None
-        _check_columns(available, cols, name)
+        else:
+            open_parquet(f, cols)
     if first_chunk is None:
         first_chunk = next(iter_chunks(files[0], cols, chunk_rows), None)
     first = check_column_types(first_chunk.table, names[0]) if first_chunk is not None else None
@@ -490,7 +487,7 @@ def prepare_spark(
             [pa.field("client_id", id_type), pa.field(TIME_COLUMN, list_type(pa.float64()))]
             + [pa.field(c, list_type(pa.int32())) for c in schema.categorical]
             + [pa.field(c, list_type(pa.float32())) for c in schema.numeric],
-            metadata={b"ptls_meles": json.dumps({"schema": schema.to_dict()}).encode()},
+            metadata=file_metadata({"schema": schema.to_dict()}, enc),
         )
         report.n_clients = combine_parts(parts, out / STORE_FILE, target, row_group_size)
         phases["combine"] = time.perf_counter()
