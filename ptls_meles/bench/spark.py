@@ -75,7 +75,7 @@ def run(args, work: Path) -> dict:
     result["local"]["prepare_events_s"] = n_events / report.seconds
     config = MeLESConfig(hidden_size=args.hidden_size, cat_embedding_dim=16, max_events=args.max_events, embed_batch_size=args.batch_size)
     torch.manual_seed(0)
-    module = MeLESModule(config.to_dict(), store.encoding.to_dict()).eval()
+    module = MeLESModule(config, store.encoding).eval()
     cores = [int(c) for c in args.cores.split(",") if c]
     for threads in cores:
         torch.set_num_threads(threads)
