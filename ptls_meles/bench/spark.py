@@ -79,8 +79,7 @@ def run(args, work: Path) -> dict:
     cores = [int(c) for c in args.cores.split(",") if c]
     for threads in cores:
         torch.set_num_threads(threads)
-        stats = write_embeddings(module.embedder, store, work / "local_emb.parquet", max_events=args.max_events,
-                                 batch_size=args.batch_size, show_progress=False)
+        stats = write_embeddings(module.embedder, store, work / "local_emb.parquet", **module.inference_settings, show_progress=False)
         result["local"][f"embed_events_s_{threads}thr"] = embed_events / stats["seconds"]
     del store
 
