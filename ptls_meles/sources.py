@@ -92,7 +92,7 @@ def iter_chunks(source: Source, columns: list[str], chunk_rows: int = 1_000_000,
         # chunks are merged (and counted) like 1 and "1" in one chunk
         clients, merged = pandas_client_ids(source[columns[0]])
         for start in range(0, len(source), chunk_rows):
-            part = _from_pandas(source.iloc[start : start + chunk_rows][columns[1:]], "<DataFrame>")
+            part = _from_pandas(source.iloc[start : start + chunk_rows][columns[1:]])
             table = part.add_column(0, columns[0], clients.slice(start, chunk_rows))
             yield Chunk(table, "<DataFrame>", start, merged if start == 0 else 0)
         return
@@ -108,7 +108,7 @@ def iter_chunks(source: Source, columns: list[str], chunk_rows: int = 1_000_000,
             yield from _iter_csv(file, columns, csv_delimiter)
 
 
-def _from_pandas(df: pd.DataFrame, source: str) -> pa.Table:
+def _from_pandas(df: pd.DataFrame) -> pa.Table:
     arrays = {}
     for col in df.columns:
         try:

@@ -109,7 +109,7 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
         merged = 0
         if isinstance(source, pd.DataFrame):
             clients, merged = pandas_client_ids(source[cols[0]])  # the local rule for ids mixing 1 and "1"
-            table = _from_pandas(source[cols[1:]], label).add_column(0, cols[0], clients)
+            table = _from_pandas(source[cols[1:]]).add_column(0, cols[0], clients)
         else:
             table = source.select(cols)
         files, names = [tmp / "input.parquet"], [label]
@@ -332,7 +332,7 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
 
 
 # ----------------------------------------------------------------- validation report
-def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchema, chunk_rows: int,
+def _raise_first_problem(inp: _Input, parsed: _Parsed, schema: EventSchema, chunk_rows: int,
                          transforms: dict[str, NumericTransform]) -> None:
     """The error the local path raises: the first chunk (file order) with a bad row, its first
     failing check, the first such row, the count in that chunk."""
@@ -437,7 +437,7 @@ def prepare_spark(
         if n_rows == 0:
             raise no_rows_error(inp.label)
         if on_error == "raise" and any(bad_counts):
-            _raise_first_problem(spark, inp, parsed, schema, chunk_rows, transforms)
+            _raise_first_problem(inp, parsed, schema, chunk_rows, transforms)
         for reason, n in zip(drop_reasons(schema), bad_counts):  # check k fails with __code k + 1
             if n:
                 report.dropped[reason] += int(n)
