@@ -15,7 +15,7 @@ from .encoding import Encoding
 from .prepare import prepare
 from .schema import EventSchema
 from .sources import Source
-from .store import SequenceStore
+from .store import ENCODING_FILE, STORE_FILE, SequenceStore
 from .train import MODEL_FILE, fit as fit_module, load_model, saved_model_dir
 
 #: MeLES's parameters besides ``schema``: every MeLESConfig field, with its default (a field
@@ -66,7 +66,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         """The store of ``events`` and, for a list of per-client frames, the client id of each."""
         if isinstance(events, SequenceStore):
             return events, None
-        if isinstance(events, (str, Path)) and (Path(events) / "sequences.parquet").exists():
+        if isinstance(events, (str, Path)) and (Path(events) / STORE_FILE).exists():
             return SequenceStore.load(events), None
         schema = getattr(self, "schema_", None) or self.schema
         if schema is None:
@@ -141,7 +141,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         with atomic_path(path / MODEL_FILE) as tmp:  # a killed save never leaves a truncated model.pt
             torch.save(self.module_.state_dict(), tmp)
         write_json(path / "config.json", self.module_.cfg.to_dict())
-        self.encoding_.save(path / "encoding.json")
+        self.encoding_.save(path / ENCODING_FILE)
         if self.schema_ is not None:
             self.schema_.save(path / "schema.json")
         return path

@@ -22,7 +22,7 @@ from .io_utils import read_json
 from .losses import make_loss
 from .metrics import recall_at_k
 from .nn import build_embedder
-from .store import SequenceStore
+from .store import ENCODING_FILE, SequenceStore
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +372,7 @@ def load_model(source: str | os.PathLike | BinaryIO) -> MeLESModule:
         if not (path / MODEL_FILE).exists():
             raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
         state = load_weights(path / MODEL_FILE)
-        hp = {"config": read_json(path / "config.json", "config"), "encoding": Encoding.load(path / "encoding.json").to_dict()}
+        hp = {"config": read_json(path / "config.json", "config"), "encoding": Encoding.load(path / ENCODING_FILE).to_dict()}
     else:
         if path is not None and not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")
