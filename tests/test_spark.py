@@ -279,6 +279,12 @@ def test_embed_matches_single_machine(spark, tmp_path):
     a, b = pq.read_schema(tmp_path / "spark.parquet"), pq.read_schema(tmp_path / "local.parquet")
     assert a.remove_metadata() == b.remove_metadata()
     assert json.loads(a.metadata[b"ptls_meles"]) == json.loads(b.metadata[b"ptls_meles"])
+    # an explicit window overrides the model's (9): each client's last 4 events
+    embed_spark(tmp_path / "store", model, tmp_path / "last4.parquet", spark=spark, max_events=4)
+    last4 = embed_frame(model.module_.embedder, store, max_events=4, show_progress=False)
+    assert store.lengths.max() > 9 and not np.allclose(last4.iloc[:, 1:].to_numpy(), local.iloc[:, 1:].to_numpy())
+    np.testing.assert_allclose(pd.read_parquet(tmp_path / "last4.parquet").iloc[:, 1:].to_numpy(), last4.iloc[:, 1:].to_numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_cli_engine_spark(spark, tmp_path):
