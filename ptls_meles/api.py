@@ -15,8 +15,8 @@ from .encoding import Encoding
 from .prepare import prepare
 from .schema import EventSchema
 from .sources import Source
-from .store import SequenceStore
-from .train import MODEL_FILE, fit as fit_module, load_model
+from .store import ENCODING_FILE, STORE_FILE, SequenceStore
+from .train import MODEL_FILE, fit as fit_module, load_model, saved_model_dir
 
 #: MeLES's parameters besides ``schema``: every MeLESConfig field, with its default (a field
 #: whose default is a fresh dict defaults to None here, "the config's default", as
@@ -66,7 +66,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         """The store of ``events`` and, for a list of per-client frames, the client id of each."""
         if isinstance(events, SequenceStore):
             return events, None
-        if isinstance(events, (str, Path)) and (Path(events) / "sequences.parquet").exists():
+        if isinstance(events, (str, Path)) and (Path(events) / STORE_FILE).exists():
             return SequenceStore.load(events), None
         schema = getattr(self, "schema_", None) or self.schema
         if schema is None:
@@ -112,9 +112,7 @@ class MeLES(TransformerMixin, BaseEstimator):
 
     def _embed(self, store: SequenceStore, ids: list | None, show_progress: bool) -> pd.DataFrame:
         check_store_encoding(self.encoding_, store)
-        cfg = self.module_.cfg
-        table = embed_frame(self.module_.embedder, store, max_events=cfg.max_events, batch_size=cfg.embed_batch_size,
-                            show_progress=show_progress)
+        table = embed_frame(self.module_.embedder, store, **self.module_.inference_settings, show_progress=show_progress)
         if ids is None:
             return table
         table = table.set_index("client_id")
@@ -128,26 +126,22 @@ class MeLES(TransformerMixin, BaseEstimator):
         self._check_fitted()
         store, _ = self._store(events, self.encoding_, show_progress)
         check_store_encoding(self.encoding_, store)
-        cfg = self.module_.cfg
-        meta = {"config": cfg.to_dict(), "encoding": self.encoding_.to_dict()}
-        return write_embeddings(
-            self.module_.embedder, store, path, metadata=meta, max_events=cfg.max_events,
-            batch_size=cfg.embed_batch_size, show_progress=show_progress,
-        )
+        meta = {"config": self.module_.cfg.to_dict(), "encoding": self.encoding_.to_dict()}
+        return write_embeddings(self.module_.embedder, store, path, metadata=meta, **self.module_.inference_settings,
+                                show_progress=show_progress)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
         """A directory with ``model.pt`` (weights only), ``config.json``, ``encoding.json``, ``schema.json``."""
         self._check_fitted()
-        from .io_utils import atomic_path
+        from .io_utils import atomic_path, write_json
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path / MODEL_FILE) as tmp:  # a killed save never leaves a truncated model.pt
             torch.save(self.module_.state_dict(), tmp)
-        with atomic_path(path / "config.json") as tmp:
-            tmp.write_text(self.module_.cfg.to_json())
-        self.encoding_.save(path / "encoding.json")
+        write_json(path / "config.json", self.module_.cfg.to_dict())
+        self.encoding_.save(path / ENCODING_FILE)
         if self.schema_ is not None:
             self.schema_.save(path / "schema.json")
         return path
@@ -158,7 +152,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         checkpoint (``.ckpt``) with :func:`~ptls_meles.train.load_model`; never unpickles code."""
         path = Path(path)
         module = load_model(path)
-        model_dir = path / "model" if (path / "model" / MODEL_FILE).exists() else path
+        model_dir = saved_model_dir(path)
         schema = EventSchema.load(model_dir / "schema.json") if (model_dir / "schema.json").exists() else None
         obj = cls(schema=schema, **module.cfg.to_dict())
         obj.module_, obj.encoding_, obj.schema_ = module, module.encoding, schema

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -61,7 +60,7 @@ def cmd_data(args) -> None:
 
 def cmd_prepare(args) -> None:
     from .encoding import Encoding
-    from .io_utils import check_output_dir
+    from .io_utils import check_output_dir, read_table
     from .prepare import prepare
     from .schema import EventSchema
 
@@ -74,7 +73,7 @@ def cmd_prepare(args) -> None:
         split = lambda s: [c for c in (s or "").split(",") if c]
         schema = EventSchema(args.client_col, args.time_col, split(args.cat), split(args.num), args.time_format, args.num_transform)
     encoding = Encoding.load(args.encoding) if args.encoding else None
-    targets = _read_table(args.targets) if args.targets else None  # a bad target table fails before the work
+    targets = read_table(args.targets, "target table") if args.targets else None  # a bad target table fails before the work
     if args.engine == "spark":
         from .spark import get_session, parse_conf, prepare_spark
 
@@ -85,7 +84,6 @@ def cmd_prepare(args) -> None:
     else:
         _, report = prepare(args.input, schema, out=args.out, encoding=encoding, on_error=args.on_error, min_count=args.min_count,
                             max_vocab=args.max_vocab, show_progress=not args.quiet, drop_duplicates=args.drop_duplicates)
-    schema.save(Path(args.out) / "schema.json")
     if targets is not None:
         from .datasets.recipes import write_targets
 
@@ -115,8 +113,7 @@ def cmd_embed(args) -> None:
 
     check_output_file(args.out)
     _threads(args.threads)
-    model_dir = Path(args.model)
-    model = MeLES.load(model_dir / "model" if (model_dir / "model").exists() else model_dir)
+    model = MeLES.load(args.model)  # a run directory or a saved model directory
     if args.schema:
         from .schema import EventSchema
 
@@ -135,20 +132,6 @@ def cmd_embed(args) -> None:
         print("events with categories the model did not learn (unseen id): " + ", ".join(f"{c} {v:.1%}" for c, v in unseen.items()))
 
 
-def _read_table(path: str):
-    """A target table from CSV or Parquet, with errors that name the file."""
-    import pandas as pd
-
-    if not Path(path).exists():
-        raise FileNotFoundError(f"target table {path} does not exist")
-    try:
-        if path.endswith((".parquet", ".pq")) or Path(path).is_dir():
-            return pd.read_parquet(path)
-        return pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError) as exc:
-        raise ValueError(f"{path}: cannot read the target table ({exc})") from None
-
-
 def _feature_table(spec: str):
     from .downstream.evaluate import load_feature_table
 
@@ -162,12 +145,12 @@ def _feature_table(spec: str):
 
 def cmd_evaluate(args) -> None:
     from .downstream.evaluate import evaluate
-    from .io_utils import atomic_path, check_output_file
+    from .io_utils import check_output_file, read_table, write_json
 
     if args.out:
         check_output_file(args.out)  # before the CV folds, not after them
     tables = [_feature_table(s) for s in args.features]
-    targets = _read_table(args.targets)
+    targets = read_table(args.targets, "target table")
     if args.target_id_col != "client_id":
         if args.target_id_col not in targets.columns:
             raise ValueError(f"{args.targets}: no id column {args.target_id_col!r}; it has columns {list(targets.columns)}")
@@ -179,8 +162,7 @@ def cmd_evaluate(args) -> None:
         print(r.summary())
         results.append(r.to_dict())
     if args.out:
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(results, indent=1))
+        write_json(args.out, results)
 
 
 def cmd_demo(args) -> None:
@@ -203,6 +185,8 @@ def cmd_bench(args) -> None:
 
 # ---------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import BENCHES
+
     p = argparse.ArgumentParser(prog="ptls-meles", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="log details (detected formats, phases, per-fold scores)")
     sub = p.add_subparsers(dest="command", required=True)
@@ -241,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "      --cat small_group --num amount_rur --time-format number\n"
                 "a directory is read in one format (Parquet, else CSV, TSV, TXT); other files in it are skipped and named.")
     pr.add_argument("input", help="a Parquet or CSV file, or a directory of them, e.g. data/transactions.csv")
-    pr.add_argument("--out", required=True, metavar="DIR", help="store directory to write (sequences.parquet, encoding.json, schema.json), e.g. --out store")
+    pr.add_argument("--out", required=True, metavar="DIR", help="store directory to write (sequences.parquet, which carries the schema, and encoding.json), e.g. --out store")
     pr.add_argument("--schema", metavar="FILE", help='schema JSON instead of the column options, e.g. {"client_col": "client_id", "time_col": "trans_date", '
                     '"categorical": ["small_group"], "numeric": ["amount_rur"], "time_format": "number"}')
     pr.add_argument("--client-col", metavar="COL", help="client id column, e.g. --client-col client_id")
@@ -284,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("input", help="a store directory, or raw events (then --schema or the model's schema is used)")
     e.add_argument("--model", required=True, metavar="DIR", help="a run directory of `fit`, or a saved model directory, e.g. --model runs/first")
     e.add_argument("--out", required=True, metavar="FILE", help="Parquet table to write, e.g. --out embeddings.parquet")
-    e.add_argument("--schema", metavar="FILE", help="schema JSON for raw input, e.g. --schema store/schema.json")
+    e.add_argument("--schema", metavar="FILE", help="schema JSON for raw input (default: the model's, model/schema.json), e.g. --schema schema.json")
     common(e, threads=True)
     engine(e)
     e.set_defaults(func=cmd_embed)
@@ -316,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = parser("bench", "benchmarks: speed | paper (comparison and ablation tables) | quality (configurations at one budget) | memory | spark",
                "example: ptls-meles bench speed -- --help")
-    b.add_argument("name", choices=["speed", "paper", "quality", "memory", "spark"], help="the benchmark")
+    b.add_argument("name", choices=BENCHES, help="the benchmark")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `ptls-meles bench NAME -- --help`)")
     common(b, threads=True)
     b.set_defaults(func=cmd_bench)

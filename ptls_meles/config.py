@@ -6,7 +6,6 @@ combination (e.g. ``pooling="last,mean,max"``).
 """
 from __future__ import annotations
 
-import json
 import numbers
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -141,9 +140,6 @@ class MeLESConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
 
     @classmethod
     def from_dict(cls, d: dict, saved: bool = False) -> "MeLESConfig":

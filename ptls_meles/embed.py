@@ -26,6 +26,13 @@ def embedding_columns(dim: int) -> list[str]:
     return [f"emb_{i:03d}" for i in range(dim)]
 
 
+def embedding_schema(id_type: pa.DataType, dim: int, metadata: dict) -> pa.Schema:
+    """The embedding table's schema: ``client_id``, ``emb_000..`` float32, ``metadata`` (config,
+    encoding) as JSON under the ``ptls_meles`` key; written alike by local and Spark embed."""
+    fields = [pa.field("client_id", id_type)] + [pa.field(c, pa.float32()) for c in embedding_columns(dim)]
+    return pa.schema(fields, metadata={b"ptls_meles": json.dumps(metadata).encode()})
+
+
 class NonFiniteEmbeddingError(ValueError):
     """The model produced NaN or infinite embeddings: nothing is written."""
 
@@ -37,6 +44,12 @@ def unseen_shares(store: SequenceStore) -> dict[str, float]:
 
     n = max(store.n_events, 1)
     return {c: float(np.count_nonzero(store.columns[c] == UNSEEN_ID)) / n for c in store.categorical if c in store.columns}
+
+
+def window_lengths(lengths: np.ndarray, max_events: int | None) -> np.ndarray:
+    """How many events of each client inference reads: its last ``max_events`` (``None``:
+    all). The one definition of the inference window; the events are the client's last ones."""
+    return lengths if max_events is None else np.minimum(lengths, max_events)
 
 
 # work allowed per batch: events for recurrent encoders, attention cells for Transformers
@@ -85,21 +98,19 @@ def iter_embeddings(
     show_progress: bool = True,
     chunk: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(client positions, embeddings [n, D])`` batch by batch, in length order.
+    """Yield ``(client positions, embeddings [n, D])`` batch by batch, in length order, from
+    each client's last ``max_events`` events (:func:`window_lengths`).
 
-    Embeddings are the raw (not L2-normalised) encoder outputs: downstream models get the
+    Embeddings are the embedder's raw (not L2-normalised) outputs: downstream models get the
     full information, and cosine retrieval can still normalise them. With ``chunk``, a
     client's window is cut into contiguous chunks of at most ``chunk`` events and its
     embedding is the mean of theirs: the encoder then reads sequences as long as the views
     it was trained on, not several times longer.
     """
-    lengths = store.lengths
-    take = lengths if max_events is None else np.minimum(lengths, max_events)
+    take = window_lengths(store.lengths, max_events)
     order = np.argsort(take, kind="stable")
-    was_training, normalize = embedder.training, getattr(embedder, "normalize", False)
+    was_training = embedder.training
     embedder.eval()
-    if hasattr(embedder, "normalize"):
-        embedder.normalize = False
     bar = tqdm(total=store.n_clients, unit="clients", desc="embed", disable=not show_progress)
     try:
         with torch.inference_mode():
@@ -128,21 +139,19 @@ def iter_embeddings(
     finally:
         bar.close()
         embedder.train(was_training)
-        if hasattr(embedder, "normalize"):
-            embedder.normalize = normalize
+
+
+def embed_array(embedder: torch.nn.Module, store: SequenceStore, **kwargs) -> np.ndarray:
+    """All embeddings ``[n_clients, D]`` (float32) in store order."""
+    out = np.zeros((store.n_clients, embedder.output_size), np.float32)
+    for clients, emb in iter_embeddings(embedder, store, **kwargs):
+        out[clients] = emb
+    return out
 
 
 def embed_frame(embedder: torch.nn.Module, store: SequenceStore, **kwargs) -> pd.DataFrame:
     """All embeddings as a DataFrame ``client_id, emb_000, ...`` in store order."""
-    parts, positions = [], []
-    for clients, emb in iter_embeddings(embedder, store, **kwargs):
-        parts.append(emb)
-        positions.append(clients)
-    emb = np.concatenate(parts) if parts else np.zeros((0, embedder.output_size), np.float32)
-    pos = np.concatenate(positions) if positions else np.zeros(0, np.int64)
-    inverse = np.empty_like(pos)
-    inverse[pos] = np.arange(len(pos))
-    emb = emb[inverse]
+    emb = embed_array(embedder, store, **kwargs)
     df = pd.DataFrame(emb, columns=embedding_columns(emb.shape[1]))
     df.insert(0, "client_id", store.client_ids)
     return df
@@ -165,10 +174,7 @@ def write_embeddings(
     path = Path(path)
     t0 = time.perf_counter()
     dim = embedder.output_size
-    schema = pa.schema(
-        [pa.field("client_id", pa.array(store.client_ids[:1]).type)] + [pa.field(c, pa.float32()) for c in embedding_columns(dim)],
-        metadata={b"ptls_meles": json.dumps(metadata or {}).encode()},
-    )
+    schema = embedding_schema(pa.array(store.client_ids[:1]).type, dim, metadata or {})
     rows = 0
     buffered: list[tuple[np.ndarray, np.ndarray]] = []
     n_buffered = 0

@@ -7,7 +7,6 @@ values in order of decreasing frequency.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +56,10 @@ class CategoryVocab:
 
 @dataclass
 class NumericTransform:
-    """``log``: sign(x)·log1p(|x|); ``standardize``: (x − mean)/std after the optional log."""
+    """``log``: sign(x)·log1p(|x|); ``standardize``: (x − mean)/std after the optional log.
+
+    :meth:`apply` = :meth:`standardize` ∘ :meth:`base` is what ``prepare`` stores (float32);
+    :meth:`inverse` maps stored values back to raw numbers."""
 
     kind: str = "log"
     mean: float = 0.0
@@ -66,25 +68,46 @@ class NumericTransform:
     def __post_init__(self) -> None:
         if self.kind not in NUMERIC_TRANSFORMS:
             raise ValueError(f"numeric transform {self.kind!r} is not one of {NUMERIC_TRANSFORMS}")
+        if not self.std > 0:
+            raise ValueError(f"numeric transform std must be positive, got {self.std}")
 
-    def base(self, x: np.ndarray) -> np.ndarray:
+    @property
+    def logged(self) -> bool:
+        return self.kind in ("log", "log_standardize")
+
+    @property
+    def standardized(self) -> bool:
+        return self.kind in ("standardize", "log_standardize")
+
+    def base(self, x) -> np.ndarray:
         """The value before standardising: ``x`` or sign(x)·log1p|x|, as float64."""
         x = np.asarray(x, dtype=np.float64)
-        if self.kind in ("log", "log_standardize"):
-            return np.sign(x) * np.log1p(np.abs(x))
-        return x
+        return np.sign(x) * np.log1p(np.abs(x)) if self.logged else x
+
+    def standardize(self, base) -> np.ndarray:
+        """``(base − mean) / std`` in float32 arithmetic, the store's (Spark's prepare does the
+        same in float32 column arithmetic); ``base`` itself as float32 when not standardising."""
+        base = np.asarray(base, dtype=np.float32)
+        if not self.standardized:
+            return base
+        return ((base - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32)
 
     def apply(self, x) -> np.ndarray:
-        y = self.base(x)
-        if self.kind in ("standardize", "log_standardize"):
-            y = (y - self.mean) / (self.std if self.std > 0 else 1.0)
-        return y.astype(np.float32)
+        """Raw numbers → the float32 values ``prepare`` stores."""
+        return self.standardize(self.base(x))
+
+    def inverse(self, y) -> np.ndarray:
+        """Stored values → raw numbers (float64; exact up to the store's float32 rounding)."""
+        y = np.asarray(y, dtype=np.float64)
+        if self.standardized:
+            y = y * self.std + self.mean
+        return np.sign(y) * np.expm1(np.abs(y)) if self.logged else y
 
     def check_range(self, parsed):
         """Mark finite values whose transformed value overflows float32, the store's type, as
         bad (1e300 with ``identity`` would become inf and poison training): ``parsed`` with
         those rows added to ``bad`` and their own problem text."""
-        if self.kind in ("log", "log_standardize"):
+        if self.logged:
             return parsed  # log1p of any finite float64 is below 710
         over = np.isfinite(parsed.values) & ~(np.abs(parsed.values) <= FLOAT32_MAX)
         if over.any():
@@ -95,9 +118,9 @@ class NumericTransform:
         return parsed
 
     def fit_moments(self, total: float, total_sq: float, n: int) -> None:
-        """Set mean/std from running sums of the (log-)transformed values (float64 arithmetic,
-        so large sums give inf rather than an OverflowError; inf moments are refused)."""
-        if n == 0:
+        """Set mean/std (standardising kinds only) from running sums of the base values (float64
+        arithmetic, so large sums give inf rather than an OverflowError; inf moments are refused)."""
+        if n == 0 or not self.standardized:
             return
         mean = np.float64(total) / n
         with np.errstate(over="ignore", invalid="ignore"):
@@ -132,10 +155,9 @@ class Encoding:
         )
 
     def save(self, path: str | os.PathLike) -> None:
-        from .io_utils import atomic_path
+        from .io_utils import write_json
 
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Encoding":

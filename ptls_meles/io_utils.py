@@ -26,6 +26,13 @@ def atomic_path(target: str | os.PathLike):
             tmp.unlink()
 
 
+def write_json(path: str | os.PathLike, obj, default=None) -> None:
+    """Write ``obj`` as indented JSON, whole or not at all (:func:`atomic_path`); ``default``
+    as in ``json.dumps`` (e.g. ``float`` for NumPy scalars)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=default))
+
+
 def read_json(path: str | os.PathLike, what: str):
     """The JSON content of a state file (``config``, ``encoding``, ``schema``); a truncated or
     edited file gives a ValueError naming the file, not a bare JSON parser message."""
@@ -36,6 +43,25 @@ def read_json(path: str | os.PathLike, what: str):
         raise ValueError(f"{path}: not a valid {what} file ({exc}); restore or rewrite it") from None
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a valid {what} file (not UTF-8 text); restore or rewrite it") from None
+
+
+def read_table(path: str | os.PathLike, what: str = "table"):
+    """A pandas table from Parquet (a file or a directory of files) or CSV/TSV, with errors
+    that name the file (feature tables, target tables)."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no {what} at {path}")
+    name = path.name.lower()
+    try:
+        if path.is_dir() or name.endswith((".parquet", ".pq")):
+            return pd.read_parquet(path)
+        if name.endswith((".csv", ".csv.gz", ".tsv", ".txt")):
+            return pd.read_csv(path, sep="\t" if name.endswith(".tsv") else ",")
+    except (ValueError, OSError) as exc:  # pyarrow's and pandas' parser errors are ValueErrors
+        raise ValueError(f"{path}: cannot read the {what} ({exc})") from None
+    raise ValueError(f"{what} {path}: unknown format (expected .parquet, .pq, .csv, .csv.gz, .tsv or .txt)")
 
 
 def check_output_dir(path: str | os.PathLike, option: str = "--out") -> None:

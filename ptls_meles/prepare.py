@@ -19,15 +19,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
-from .encoding import UNSEEN_ID, CategoryVocab, Encoding, NumericTransform, as_category_strings
+from .encoding import UNSEEN_ID, CategoryVocab, Encoding, as_category_strings
+from .prepare_rules import (
+    NULL_CLIENT_PROBLEM, all_dropped_error, bad_rows_error, check_arguments, drop_reasons, no_rows_error, numeric_transforms,
+)
 from .schema import (
-    EventSchema, SchemaError, check_column_types, detect_time_format, exact_client_ids, parse_number, parse_time, unify_id_types,
+    EventSchema, check_column_types, detect_time_format, exact_client_ids, parse_number, parse_time, unify_id_types,
 )
 from .sources import Source, count_rows, iter_chunks
 from .store import TIME_COLUMN, SequenceStore, offsets_from_lengths
 
 log = logging.getLogger(__name__)
-ON_ERROR = ("raise", "drop")
 
 
 @dataclass
@@ -122,8 +124,7 @@ def prepare(
     reason; the default raises :class:`SchemaError` at the first bad value. Rows equal to
     an earlier row in every column are counted, and dropped when ``drop_duplicates``.
     """
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    check_arguments(schema, encoding, on_error)
     t0 = time.perf_counter()
     report = PrepareReport()
     time_format = encoding.time_format if encoding is not None else schema.time_format
@@ -131,14 +132,8 @@ def prepare(
     cat_dicts = {c: _GrowingDictionary() for c in schema.categorical}
     parts: dict[str, list[np.ndarray]] = {"client": [], TIME_COLUMN: [], **{c: [] for c in schema.categorical}, **{c: [] for c in schema.numeric}}
     num_sums = {c: [0.0, 0.0, 0] for c in schema.numeric}
-    transforms = {
-        c: (encoding.numeric[c] if encoding is not None and c in encoding.numeric else NumericTransform(schema.transform_of(c)))
-        for c in schema.numeric
-    }
-    if encoding is not None:
-        missing = [c for c in schema.categorical if c not in encoding.categorical] + [c for c in schema.numeric if c not in encoding.numeric]
-        if missing:
-            raise SchemaError(f"the saved encoding has no state for column(s) {missing}; it knows {list(encoding.categorical) + list(encoding.numeric)}")
+    transforms = numeric_transforms(schema, encoding)
+    client_reason, time_reason, *number_reasons = drop_reasons(schema)
 
     typed_rows = Counter()  # rows of typed timestamp chunks, by whether the type has a zone
     bar = tqdm(total=count_rows(source), unit="rows", unit_scale=True, desc="prepare", disable=not show_progress)
@@ -152,17 +147,14 @@ def prepare(
 
         def fail(column: str, problem: str, example, row: int, count: int, reason: str) -> None:
             if on_error == "raise":
-                raise SchemaError(
-                    f"{chunk.source}: column {column!r} has {count} row(s) with {problem}, "
-                    f"e.g. {example!r} at row {chunk.first_row + row}. Fix the input or pass on_error='drop' (--on-error drop)."
-                )
+                raise bad_rows_error(chunk.source, column, count, problem, example, chunk.first_row + row)
             report.dropped[reason] += int(count)
 
         client_raw = tbl.column(schema.client_col)
         null_client = pc.is_null(client_raw).to_numpy(zero_copy_only=False)
         if null_client.any():
             row = int(np.flatnonzero(null_client)[0])
-            fail(schema.client_col, "a null client id", None, row, int(null_client.sum()), "null client id")
+            fail(schema.client_col, NULL_CLIENT_PROBLEM, None, row, int(null_client.sum()), client_reason)
             bad |= null_client
 
         time_raw = tbl.column(schema.time_col)
@@ -175,16 +167,16 @@ def prepare(
             typed_rows[time_raw.type.tz is not None] += n
         t_bad = t.bad & ~bad
         if t_bad.any():
-            fail(schema.time_col, t.problem, t.example, t.example_row, int(t_bad.sum()), f"bad time ({schema.time_col})")
+            fail(schema.time_col, t.problem, t.example, t.example_row, int(t_bad.sum()), time_reason)
             bad |= t.bad
 
         nums = {}
-        for c in schema.numeric:
+        for c, reason in zip(schema.numeric, number_reasons):
             p = transforms[c].check_range(parse_number(tbl.column(c)))
             c_bad = p.bad & ~bad
             if c_bad.any():
                 row = int(np.flatnonzero(c_bad)[0])
-                fail(c, p.problem_of(row), tbl.column(c)[row].as_py(), row, int(c_bad.sum()), f"bad number ({c})")
+                fail(c, p.problem_of(row), tbl.column(c)[row].as_py(), row, int(c_bad.sum()), reason)
                 bad |= p.bad
             nums[c] = p.values
 
@@ -211,7 +203,7 @@ def prepare(
     bar.close()
 
     if report.n_rows_read == 0:
-        raise SchemaError(f"{_name(source)}: no events in the input (0 rows)")
+        raise no_rows_error(_name(source))
     if typed_rows[True] and typed_rows[False]:
         report.naive_times_as_utc += typed_rows[False]
     if report.naive_times_as_utc:
@@ -219,7 +211,7 @@ def prepare(
                     schema.time_col, report.naive_times_as_utc)
     client_code = np.concatenate(parts.pop("client") or [np.zeros(0, np.int64)])
     if len(client_code) == 0:
-        raise SchemaError(f"{_name(source)}: all {report.n_rows_read} rows were dropped as bad: {dict(report.dropped)}")
+        raise all_dropped_error(_name(source), report.n_rows_read, report.dropped)
 
     # clients ordered by id, so the store does not depend on file order
     client_values, client_code, merged = unify_id_types(clients.index.to_numpy(), client_code)
@@ -270,17 +262,11 @@ def prepare(
                 log.warning("column %r: %d of %d events (%.1f%%) hold values the encoding does not know, e.g. %r; they get the unseen id",
                             c, n_unseen, len(order), 100 * n_unseen / max(len(order), 1), uniques[unseen][0])
     for c in schema.numeric:
-        values = fields.pop(c)[order]
-        tr = transforms[c]
-        if encoding is None and tr.kind in ("standardize", "log_standardize"):
-            tr.fit_moments(*num_sums[c])
-        if tr.kind in ("standardize", "log_standardize"):
-            values = ((values - tr.mean) / tr.std).astype(np.float32)
-        columns[c] = values
+        if encoding is None:
+            transforms[c].fit_moments(*num_sums[c])
+        columns[c] = transforms[c].standardize(fields.pop(c)[order])
 
     enc = encoding or Encoding(schema.client_col, schema.time_col, time_format, vocabs, transforms)
-    if encoding is None:
-        enc.time_format = time_format
     store = SequenceStore(_plain_ids(client_values), offsets, columns, enc, {"schema": schema.to_dict()})
     report.n_clients, report.n_events = store.n_clients, store.n_events
     report.seconds = time.perf_counter() - t0

@@ -6,10 +6,8 @@ rows — counted per reason so nothing disappears silently.
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -90,10 +88,9 @@ class EventSchema:
         return asdict(self)
 
     def save(self, path: str | os.PathLike) -> None:
-        from .io_utils import atomic_path
+        from .io_utils import write_json
 
-        with atomic_path(path) as tmp:
-            Path(tmp).write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "EventSchema":
@@ -225,20 +222,24 @@ def _first_bad(raw: pa.ChunkedArray | pa.Array, bad: np.ndarray) -> tuple[object
     return raw[idx].as_py(), idx
 
 
+BAD_NUMBER = "null, NaN or infinite value"  # the problem of a bad number (NOT_A_NUMBER: in a text column)
+NOT_A_NUMBER = "non-numeric, null, NaN or infinite value"
+
+
 def parse_number(raw: pa.Array | pa.ChunkedArray) -> Parsed:
     """Float64 values; non-numeric, null, NaN and inf rows are marked bad."""
     if pa.types.is_integer(raw.type) or pa.types.is_floating(raw.type) or pa.types.is_boolean(raw.type) or pa.types.is_decimal(raw.type):
         # safe=False: integers beyond 2**53 become the nearest float instead of raising
         values = pc.cast(raw, pa.float64(), safe=False).to_numpy(zero_copy_only=False)
-        problem = "null, NaN or infinite value"
+        problem = BAD_NUMBER
     else:
         text = pc.cast(raw, pa.string())
         try:
             values = pc.cast(text, pa.float64()).to_numpy(zero_copy_only=False)
-            problem = "null, NaN or infinite value"
+            problem = BAD_NUMBER
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             values = pd.to_numeric(pd.Series(text.to_numpy(zero_copy_only=False)), errors="coerce").to_numpy(np.float64)
-            problem = "non-numeric, null, NaN or infinite value"
+            problem = NOT_A_NUMBER
     values = np.asarray(values, dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():

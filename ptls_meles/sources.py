@@ -92,7 +92,7 @@ def iter_chunks(source: Source, columns: list[str], chunk_rows: int = 1_000_000,
         # chunks are merged (and counted) like 1 and "1" in one chunk
         clients, merged = pandas_client_ids(source[columns[0]])
         for start in range(0, len(source), chunk_rows):
-            part = _from_pandas(source.iloc[start : start + chunk_rows][columns[1:]], "<DataFrame>")
+            part = _from_pandas(source.iloc[start : start + chunk_rows][columns[1:]])
             table = part.add_column(0, columns[0], clients.slice(start, chunk_rows))
             yield Chunk(table, "<DataFrame>", start, merged if start == 0 else 0)
         return
@@ -108,7 +108,7 @@ def iter_chunks(source: Source, columns: list[str], chunk_rows: int = 1_000_000,
             yield from _iter_csv(file, columns, csv_delimiter)
 
 
-def _from_pandas(df: pd.DataFrame, source: str) -> pa.Table:
+def _from_pandas(df: pd.DataFrame) -> pa.Table:
     arrays = {}
     for col in df.columns:
         try:
@@ -142,12 +142,18 @@ def _text_or_none(value) -> str | None:
     return str(value)
 
 
-def _iter_parquet(file: Path, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:
+def open_parquet(file: Path, columns: list[str]) -> pq.ParquetFile:
+    """A Parquet file (its footer read) checked for the needed columns, errors naming it."""
     try:
         pf = pq.ParquetFile(file)
     except (pa.ArrowInvalid, OSError) as exc:
         raise SchemaError(f"{file}: not a readable Parquet file ({exc})") from None
     _check_columns(pf.schema_arrow.names, columns, str(file))
+    return pf
+
+
+def _iter_parquet(file: Path, columns: list[str], chunk_rows: int) -> Iterator[Chunk]:
+    pf = open_parquet(file, columns)
     row = 0
     try:
         for batch in pf.iter_batches(batch_size=chunk_rows, columns=columns):

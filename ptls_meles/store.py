@@ -102,10 +102,7 @@ class SequenceStore:
         path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path / STORE_FILE) as tmp:
             table = self.to_arrow()
-            # the encoding travels inside the Parquet file too, so a store can never be
-            # paired with another run's encoding.json
-            meta = {b"ptls_meles": json.dumps(self.meta).encode(), b"ptls_meles_encoding": json.dumps(self.encoding.to_dict()).encode()}
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **meta})
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **file_metadata(self.meta, self.encoding)})
             pq.write_table(table, tmp, row_group_size=row_group_size)
         self.encoding.save(path / ENCODING_FILE)
         return path
@@ -148,6 +145,13 @@ class SequenceStore:
         if offsets is None:
             offsets = np.zeros(len(client_ids) + 1, dtype=np.int64)
         return cls(client_ids, offsets, cols, encoding, meta)
+
+
+def file_metadata(meta: dict, encoding: Encoding) -> dict[bytes, bytes]:
+    """The Parquet metadata of ``sequences.parquet`` (both engines write it): ``meta`` (the
+    schema) and the encoding, which travels inside the file too, so a store can never be
+    paired with another run's ``encoding.json``."""
+    return {b"ptls_meles": json.dumps(meta).encode(), b"ptls_meles_encoding": json.dumps(encoding.to_dict()).encode()}
 
 
 def offsets_from_lengths(lengths: np.ndarray) -> np.ndarray:

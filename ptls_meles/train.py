@@ -13,24 +13,25 @@ from typing import BinaryIO
 
 import pytorch_lightning as pl
 import torch
+from torch.nn.functional import normalize
 
 from .config import MeLESConfig
-from .data import MeLESDataModule
+from .datamodule import MeLESDataModule, trainer_epoch
 from .encoding import Encoding
 from .io_utils import read_json
 from .losses import make_loss
 from .metrics import recall_at_k
 from .nn import build_embedder
-from .store import SequenceStore
+from .store import ENCODING_FILE, SequenceStore
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"  # the weights of a saved model directory (MeLES.save)
 
-# Lightning's advertising tip and a deprecation inside Lightning itself are noise to our users
-warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-warnings.filterwarnings("ignore", message=".*litlogger.*")
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(lambda r: "litlogger" not in r.getMessage())
+
+def saved_model_dir(path: Path) -> Path:
+    """The saved model directory of ``path``: ``path/model`` for a run directory of ``fit``."""
+    return path / "model" if (path / "model" / MODEL_FILE).exists() else path
 
 
 def embedder_from_config(config: MeLESConfig, encoding: Encoding):
@@ -59,7 +60,8 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
 
 
 class MeLESModule(pl.LightningModule):
-    """Step logic only: embed views, mine pairs, compute the loss; validation recall@(k−1)."""
+    """Step logic only: embed views, L2-normalise them, mine pairs, compute the loss;
+    validation recall@(k−1). The embedder itself stays raw (what ``embed`` writes)."""
 
     def __init__(self, config: MeLESConfig | dict, encoding: Encoding | dict) -> None:
         super().__init__()
@@ -95,9 +97,15 @@ class MeLESModule(pl.LightningModule):
     def forward(self, batch):
         return self.embedder(batch)
 
+    @property
+    def inference_settings(self) -> dict:
+        """How this model embeds clients (``embed.iter_embeddings``'s settings): each client's
+        last ``max_events`` events, ``embed_batch_size`` clients per batch."""
+        return {"max_events": self.cfg.max_events, "batch_size": self.cfg.embed_batch_size}
+
     def on_train_epoch_start(self) -> None:
         # dropout etc. depend only on (seed, epoch): resumed runs repeat uninterrupted ones
-        torch.manual_seed(self.cfg.seed * 1000 + self.trainer.fit_loop.epoch_progress.current.processed)
+        torch.manual_seed(self.cfg.seed * 1000 + trainer_epoch(self.trainer))
 
     def training_step(self, batch, batch_idx):
         padded, labels = batch
@@ -105,6 +113,7 @@ class MeLESModule(pl.LightningModule):
             emb = self.embedder(padded)
         else:
             emb, sequence = self.embedder(padded, return_sequence=True)
+        emb = normalize(emb, dim=-1)  # metric learning (and the view-stats head) work on the unit sphere
         loss = self.loss_fn(emb, labels)
         n_clients = int(labels.max()) + 1
         aux = {}
@@ -120,7 +129,7 @@ class MeLESModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         padded, labels = batch
-        emb = self.embedder(padded)
+        emb = normalize(self.embedder(padded), dim=-1)
         self._val.append((emb.detach().cpu(), labels.cpu() + batch_idx * (10**6)))
 
     def on_validation_epoch_end(self) -> None:
@@ -273,8 +282,6 @@ def fit(
         trainer_kwargs.setdefault("max_time", {"seconds": int(round(config.max_minutes * 60))})
     if config.grad_clip is not None:
         trainer_kwargs.setdefault("gradient_clip_val", config.grad_clip)
-    trainer = build_trainer(config.max_epochs, callbacks, n_batches, show_progress, logger=logger, accelerator=accelerator,
-                            devices=devices, default_root_dir=str(out_dir) if out_dir else None, **trainer_kwargs)
     ckpt_path = None
     if resume:
         ckpt_path = Path(resume) if not isinstance(resume, bool) else (out_dir / "checkpoints" / "last.ckpt" if out_dir else None)
@@ -282,12 +289,33 @@ def fit(
             raise FileNotFoundError(f"cannot resume: no checkpoint at {ckpt_path}")
         # a corrupt or code-carrying checkpoint, or one made for another store or network, fails here with a clear error
         check_resumable(load_weights(ckpt_path), ckpt_path, store, config)
-    with sigterm_as_interrupt():
+    with quiet_lightning(), sigterm_as_interrupt():
+        trainer = build_trainer(config.max_epochs, callbacks, n_batches, show_progress, logger=logger, accelerator=accelerator,
+                                devices=devices, default_root_dir=str(out_dir) if out_dir else None, **trainer_kwargs)
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     if ckpt_cb is not None and ckpt_cb.best_model_path and has_val:
         best = load_model(ckpt_cb.best_model_path)
         return best
     return module
+
+
+@contextmanager
+def quiet_lightning():
+    """Lightning's advertising tip (at Trainer construction) and a deprecation inside Lightning
+    itself (during fit) are noise to our users: silenced while our Trainer is built and runs,
+    not for the whole process."""
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+
+    def no_tip(record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+        rank_zero.addFilter(no_tip)
+        try:
+            yield
+        finally:
+            rank_zero.removeFilter(no_tip)
 
 
 def build_trainer(max_epochs: int, callbacks: list[pl.Callback], n_batches: int, show_progress: bool = True,
@@ -339,13 +367,12 @@ def load_model(source: str | os.PathLike | BinaryIO) -> MeLESModule:
     ``{"hyper_parameters": {"config", "encoding"}, "state_dict"}`` (what Spark broadcasts).
     """
     path = Path(source) if isinstance(source, (str, os.PathLike)) else None
-    if path is not None and (path / "model" / MODEL_FILE).exists():
-        path = path / "model"
     if path is not None and path.suffix != ".ckpt":
+        path = saved_model_dir(path)
         if not (path / MODEL_FILE).exists():
             raise FileNotFoundError(f"no saved MeLES model in {path} (expected {MODEL_FILE}, config.json, encoding.json)")
         state = load_weights(path / MODEL_FILE)
-        hp = {"config": read_json(path / "config.json", "config"), "encoding": Encoding.load(path / "encoding.json").to_dict()}
+        hp = {"config": read_json(path / "config.json", "config"), "encoding": Encoding.load(path / ENCODING_FILE).to_dict()}
     else:
         if path is not None and not path.exists():
             raise FileNotFoundError(f"no checkpoint at {path}")

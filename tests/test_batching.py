@@ -9,7 +9,7 @@ import torch
 
 from ptls_meles.batch import PaddedBatch, pad_segments
 from ptls_meles.config import MeLESConfig
-from ptls_meles.data import EpochBatchSampler, ViewBatches, split_clients
+from ptls_meles.datamodule import EpochBatchSampler, ViewBatches, train_val_clients
 from ptls_meles.metrics import recall_at_k
 
 
@@ -163,17 +163,17 @@ def test_epoch_batch_sampler_shards_are_equal_and_disjoint():
 
 
 def test_split_clients():
-    train, val = split_clients(100, 0.1, 1000, seed=1)
+    train, val = train_val_clients(100, 0.1, 1000, seed=1)
     assert len(val) == 10 and len(train) == 90
     assert sorted(np.r_[train, val].tolist()) == list(range(100))
     assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
-    train2, val2 = split_clients(100, 0.1, 1000, seed=1)
+    train2, val2 = train_val_clients(100, 0.1, 1000, seed=1)
     assert np.array_equal(val, val2) and np.array_equal(train, train2)
-    assert not np.array_equal(split_clients(100, 0.1, 1000, seed=2)[1], val)
-    assert len(split_clients(100, 0.5, 7, seed=1)[1]) == 7  # capped by max_val
-    assert len(split_clients(5, 0.0, 10, seed=0)[1]) == 0
+    assert not np.array_equal(train_val_clients(100, 0.1, 1000, seed=2)[1], val)
+    assert len(train_val_clients(100, 0.5, 7, seed=1)[1]) == 7  # capped by max_val
+    assert len(train_val_clients(5, 0.0, 10, seed=0)[1]) == 0
     with pytest.raises(ValueError, match="at least 2 training clients"):
-        split_clients(3, 0.5, 10, seed=0)
+        train_val_clients(3, 0.5, 10, seed=0)
 
 
 # ------------------------------------------------------------------ recall@k

@@ -18,7 +18,7 @@ import textwrap
 from pathlib import Path
 
 
-from ptls_meles.data import EpochBatchSampler
+from ptls_meles.datamodule import EpochBatchSampler
 
 TESTS = Path(__file__).resolve().parent
 N_CLIENTS, BATCH, EPOCHS = 40, 8, 2  # 5 batches per epoch: odd, for 2 processes
@@ -32,7 +32,7 @@ SCRIPT = textwrap.dedent(
 
     sys.path.insert(0, {tests!r})
     from conftest import store_from_lengths
-    from ptls_meles import data as data_module
+    from ptls_meles import datamodule as data_module
     from ptls_meles.config import MeLESConfig
     from ptls_meles.embed import embed_frame
     from ptls_meles.encoding import Encoding, NumericTransform

@@ -183,7 +183,7 @@ def test_finetune_starts_from_pretrained_and_leaves_it_alone(data, monkeypatch):
     assert r.params["encoder_lr"] == pytest.approx(0.001)
     assert len(created) == 2
     for model, at_start in created:
-        assert model.embedder is not pretrained.embedder and model.embedder.normalize is False
+        assert model.embedder is not pretrained.embedder
         assert at_start.keys() == before_embedder.keys()  # starts from the pretrained weights
         assert all(torch.equal(at_start[k], v) for k, v in before_embedder.items())
         trained = model.embedder.state_dict()
@@ -192,7 +192,7 @@ def test_finetune_starts_from_pretrained_and_leaves_it_alone(data, monkeypatch):
                                at_start["event_encoder.numeric_norm.running_mean"])
     after = _state(pretrained)  # the pretrained module is untouched
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
-    assert pretrained.embedder.normalize is True and not pretrained.training
+    assert not pretrained.training
 
 
 def test_frozen_encoder_stays_pretrained(data, monkeypatch):

@@ -55,7 +55,7 @@ def test_paper_preset_fills_settings_and_explicit_ones_win():
 def test_choices_table_is_the_one_the_factories_read():
     from ptls_meles.losses import LOSSES, MINERS
     from ptls_meles.nn.embedder import ENCODERS
-    from ptls_meles.split import SPLITS
+    from ptls_meles.views import SPLITS
 
     assert (LOSSES, MINERS, ENCODERS, SPLITS) == (CHOICES["loss"], CHOICES["miner"], CHOICES["encoder"], CHOICES["split"])
 

@@ -448,6 +448,22 @@ class TestEncoding:
         np.testing.assert_allclose(t.apply([-1.0, 3.0]), (np.array([-np.log(2), np.log(4)]) - 1.0) / 2.0, rtol=1e-6)
         with pytest.raises(ValueError, match="sqrt"):
             NumericTransform("sqrt")
+        with pytest.raises(ValueError, match="positive"):
+            NumericTransform("standardize", std=0.0)
+
+    @pytest.mark.parametrize("kind", ["identity", "log", "standardize", "log_standardize"])
+    def test_numeric_transform_apply_is_the_store_and_inverse_gives_the_raw_numbers_back(self, kind):
+        raw = np.array([-1234.5, -1.0, 0.0, 0.25, 3.0, 99_999.0, 5e6])
+        df = pd.DataFrame({"client": [1, 1, 2, 2, 2, 3, 3], "day": range(7), "amount": raw})
+        store, _ = run(df, EventSchema("client", "day", [], ["amount"], numeric_transform=kind))
+        t = store.encoding.numeric["amount"]
+        stored = store.columns["amount"]
+        np.testing.assert_array_equal(t.apply(raw), stored)  # the very bits prepare stores
+        assert t.apply(raw).dtype == np.float32
+        # float32 rounding of the stored value only: relative to the value, or to the std near zero
+        np.testing.assert_allclose(t.inverse(stored), raw, rtol=1e-5, atol=1e-6 * t.std)
+        if kind != "identity":
+            assert not np.allclose(stored, raw)  # the round trip went through another scale
 
 
 def test_reapplying_saved_encoding(tmp_path):

@@ -66,6 +66,8 @@ def assert_same_store(spark_dir, local_dir, exact_json: bool = True) -> Sequence
         assert a.columns[name].dtype == b.columns[name].dtype, name
         np.testing.assert_array_equal(a.columns[name], b.columns[name], err_msg=name)
     assert a.meta == b.meta
+    embedded = json.loads(pq.read_schema(spark_dir / STORE_FILE).metadata[b"ptls_meles_encoding"])
+    assert embedded == json.loads((spark_dir / ENCODING_FILE).read_text())  # the encoding travels inside the file too
     assert pq.read_schema(spark_dir / STORE_FILE).remove_metadata() == pq.read_schema(local_dir / STORE_FILE).remove_metadata()
     ja, jb = (json.loads((d / ENCODING_FILE).read_text()) for d in (spark_dir, local_dir))
     if exact_json:
@@ -235,6 +237,19 @@ def test_same_error_messages(spark, tmp_path, case):
     assert not (tmp_path / "spark" / STORE_FILE).exists()
 
 
+def test_csv_files_with_different_delimiters_are_refused_not_misread(spark, tmp_path):
+    from ptls_meles.spark import prepare_spark
+
+    df = events(6, seed=4, text_ids=False)
+    (tmp_path / "in").mkdir()
+    df.iloc[:20].to_csv(tmp_path / "in" / "a.csv", index=False)
+    df.iloc[20:].to_csv(tmp_path / "in" / "b.csv", index=False, sep=";")
+    _, local = prepare(tmp_path / "in", SCHEMA, show_progress=False)  # the local engine reads each file with its own
+    assert local.n_rows_read == len(df)
+    with pytest.raises(SchemaError, match=r"different delimiters .*a\.csv ','.*b\.csv ';'"):
+        prepare_spark(tmp_path / "in", SCHEMA, tmp_path / "spark", spark=spark)
+
+
 def test_embed_matches_single_machine(spark, tmp_path):
     import torch
 
@@ -264,6 +279,12 @@ def test_embed_matches_single_machine(spark, tmp_path):
     a, b = pq.read_schema(tmp_path / "spark.parquet"), pq.read_schema(tmp_path / "local.parquet")
     assert a.remove_metadata() == b.remove_metadata()
     assert json.loads(a.metadata[b"ptls_meles"]) == json.loads(b.metadata[b"ptls_meles"])
+    # an explicit window overrides the model's (9): each client's last 4 events
+    embed_spark(tmp_path / "store", model, tmp_path / "last4.parquet", spark=spark, max_events=4)
+    last4 = embed_frame(model.module_.embedder, store, max_events=4, show_progress=False)
+    assert store.lengths.max() > 9 and not np.allclose(last4.iloc[:, 1:].to_numpy(), local.iloc[:, 1:].to_numpy())
+    np.testing.assert_allclose(pd.read_parquet(tmp_path / "last4.parquet").iloc[:, 1:].to_numpy(), last4.iloc[:, 1:].to_numpy(),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_cli_engine_spark(spark, tmp_path):
@@ -277,6 +298,6 @@ def test_cli_engine_spark(spark, tmp_path):
     _, local = prepare(tmp_path / "raw.parquet", EventSchema("client", "day", ["mcc", "kind"], ["amount"]), out=tmp_path / "local",
                        show_progress=False)
     assert_same_store(tmp_path / "store", tmp_path / "local")
-    assert (tmp_path / "store" / "schema.json").exists()
+    assert SequenceStore.load(tmp_path / "store").meta["schema"]["client_col"] == "client"  # the one copy of the schema
     assert main(["prepare", str(tmp_path / "raw.parquet"), "--out", str(tmp_path / "bad"), "--client-col", "nope",
                  "--time-col", "day", "-q", *common]) == 2

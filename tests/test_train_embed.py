@@ -95,6 +95,31 @@ def test_max_events_uses_the_last_events(fitted, store):
     np.testing.assert_allclose(alone.iloc[0, 1:].to_numpy(float), last10.iloc[i, 1:].to_numpy(float), atol=1e-5)
 
 
+def test_training_head_normalises_and_the_table_stays_raw(fitted, store, monkeypatch):
+    import torch
+    from torch.nn.functional import normalize
+
+    from ptls_meles.batch import pad_segments
+    from ptls_meles.datamodule import ViewBatches
+
+    module = fitted[0].module_
+    padded, labels = ViewBatches(store, np.arange(16), module.cfg)[(0, 0)]
+    with torch.no_grad():
+        raw = module.embedder(padded)
+        assert not torch.allclose(raw.norm(dim=1), torch.ones(len(raw)), atol=1e-3)
+        module._val.clear()
+        module.validation_step((padded, labels), 0)
+        np.testing.assert_allclose(module._val.pop()[0].norm(dim=1).numpy(), 1.0, atol=1e-5)
+        expected = module.loss_fn(normalize(raw, dim=-1), labels)
+        monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no Trainer attached
+        assert torch.allclose(module.training_step((padded, labels), 0), expected)
+    table = embed_frame(module.embedder, store.take(np.arange(16)), show_progress=False)
+    one = store.take(np.array([3]))
+    with torch.no_grad():
+        direct = module.embedder(pad_segments(one.columns, np.arange(one.n_events), one.offsets))[0].numpy()
+    np.testing.assert_allclose(table.iloc[3, 1:].to_numpy(float), direct, atol=1e-5)  # embed writes the raw vector
+
+
 def test_write_embeddings_streams_a_parquet_table_with_metadata(fitted, store, tmp_path):
     model, _ = fitted
     path = tmp_path / "emb.parquet"
@@ -193,3 +218,36 @@ def test_chunks_cut_each_window_evenly_and_chunked_embedding_is_the_mean_of_the_
     assert np.allclose(chunked.iloc[0, 1:].to_numpy(dtype=float), by_hand, atol=1e-5)
     whole = embed_frame(embedder, store, max_events=30, show_progress=False)
     assert not np.allclose(whole.iloc[0, 1:].to_numpy(dtype=float), by_hand, atol=1e-3)  # chunking changes the vector
+
+
+def test_training_silences_lightning_noise_only_while_it_runs(tmp_path):
+    """Importing ``train`` leaves the process's warning filters alone; a fit shows neither
+    Lightning's advertising tip nor its internal deprecation, and restores the filters."""
+    import subprocess
+    import sys
+
+    script = """
+import logging, warnings
+from ptls_meles.train import fit
+from ptls_meles.config import MeLESConfig
+from ptls_meles.datasets.synthetic import generate
+from ptls_meles.prepare import prepare
+from ptls_meles import EventSchema
+ours = lambda: [f for f in warnings.filters if f[1] is not None and "LeafSpec" in f[1].pattern]
+rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+assert not ours() and not rank_zero.filters, "importing train changed the process's warning filters"
+before = list(warnings.filters)
+tx, _ = generate(n_clients=24, seed=1, mean_events=50)
+store, _ = prepare(tx, EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number"), show_progress=False)
+fit(store, MeLESConfig(hidden_size=8, cat_embedding_dim=4, batch_size=8, max_epochs=1, num_workers=0, val_fraction=0.0,
+                       cnt_min=5, cnt_max=20, patience=None), show_progress=False)
+assert warnings.filters == before and not rank_zero.filters, "fit left filters behind"
+print("done")
+"""
+    import os
+
+    env = {**os.environ, "PYTHONWARNINGS": "default"}  # show every warning that is not filtered on purpose
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "done" in out.stdout
+    assert "litlogger" not in out.stderr + out.stdout and "LeafSpec" not in out.stderr + out.stdout

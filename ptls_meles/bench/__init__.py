@@ -1,19 +1,12 @@
 """Benchmarks: runnable experiments behind every figure in the README."""
 from __future__ import annotations
 
+from importlib import import_module
+
+BENCHES = ("speed", "paper", "quality", "memory", "spark")
+
 
 def run_bench(name: str, argv: list[str]) -> None:
-    argv = [a for a in argv if a != "--"]
-    if name == "speed":
-        from .speed import main
-    elif name == "paper":
-        from .paper import main
-    elif name == "memory":
-        from .memory import main
-    elif name == "spark":
-        from .spark import main
-    elif name == "quality":
-        from .quality import main
-    else:
-        raise ValueError(f"unknown benchmark {name!r}; choose speed, paper, quality, memory or spark")
-    main(argv)
+    if name not in BENCHES:
+        raise ValueError(f"unknown benchmark {name!r}; choose {', '.join(BENCHES)}")
+    import_module(f"{__name__}.{name}").main([a for a in argv if a != "--"])

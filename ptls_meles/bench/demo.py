@@ -29,6 +29,7 @@ def run_demo(
     from ..datasets.recipes import load_targets, recipe_synthetic
     from ..downstream.evaluate import evaluate
     from ..downstream.features import handcrafted_features
+    from .report import markdown_table
 
     t0 = time.perf_counter()
     out = Path(out)
@@ -51,16 +52,8 @@ def run_demo(
     table = pd.DataFrame(rows)
     pivot = table.assign(score=[f"{t:.3f} ± {i:.3f}" for t, i in zip(table["test"], table["±"])]).pivot(index="features", columns="target", values="score")
     print(f"[4/4] evaluate (LightGBM {DEMO_LGBM}, 5-fold CV, test part 10%, test score mean ± 95% interval over folds):")
-    print(pivot.to_markdown() if _has_tabulate() else pivot.to_string())
+    print(markdown_table(["features", *pivot.columns], [[name, *row] for name, row in zip(pivot.index, pivot.values.tolist())]))
     table.to_csv(out / "results.csv", index=False)
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; results in {out / 'results.csv'}")
     return table
 
-
-def _has_tabulate() -> bool:
-    try:
-        import tabulate  # noqa: F401
-
-        return True
-    except ImportError:
-        return False

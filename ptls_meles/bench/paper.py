@@ -41,7 +41,7 @@ import pandas as pd
 from ..config import MeLESConfig, parse_settings
 from ..downstream.evaluate import PAPER_LGBM_PARAMS, EvalResult, evaluate
 from ..downstream.protocol import TASKS, to_plain
-from ..io_utils import atomic_path
+from ..io_utils import write_json
 from ..store import SequenceStore
 from . import report as report_mod
 
@@ -338,8 +338,7 @@ class PaperBench:
         return old
 
     def save(self) -> None:
-        with atomic_path(self.out / RESULTS_FILE) as tmp:
-            Path(tmp).write_text(json.dumps(to_plain(self.results), indent=1, default=str))
+        write_json(self.out / RESULTS_FILE, to_plain(self.results), default=str)
 
     def _meta(self, argv: list[str]) -> dict:
         import lightgbm

@@ -27,8 +27,7 @@ import torch
 from ..config import MeLESConfig, parse_settings
 from ..downstream.evaluate import PAPER_LGBM_PARAMS, evaluate
 from ..downstream.features import handcrafted_features
-from ..embed import embed_frame
-from ..io_utils import atomic_path
+from ..io_utils import write_json
 from ..store import SequenceStore
 
 log = logging.getLogger(__name__)
@@ -132,8 +131,7 @@ def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a, 
     minutes = (time.perf_counter() - t0) / 60
     metrics = pd.read_csv(next((run_dir / "logs").rglob("metrics.csv")))
     val = metrics.dropna(subset=["val_recall"]) if "val_recall" in metrics else metrics.iloc[:0]
-    emb = embed_frame(model.module_.embedder, store, max_events=config.max_events,
-                      batch_size=config.embed_batch_size, show_progress=False)
+    emb = model.transform(store)
     emb.to_parquet(run_dir / "embeddings.parquet")
     return {
         "config": config.to_dict(),
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         t0 = time.perf_counter()
         row = {"name": "hand-crafted", "scores": _score(hand, targets, target_list, lgbm, a.threads),
                "n_features": hand.shape[1] - 1, "eval_minutes": (time.perf_counter() - t0) / 60}
-        _write_json(hand_file, row)
+        write_json(hand_file, row, default=float)
     rows = [json.loads(hand_file.read_text())]
     log.info("hand-crafted: %s", _brief(rows[0]["scores"]))
 
@@ -197,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
                        scores=_score(emb, targets, target_list, lgbm, a.threads),
                        scores_both=_score([hand, emb], targets, target_list, lgbm, a.threads),
                        eval_minutes=(time.perf_counter() - t0) / 60, budget_min=a.budget_min, epoch_cap=a.epochs)
-            _write_json(file, row)
+            write_json(file, row, default=float)
         row = json.loads(file.read_text())
         rows.append(row)
         log.info("%s (%.1f min, %s epochs): emb %s | both %s", name, row["train_minutes"], row["epochs"],
@@ -236,11 +234,6 @@ def _brief(scores: dict) -> str:
     return " ".join(f"{t} {s['test']:.3f}±{s['test_interval']:.3f}" for t, s in scores.items())
 
 
-def _write_json(path: Path, obj) -> None:
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(obj, indent=1, default=float))
-
-
 def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv) -> None:
     """Markdown table (configuration × target, embeddings alone and beside hand-crafted),
     the rows as JSON, and a PNG of score against training minutes."""
@@ -277,13 +270,11 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
 
 
 def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
-    import matplotlib
+    from .report import pyplot, save_figure, target_axes
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(target_list), figsize=(4.5 * len(target_list), 3.6), squeeze=False)
-    for ax, t in zip(axes[0], target_list):
+    plt = pyplot()
+    fig, axes = target_axes(plt, target_list)
+    for ax, t in zip(axes, target_list):
         ax.axhline(rows[0]["scores"][t]["test"], color="k", ls="--", lw=1, label="hand-crafted")
         for r in rows[1:]:
             x = r["train_minutes"]
@@ -292,8 +283,6 @@ def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
             ax.plot([x], [r["scores_both"][t]["test"]], "x", color=ax.lines[-1].get_color())
         ax.set_title(f"{t} ({rows[0]['scores'][t]['metric']})")
         ax.set_xlabel("training minutes")
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    axes[0][0].set_ylabel("test score (o: embeddings, x: + hand-crafted)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].set_ylabel("test score (o: embeddings, x: + hand-crafted)")
+    save_figure(fig, plt, path)

@@ -98,7 +98,8 @@ def fraction_rows(results: dict, targets: list[str]) -> list[list]:
 
 
 # --------------------------------------------------------------------------- plots
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (benchmarks run without a display)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -107,12 +108,14 @@ def _pyplot():
     return plt
 
 
-def _target_axes(plt, targets: list[str]):
+def target_axes(plt, targets: list[str]):
+    """One panel per target, side by side."""
     fig, axes = plt.subplots(1, len(targets), figsize=(4.5 * len(targets), 3.6), squeeze=False)
     return fig, list(axes[0])
 
 
-def _save(fig, plt, path: Path) -> Path:
+def save_figure(fig, plt, path: Path) -> Path:
+    """Write ``fig`` as PNG at ``path`` (whole or not at all) and close it."""
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
@@ -126,8 +129,8 @@ def plot_quality_vs_size(results: dict, targets: list[str], path: Path) -> Path 
     points = sorted((int(v), row) for v, row in rows.items())
     if len(points) < 1:
         return None
-    plt = _pyplot()
-    fig, axes = _target_axes(plt, targets)
+    plt = pyplot()
+    fig, axes = target_axes(plt, targets)
     hand = results.get("table", {}).get("LightGBM: hand-crafted", {})
     for ax, t in zip(axes, targets):
         cells = [(s, row.get("targets", {}).get(t)) for s, row in points]
@@ -144,7 +147,7 @@ def plot_quality_vs_size(results: dict, targets: list[str], path: Path) -> Path 
         ax.set_xlabel("hidden size")
         ax.set_title(t)
         ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_quality_vs_fraction(results: dict, targets: list[str], path: Path) -> Path | None:
@@ -152,8 +155,8 @@ def plot_quality_vs_fraction(results: dict, targets: list[str], path: Path) -> P
     by_fraction = results.get("fraction", {})
     if not by_fraction:
         return None
-    plt = _pyplot()
-    fig, axes = _target_axes(plt, targets)
+    plt = pyplot()
+    fig, axes = target_axes(plt, targets)
     fractions = sorted(by_fraction, key=float)
     feature_sets = list(dict.fromkeys(f for fr in fractions for f in by_fraction[fr]))
     for ax, t in zip(axes, targets):
@@ -172,7 +175,7 @@ def plot_quality_vs_fraction(results: dict, targets: list[str], path: Path) -> P
         ax.set_ylabel(f"test {metric or 'score'}")
         ax.set_title(t)
         ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 def plot_projection(embeddings: pd.DataFrame, labels: pd.Series, path: Path, title: str, seed: int = 42,
@@ -180,7 +183,7 @@ def plot_projection(embeddings: pd.DataFrame, labels: pd.Series, path: Path, tit
     """2-D PCA of the embedding table (``client_id, emb_*``) coloured by a label (``labels`` indexed by client id)."""
     from sklearn.decomposition import PCA
 
-    plt = _pyplot()
+    plt = pyplot()
     frame = embeddings.merge(labels.rename("__label__").dropna(), left_on="client_id", right_index=True, how="inner")
     if len(frame) > max_points:
         frame = frame.sample(max_points, random_state=seed)
@@ -194,7 +197,7 @@ def plot_projection(embeddings: pd.DataFrame, labels: pd.Series, path: Path, tit
     ax.set_ylabel("PC 2")
     ax.set_title(title)
     ax.legend(title=labels.name, fontsize=8, markerscale=2)
-    return _save(fig, plt, path)
+    return save_figure(fig, plt, path)
 
 
 # --------------------------------------------------------------------------- the report

@@ -57,7 +57,7 @@ def run(args, work: Path) -> dict:
 
     from ..config import MeLESConfig
     from ..datasets import synthetic
-    from ..embed import write_embeddings
+    from ..embed import window_lengths, write_embeddings
     from ..prepare import prepare
     from ..schema import EventSchema
     from ..spark import embed_spark, get_session, prepare_spark
@@ -70,17 +70,16 @@ def run(args, work: Path) -> dict:
 
     store, report = prepare(raw, schema, out=work / "local_store", show_progress=False)
     n_events = store.n_events
-    embed_events = int(np.minimum(store.lengths, args.max_events).sum())
+    embed_events = int(window_lengths(store.lengths, args.max_events).sum())
     result.update(events=n_events, embed_events=embed_events)
     result["local"]["prepare_events_s"] = n_events / report.seconds
     config = MeLESConfig(hidden_size=args.hidden_size, cat_embedding_dim=16, max_events=args.max_events, embed_batch_size=args.batch_size)
     torch.manual_seed(0)
-    module = MeLESModule(config.to_dict(), store.encoding.to_dict()).eval()
+    module = MeLESModule(config, store.encoding).eval()
     cores = [int(c) for c in args.cores.split(",") if c]
     for threads in cores:
         torch.set_num_threads(threads)
-        stats = write_embeddings(module.embedder, store, work / "local_emb.parquet", max_events=args.max_events,
-                                 batch_size=args.batch_size, show_progress=False)
+        stats = write_embeddings(module.embedder, store, work / "local_emb.parquet", **module.inference_settings, show_progress=False)
         result["local"][f"embed_events_s_{threads}thr"] = embed_events / stats["seconds"]
     del store
 

@@ -1,9 +1,9 @@
 """Dataset recipes: raw files of a known format → sequence store + ``targets.parquet``.
 
 Each recipe knows its format's columns and writes into ``out``: the store
-(``sequences.parquet``, ``encoding.json``), ``targets.parquet`` (``client_id`` + label
-columns) and ``schema.json``. Users with the full datasets run the same recipe on
-their files; nothing is downloaded.
+(``sequences.parquet``, which carries the schema, and ``encoding.json``) and
+``targets.parquet`` (``client_id`` + label columns). Users with the full datasets run
+the same recipe on their files; nothing is downloaded.
 """
 from __future__ import annotations
 
@@ -56,11 +56,6 @@ def load_targets(store_dir: str | Path) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _finish(store: SequenceStore, report: PrepareReport, schema: EventSchema, out: Path) -> tuple[SequenceStore, PrepareReport]:
-    schema.save(out / "schema.json")
-    return store, report
-
-
 def recipe_age(raw: str | Path, out: str | Path, **prepare_kwargs) -> tuple[SequenceStore, PrepareReport]:
     """Age-group competition: ``transactions_train.csv`` + ``train_target.csv`` (``client_id,bins``)."""
     raw, out = Path(raw), Path(out)
@@ -68,7 +63,7 @@ def recipe_age(raw: str | Path, out: str | Path, **prepare_kwargs) -> tuple[Sequ
     target_file = _find(raw, "train_target.csv", "sample_target.csv")
     store, report = prepare(tx, AGE_SCHEMA, out=out, **prepare_kwargs)
     write_targets(pd.read_csv(target_file), out, "client_id")
-    return _finish(store, report, AGE_SCHEMA, out)
+    return store, report
 
 
 def recipe_gender(raw: str | Path, out: str | Path, **prepare_kwargs) -> tuple[SequenceStore, PrepareReport]:
@@ -78,7 +73,7 @@ def recipe_gender(raw: str | Path, out: str | Path, **prepare_kwargs) -> tuple[S
     tx = _find(raw, "transactions.csv", "transactions.parquet")
     store, report = prepare(tx, GENDER_SCHEMA, out=out, **prepare_kwargs)
     write_targets(pd.read_csv(_find(raw, "gender_train.csv")), out, "customer_id")
-    return _finish(store, report, GENDER_SCHEMA, out)
+    return store, report
 
 
 def recipe_physionet(raw: str | Path, out: str | Path, **prepare_kwargs) -> tuple[SequenceStore, PrepareReport]:
@@ -91,7 +86,7 @@ def recipe_physionet(raw: str | Path, out: str | Path, **prepare_kwargs) -> tupl
     events, targets = read_physionet(raw, show_progress=show)
     store, report = prepare(events[["record_id", "minute", "parameter", "value"]], PHYSIONET_SCHEMA, out=out, **prepare_kwargs)
     write_targets(targets, out, "record_id")
-    return _finish(store, report, PHYSIONET_SCHEMA, out)
+    return store, report
 
 
 def recipe_synthetic(
@@ -113,7 +108,7 @@ def recipe_synthetic(
     schema = synthetic_schema(with_type)
     store, report = prepare(tx, schema, out=out, **prepare_kwargs)
     write_targets(targets, out, "client_id")
-    return _finish(store, report, schema, out)
+    return store, report
 
 
 def synthetic_schema(with_type: bool = False) -> EventSchema:

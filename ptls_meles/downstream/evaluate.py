@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from ..io_utils import read_table
 from .protocol import EvalResult, EvaluationError, Task, interval_half_width, join_features_and_targets, plan_cv  # noqa: F401
 
 logger = logging.getLogger(__name__)
@@ -88,16 +88,7 @@ def evaluate(
 
 def load_feature_table(path: str | os.PathLike, id_col: str = "client_id") -> pd.DataFrame:
     """Read a Parquet or CSV feature/embedding table (``client_id, emb_000, ...``)."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no feature table at {path}")
-    name = path.name.lower()
-    if path.is_dir() or name.endswith((".parquet", ".pq")):
-        table = pd.read_parquet(path)
-    elif name.endswith((".csv", ".csv.gz", ".tsv")):
-        table = pd.read_csv(path, sep="\t" if name.endswith(".tsv") else ",")
-    else:
-        raise EvaluationError(f"feature table {path}: unknown format (expected .parquet, .pq, .csv, .csv.gz or .tsv)")
+    table = read_table(path, "feature table")
     if id_col not in table.columns:
         raise EvaluationError(
             f"feature table {path} has no client id column {id_col!r}; columns: {list(table.columns)[:10]}"

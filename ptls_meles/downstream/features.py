@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from ..encoding import N_RESERVED, NumericTransform
+from ..encoding import N_RESERVED
 from ..store import TIME_COLUMN, SequenceStore
 
 
@@ -108,18 +108,7 @@ class _Segments:
 
 def _numeric_values(store: SequenceStore, name: str, raw: bool) -> np.ndarray:
     x = np.asarray(store.columns[name], dtype=np.float64)
-    transform = store.encoding.numeric[name]
-    return undo_numeric_transform(transform, x) if raw else x
-
-
-def undo_numeric_transform(transform: NumericTransform, y: np.ndarray) -> np.ndarray:
-    """Inverse of :meth:`NumericTransform.apply` (up to float32 rounding of the store)."""
-    y = np.asarray(y, dtype=np.float64)
-    if transform.kind in ("standardize", "log_standardize"):
-        y = y * (transform.std if transform.std > 0 else 1.0) + transform.mean
-    if transform.kind in ("log", "log_standardize"):
-        y = np.sign(y) * np.expm1(np.abs(y))
-    return y
+    return store.encoding.numeric[name].inverse(x) if raw else x
 
 
 def _numeric_aggregates(x: np.ndarray, segments: _Segments) -> dict[str, np.ndarray]:

@@ -13,8 +13,8 @@ two classes; AUROC is scored on ``softmax[:, 1]``). Each fold is trained by the 
 one Trainer set-up (:func:`~ptls_meles.train.build_trainer`), as MeLES is:
 
 * batches: :class:`ClientSlices`, the length-bucketed batch plan of
-  :class:`~ptls_meles.data.ViewBatches` with one view per client, cut every epoch by
-  :func:`~ptls_meles.split.random_slices`: a contiguous slice of length uniform in
+  :class:`~ptls_meles.datamodule.ViewBatches` with one view per client, cut every epoch by
+  :func:`~ptls_meles.views.random_slices`: a contiguous slice of length uniform in
   ``[ceil(L/2), L]`` (clients longer than ``config.max_events``: a random window of
   ``max_events`` events), the reference fine-tuning's random-slice augmentation;
 * after every epoch the fold's validation part is scored through the shared inference
@@ -52,9 +52,9 @@ from torch.utils.data import DataLoader
 
 from ..batch import PaddedBatch, pad_segments
 from ..config import MeLESConfig
-from ..data import EpochBatchSampler, ViewBatches
-from ..embed import iter_embeddings
-from ..split import random_slices
+from ..datamodule import EpochBatchSampler, ViewBatches
+from ..embed import iter_embeddings, window_lengths
+from ..views import random_slices
 from ..store import SequenceStore
 from .protocol import CVPlan, EvalResult, EvaluationError, JoinReport, Task, join_features_and_targets, plan_cv
 
@@ -88,10 +88,10 @@ class ClientSlices(ViewBatches):
         epoch, b = key
         clients = self._epoch_plan(epoch)[b]
         starts, lengths = self.offsets[clients], self.offsets[clients + 1] - self.offsets[clients]
-        cap = int(self.cfg.max_events or lengths.max())
+        cap = int(window_lengths(lengths, self.config.max_events).max())  # the inference window's size
         # cnt_min = cap + 1: clients within the cap take the split's short-client rule (length uniform
-        # in [ceil(L/2), L]); longer clients get a random window of cap events
-        rng = np.random.default_rng([self.cfg.seed, epoch, b, 13])
+        # in [ceil(L/2), L]); longer clients get a random window of cap events (inference: the last cap)
+        rng = np.random.default_rng([self.config.seed, epoch, b, 13])
         views = random_slices(starts, lengths, 1, cap + 1, cap, rng)
         return pad_segments(self.columns, views.index, views.offsets), torch.from_numpy(self.label_of[clients])
 
@@ -104,7 +104,6 @@ class SequenceClassifier(pl.LightningModule):
                  encoder_lr: float = 1e-3, weight_decay: float = 0.0, max_events: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.embedder = embedder.train()  # a pretrained copy comes in eval mode; Lightning does not switch it
-        self.embedder.normalize = False
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(embedder.output_size, n_classes)
         self.head_lr, self.encoder_lr, self.weight_decay = head_lr, encoder_lr, weight_decay
@@ -185,7 +184,7 @@ def train_fold(
     accelerator: str,
 ) -> int:
     """Train ``model`` on one fold; it ends in its best epoch's state, returned (0-based)."""
-    from ..train import build_trainer, load_weights
+    from ..train import build_trainer, load_weights, quiet_lightning
 
     loader = DataLoader(data, batch_size=None, sampler=EpochBatchSampler(len(data)), num_workers=0)
     with tempfile.TemporaryDirectory(prefix="ptls-meles-fold-") as tmp:
@@ -194,9 +193,10 @@ def train_fold(
         callbacks: list[pl.Callback] = [validation, FreezeEncoder(freeze_epochs), best]
         if patience is not None:
             callbacks.insert(2, EarlyStopping("val_score", mode="max", patience=patience, check_on_train_epoch_end=True))
-        trainer = build_trainer(max_epochs, callbacks, len(data), show_progress, accelerator=accelerator, devices=1,
-                                min_epochs=max(freeze_epochs, 1), default_root_dir=tmp)
-        trainer.fit(model, train_dataloaders=loader)
+        with quiet_lightning():
+            trainer = build_trainer(max_epochs, callbacks, len(data), show_progress, accelerator=accelerator, devices=1,
+                                    min_epochs=max(freeze_epochs, 1), default_root_dir=tmp)
+            trainer.fit(model, train_dataloaders=loader)
         checkpoint = load_weights(best.best_model_path)
     model.load_state_dict(checkpoint["state_dict"])
     return int(checkpoint["epoch"])

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ptls_meles.batch import PaddedBatch
 from ptls_meles.nn.event_encoder import TIME_FIELD, EventEncoder
@@ -17,14 +15,13 @@ ENCODERS = CHOICES["encoder"]
 
 
 class Embedder(nn.Module):
-    """``forward(batch) -> [B, D]``; L2-normalised when ``normalize`` (metric learning works
-    on the unit sphere), raw when False (e.g. features for downstream models)."""
+    """``forward(batch) -> [B, D]``, raw (not L2-normalised): downstream models get the full
+    information; the metric-learning head (``MeLESModule``) normalises where it needs to."""
 
-    def __init__(self, event_encoder: EventEncoder, seq_encoder: nn.Module, normalize: bool = True):
+    def __init__(self, event_encoder: EventEncoder, seq_encoder: nn.Module):
         super().__init__()
         self.event_encoder = event_encoder
         self.seq_encoder = seq_encoder
-        self.normalize = normalize
 
     @property
     def output_size(self) -> int:
@@ -33,12 +30,10 @@ class Embedder(nn.Module):
     def forward(self, batch: PaddedBatch, return_sequence: bool = False):
         """``[B, D]``; with ``return_sequence`` (recurrent encoders) also ``[B, T, H]`` per-event states."""
         events = self.event_encoder(batch)
+        time = batch.payload.get(TIME_FIELD)
         if return_sequence:
-            vectors, sequence = self.seq_encoder(events, batch.lengths, batch.payload.get(TIME_FIELD), return_sequence=True)
-        else:
-            vectors = self.seq_encoder(events, batch.lengths, batch.payload.get(TIME_FIELD))
-        vectors = F.normalize(vectors, dim=-1) if self.normalize else vectors
-        return (vectors, sequence) if return_sequence else vectors
+            return self.seq_encoder(events, batch.lengths, time, return_sequence=True)
+        return self.seq_encoder(events, batch.lengths, time)
 
 
 def build_embedder(
@@ -53,11 +48,10 @@ def build_embedder(
     """Event encoder + ``encoder`` in ("gru", "lstm", "transformer").
 
     ``hidden_size`` is the RNN hidden size or the Transformer's ``d_model``; other keyword
-    arguments go to the sequence encoder (e.g. ``pooling``; ``normalize`` goes to the Embedder).
+    arguments go to the sequence encoder (e.g. ``pooling``).
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}, e.g. 'gru'")
-    normalize = encoder_kwargs.pop("normalize", True)
     event_encoder = EventEncoder(categorical, numeric, time_features=time_features, numeric_encoding=numeric_encoding)
     if encoder == "transformer":
         seq_encoder: nn.Module = TransformerSeqEncoder(
@@ -65,4 +59,4 @@ def build_embedder(
         )
     else:
         seq_encoder = RnnSeqEncoder(event_encoder.output_size, hidden_size, kind=encoder, **encoder_kwargs)
-    return Embedder(event_encoder, seq_encoder, normalize=normalize)
+    return Embedder(event_encoder, seq_encoder)

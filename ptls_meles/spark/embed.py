@@ -4,7 +4,7 @@ The model travels once per executor as a broadcast (a checkpoint's bytes: config
 and weights, rebuilt there by :func:`ptls_meles.train.load_model`);
 each task turns its Arrow record batches of store rows straight into a
 :class:`SequenceStore` (no per-client Python objects) and runs
-:func:`ptls_meles.embed.iter_embeddings` on it with one torch thread, so the numbers are
+:func:`ptls_meles.embed.embed_array` on it with one torch thread, so the numbers are
 the single-machine numbers (up to the float noise of other batch compositions). The
 result is the same table as :func:`ptls_meles.embed.write_embeddings` (``client_id``,
 ``emb_000..``, config and encoding in the schema metadata), in client order.
@@ -12,7 +12,6 @@ result is the same table as :func:`ptls_meles.embed.write_embeddings` (``client_
 from __future__ import annotations
 
 import io
-import json
 import shutil
 import time
 import uuid
@@ -22,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..embed import embedding_columns, iter_embeddings
+from ..embed import embed_array, embedding_columns, embedding_schema
 from ..encoding import Encoding
 from ..store import ENCODING_FILE, STORE_FILE, SequenceStore
 from .prepare import combine_parts, spark_path
@@ -70,12 +69,8 @@ def _embed_batches(batches, payload: dict, store_encoding: dict, max_events: int
             continue
         table = pa.Table.from_batches([batch])
         store = SequenceStore.from_arrow(table, encoding)
-        parts = list(iter_embeddings(embedder, store, max_events=max_events, batch_size=batch_size, show_progress=False))
-        pos = np.concatenate([p for p, _ in parts])
-        emb = np.concatenate([e for _, e in parts]).astype(np.float32, copy=False)
-        rows = np.empty_like(pos)
-        rows[pos] = np.arange(len(pos))
-        emb = np.ascontiguousarray(emb[rows].T)  # [D, n], store order
+        emb = embed_array(embedder, store, max_events=max_events, batch_size=batch_size, show_progress=False)
+        emb = np.ascontiguousarray(emb.T)  # [D, n], store order
         arrays = [table.column("client_id").combine_chunks()] + [pa.array(emb[j]) for j in range(emb.shape[0])]
         yield pa.RecordBatch.from_arrays(arrays, names=names)
 
@@ -85,15 +80,18 @@ def embed_spark(
     model,
     out: str | Path,
     spark=None,
-    max_events: int | None = -1,  # -1: the model's own window
+    max_events: int | None = None,
     batch_size: int | None = None,
     partitions: int | None = None,
     row_group_rows: int = 65_536,
 ) -> dict:
     """Embed every client of a store on Spark into the Parquet table ``out``.
 
-    ``model``: a fitted MeLES, a MeLESModule, or a model/run directory. ``max_events`` and
-    ``batch_size`` default to the model config's (``max_events=-1`` means "the config's").
+    ``model``: a fitted MeLES, a MeLESModule, or a model/run directory. Each client is
+    embedded from its last ``max_events`` events, as ``MeLES.transform`` does; ``None`` (the
+    default) is the model config's window, a number overrides it (there is no "whole
+    sequence" value: pass a number above the longest client). ``batch_size`` defaults to
+    the config's too.
     ``partitions``: client-id ranges to split the work into (default: twice the default
     parallelism).
     Returns ``{"clients", "dim", "seconds", "clients_per_s"}`` like the local writer.
@@ -105,8 +103,9 @@ def embed_spark(
     spark = spark or get_session()
     module = _resolve_model(model)
     config, encoding = module.cfg.to_dict(), module.encoding.to_dict()
-    max_events = config["max_events"] if max_events == -1 else max_events
-    batch_size = batch_size or config["embed_batch_size"]
+    own = module.inference_settings
+    max_events = own["max_events"] if max_events is None else max_events
+    batch_size = batch_size or own["batch_size"]
     buf = io.BytesIO()
     torch.save({"hyper_parameters": {"config": config, "encoding": encoding}, "state_dict": module.state_dict()}, buf)
     payload = spark.sparkContext.broadcast({"model": buf.getvalue(), "token": uuid.uuid4().hex})
@@ -132,11 +131,7 @@ def embed_spark(
     tmp = out.parent / f".{out.name}.spark-{uuid.uuid4().hex[:8]}"
     try:
         df.mapInArrow(run, out_schema).write.parquet(str(tmp.resolve()))
-        id_type = pq.read_schema(store_file).field("client_id").type
-        target = pa.schema(
-            [pa.field("client_id", id_type)] + [pa.field(c, pa.float32()) for c in embedding_columns(dim)],
-            metadata={b"ptls_meles": json.dumps({"config": config, "encoding": encoding}).encode()},
-        )
+        target = embedding_schema(pq.read_schema(store_file).field("client_id").type, dim, {"config": config, "encoding": encoding})
         rows = combine_parts(tmp, out, target, row_group_rows)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -24,11 +24,11 @@ sums are added in another order); error counts are per 1,000,000-row chunk for P
 and pandas input like the local path, but per file for CSV (the local path counts per
 64 MB block). The local path's counts of duplicate rows, of naive timestamps beside
 zoned ones and of categories unknown to an applied encoding are not reported here (the
-events are the same; only the counts in the summary are missing).
+events are the same; only the counts in the summary are missing). CSV files of one input
+must share one delimiter (the local path sniffs each file's own).
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shutil
@@ -46,12 +46,18 @@ import pyarrow.parquet as pq
 
 from ..encoding import UNSEEN_ID, N_RESERVED, CategoryVocab, Encoding, NumericTransform, as_category_strings
 from ..io_utils import atomic_path
-from ..prepare import ON_ERROR, PrepareReport, remove_stale_outputs
-from ..schema import (
-    EXACT_FLOAT_INT, FLOAT32_MAX, INT64_MAX, EventSchema, SchemaError, check_column_types, detect_time_format, parse_number, parse_time,
+from ..prepare import PrepareReport, remove_stale_outputs
+from ..prepare_rules import (
+    NULL_CLIENT_PROBLEM, all_dropped_error, bad_rows_error, check_arguments, drop_reasons, no_rows_error, numeric_transforms,
 )
-from ..sources import PARQUET_SUFFIXES, _check_columns, _from_pandas, csv_header, iter_chunks, list_files, pandas_client_ids
-from ..store import ENCODING_FILE, STORE_FILE, TIME_COLUMN
+from ..schema import (
+    BAD_NUMBER, EXACT_FLOAT_INT, FLOAT32_MAX, INT64_MAX, NOT_A_NUMBER, EventSchema, SchemaError, check_column_types,
+    detect_time_format, parse_number, parse_time,
+)
+from ..sources import (
+    PARQUET_SUFFIXES, _check_columns, _from_pandas, csv_header, iter_chunks, list_files, open_parquet, pandas_client_ids,
+)
+from ..store import ENCODING_FILE, STORE_FILE, TIME_COLUMN, file_metadata
 from .session import get_session
 
 log = logging.getLogger(__name__)
@@ -103,7 +109,7 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
         merged = 0
         if isinstance(source, pd.DataFrame):
             clients, merged = pandas_client_ids(source[cols[0]])  # the local rule for ids mixing 1 and "1"
-            table = _from_pandas(source[cols[1:]], label).add_column(0, cols[0], clients)
+            table = _from_pandas(source[cols[1:]]).add_column(0, cols[0], clients)
         else:
             table = source.select(cols)
         files, names = [tmp / "input.parquet"], [label]
@@ -113,27 +119,24 @@ def _read(spark, source, schema: EventSchema, tmp: Path, chunk_rows: int) -> _In
         files = list_files(Path(source))
         names = [str(f) for f in files]
         first_chunk = None
-    is_parquet = [f.name.lower().endswith(PARQUET_SUFFIXES) for f in files]
-    if any(is_parquet) and not all(is_parquet):
-        raise SchemaError(f"{label}: mixes Parquet and CSV files; the Spark engine reads one format per input")
-    csv = not is_parquet[0]
-    delimiter = ","
+    csv = not files[0].name.lower().endswith(PARQUET_SUFFIXES)  # list_files: one format per input
+    delimiters: dict[str, str] = {}  # the local engine's rules (csv_header, open_parquet), file by file
     for f, name in zip(files, names):
         if csv:
-            _, found = csv_header(f, cols)
-            delimiter = found if f == files[0] else delimiter
-            continue
-        try:
-            available = pq.read_schema(f).names
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise SchemaError(f"{name}: not a readable Parquet file ({exc})") from None
-        _check_columns(available, cols, name)
+            delimiters.setdefault(csv_header(f, cols)[1], name)
+        else:
+            open_parquet(f, cols)
     if first_chunk is None:
         first_chunk = next(iter_chunks(files[0], cols, chunk_rows), None)
     first = check_column_types(first_chunk.table, names[0]) if first_chunk is not None else None
 
+    if len(delimiters) > 1:
+        (d1, f1), (d2, f2) = list(delimiters.items())[:2]
+        raise SchemaError(f"{label}: the CSV files use different delimiters ({f1} {d1!r}, {f2} {d2!r}); the Spark "
+                          "engine reads one delimiter per input: rewrite the files with one, or use the local engine")
     uris = [spark_path(f) for f in files]
     if csv:
+        delimiter = next(iter(delimiters))
         reader = spark.read.options(header="true", sep=delimiter, inferSchema="false", escape='"', nullValue=CSV_NULL_MARK, mode="FAILFAST")
         raw = reader.csv(uris)
         # an empty field comes back null whatever nullValue says; pyarrow reads it as "" (the
@@ -193,7 +196,7 @@ def _udf_number():
     def parse(s: pd.Series) -> pd.DataFrame:
         p = parse_number(pa.array(s, from_pandas=True))
         nn = np.zeros(len(s), dtype=bool)
-        if p.bad.any() and p.problem.startswith("non-numeric"):
+        if p.bad.any() and p.problem == NOT_A_NUMBER:
             bad_values = pd.Series(s[p.bad]).dropna().unique()  # one check per distinct bad value
             nonnumeric = [v for v in bad_values if not _castable(v)]
             nn = (s.isin(nonnumeric).to_numpy(dtype=bool) & p.bad) if nonnumeric else nn
@@ -263,7 +266,6 @@ class _Parsed:
     client_type: str  # Spark simple type name of __cid
     time_format: str
     time_problem: str
-    number_problem: dict[str, str | None]  # None: decided per chunk from the __nn flag
     python_parsing: bool  # some column is parsed by a pandas UDF
 
 
@@ -289,15 +291,12 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
         cols["__t"] = _udf_time(time_format)(tcol)
         python_parsing = True
 
-    number_problem: dict[str, str | None] = {}
     for i, c in enumerate(schema.numeric):
         col = F.col(_q(c))
         if _is_numeric_type(df.schema[c].dataType):
             cols[f"__v{i}"] = col.cast("double")
-            number_problem[c] = parse_number(pa.array([None], pa.float64())).problem
-        else:
+        else:  # text: the __nn flag marks values that are not numbers at all
             cols[f"__p{i}"] = _udf_number()(col)
-            number_problem[c] = None
             python_parsing = True
     for i, c in enumerate(schema.categorical):
         col, t = F.col(_q(c)), df.schema[c].dataType
@@ -321,7 +320,7 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
 
     for i, c in enumerate(schema.numeric):
         v = F.col(f"__v{i}")
-        base = F.signum(v) * F.log1p(F.abs(v)) if transforms[c].kind in ("log", "log_standardize") else v
+        base = F.signum(v) * F.log1p(F.abs(v)) if transforms[c].logged else v  # NumericTransform.base
         df = df.withColumn(f"__b{i}", base)
     code = F.when(F.col("__cid").isNull(), 1).when(bad(F.col("__t")), 2)
     for i in range(len(schema.numeric)):
@@ -329,11 +328,11 @@ def _parse(inp: _Input, schema: EventSchema, time_format: str, transforms: dict[
         code = code.when(bad(F.col(f"__v{i}")) | (F.abs(F.col(f"__b{i}")) > FLOAT32_MAX), 3 + i)
     df = df.withColumn("__code", code.otherwise(0))
     client_type = df.schema["__cid"].dataType.simpleString()
-    return _Parsed(df, client_type, time_format, time_problem, number_problem, python_parsing)
+    return _Parsed(df, client_type, time_format, time_problem, python_parsing)
 
 
 # ----------------------------------------------------------------- validation report
-def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchema, chunk_rows: int,
+def _raise_first_problem(inp: _Input, parsed: _Parsed, schema: EventSchema, chunk_rows: int,
                          transforms: dict[str, NumericTransform]) -> None:
     """The error the local path raises: the first chunk (file order) with a bad row, its first
     failing check, the first such row, the count in that chunk."""
@@ -358,24 +357,19 @@ def _raise_first_problem(spark, inp: _Input, parsed: _Parsed, schema: EventSchem
         row = inp.df.filter((F.col("__file") == f) & ((F.col("__blk") < blk) | ((F.col("__blk") == blk) & (F.col("__pos") < pos)))).count()
     nn_any = dict(zip(nn_cols, nn))
     if k == 1:
-        column, problem, example = schema.client_col, "a null client id", None
+        column, problem, example = schema.client_col, NULL_CLIENT_PROBLEM, None
     elif k == 2:
         column, problem = schema.time_col, parsed.time_problem
         example = raw.select(F.col(_q(column))).first()[0]
     else:
         i = k - 3
         column = schema.numeric[i]
-        problem = parsed.number_problem[column]
-        if problem is None:
-            problem = ("non-numeric, null, NaN or infinite value" if nn_any.get(f"__nn{i}") else "null, NaN or infinite value")
+        problem = NOT_A_NUMBER if nn_any.get(f"__nn{i}") else BAD_NUMBER  # as parse_number names them
         example = raw.select(F.col(_q(column))).first()[0]
         first = transforms[column].check_range(parse_number(pa.array([example])))
         if first.overflow is not None and first.overflow[0]:
             problem = first.overflow_problem
-    raise SchemaError(
-        f"{inp.names[f]}: column {column!r} has {count} row(s) with {problem}, "
-        f"e.g. {example!r} at row {row}. Fix the input or pass on_error='drop' (--on-error drop)."
-    )
+    raise bad_rows_error(inp.names[f], column, count, problem, example, row)
 
 
 # ----------------------------------------------------------------- the pipeline
@@ -403,12 +397,7 @@ def prepare_spark(
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    if on_error not in ON_ERROR:
-        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    if encoding is not None:
-        missing = [c for c in schema.categorical if c not in encoding.categorical] + [c for c in schema.numeric if c not in encoding.numeric]
-        if missing:
-            raise SchemaError(f"the saved encoding has no state for column(s) {missing}; it knows {list(encoding.categorical) + list(encoding.numeric)}")
+    check_arguments(schema, encoding, on_error)
     t0 = time.perf_counter()
     spark = spark or get_session()
     out = Path(out)
@@ -416,10 +405,7 @@ def prepare_spark(
     tmp = out / f".spark-prepare-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     report = PrepareReport()
-    transforms = {
-        c: (NumericTransform(**vars(encoding.numeric[c])) if encoding is not None else NumericTransform(schema.transform_of(c)))
-        for c in schema.numeric
-    }
+    transforms = numeric_transforms(schema, encoding)
     parsed_df = None
     time_zone = spark.conf.get("spark.sql.session.timeZone")
     spark.conf.set("spark.sql.session.timeZone", "UTC")  # naive timestamps and dates read as UTC, like pyarrow
@@ -449,26 +435,24 @@ def prepare_spark(
         report.n_rows_read = int(n_rows)
         report.merged_client_ids += inp.merged_ids
         if n_rows == 0:
-            raise SchemaError(f"{inp.label}: no events in the input (0 rows)")
+            raise no_rows_error(inp.label)
         if on_error == "raise" and any(bad_counts):
-            _raise_first_problem(spark, inp, parsed, schema, chunk_rows, transforms)
-        reasons = ["null client id", f"bad time ({schema.time_col})"] + [f"bad number ({c})" for c in schema.numeric]
-        for reason, n in zip(reasons, bad_counts):
+            _raise_first_problem(inp, parsed, schema, chunk_rows, transforms)
+        for reason, n in zip(drop_reasons(schema), bad_counts):  # check k fails with __code k + 1
             if n:
                 report.dropped[reason] += int(n)
         for c, n in zip(schema.categorical, null_cats):
             if n:
                 report.null_categories[c] += int(n)
         if n_kept == 0:
-            raise SchemaError(f"{inp.label}: all {n_rows} rows were dropped as bad: {dict(report.dropped)}")
+            raise all_dropped_error(inp.label, n_rows, report.dropped)
 
         # encoding: vocabularies and moments fitted exactly as the local path fits them
         vocabs = _vocabularies(parsed_df.filter(kept), schema, encoding, min_count, max_vocab)
         phases["vocabularies"] = time.perf_counter()
         for i, c in enumerate(schema.numeric):
-            tr = transforms[c]
-            if encoding is None and tr.kind in ("standardize", "log_standardize"):
-                tr.fit_moments(float(sums[2 * i] or 0.0), float(sums[2 * i + 1] or 0.0), int(n_kept))
+            if encoding is None:
+                transforms[c].fit_moments(float(sums[2 * i] or 0.0), float(sums[2 * i + 1] or 0.0), int(n_kept))
         enc = encoding or Encoding(schema.client_col, schema.time_col, parsed.time_format, vocabs, transforms)
 
         events = parsed_df.filter(kept)
@@ -484,7 +468,7 @@ def prepare_spark(
         for i, c in enumerate(schema.numeric):
             value = F.col(f"__b{i}").cast("float")
             tr = transforms[c]
-            if tr.kind in ("standardize", "log_standardize"):  # float32 arithmetic, like NumPy's on the local path
+            if tr.standardized:  # NumericTransform.standardize: float32 arithmetic
                 value = ((value - F.lit(tr.mean).cast("float")) / F.lit(tr.std).cast("float")).cast("float")
             fields.append(value.alias(f"n{i}"))
         n_parts = int(spark.conf.get("spark.sql.shuffle.partitions"))
@@ -503,7 +487,7 @@ def prepare_spark(
             [pa.field("client_id", id_type), pa.field(TIME_COLUMN, list_type(pa.float64()))]
             + [pa.field(c, list_type(pa.int32())) for c in schema.categorical]
             + [pa.field(c, list_type(pa.float32())) for c in schema.numeric],
-            metadata={b"ptls_meles": json.dumps({"schema": schema.to_dict()}).encode()},
+            metadata=file_metadata({"schema": schema.to_dict()}, enc),
         )
         report.n_clients = combine_parts(parts, out / STORE_FILE, target, row_group_size)
         phases["combine"] = time.perf_counter()

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ptls_meles.split import SPLITS, Views, make_views
+from ptls_meles.views import SPLITS, Views, make_views
 
 
 def offsets_of(lengths) -> np.ndarray:

@@ -13,8 +13,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .batch import PaddedBatch, pad_segments
 from .config import MeLESConfig
-from .split import make_views
+from .views import make_views
 from .store import SequenceStore
+
+
+def trainer_epoch(trainer: pl.Trainer) -> int:
+    """The training epoch now running, by Lightning's own progress counter: the one reading
+    behind both the batch plan and the per-epoch seed, so they agree after a resume too."""
+    return trainer.fit_loop.epoch_progress.current.processed
 
 
 def _worker_init(_: int) -> None:
@@ -36,7 +42,7 @@ class EpochBatchSampler(Sampler):
     def __init__(self, n_batches: int, num_replicas: int = 1, rank: int = 0, epoch_fn=None) -> None:
         self.n_batches, self.num_replicas, self.rank, self.epoch = n_batches, num_replicas, rank, 0
         # Lightning does not call set_epoch on the first epoch after a resume, so the
-        # trainer's own epoch counter, when given, is the source of truth
+        # trainer's own epoch counter (trainer_epoch), when given, is the source of truth
         self.epoch_fn = epoch_fn
 
     def set_epoch(self, epoch: int) -> None:
@@ -71,7 +77,7 @@ class ViewBatches(Dataset):
         self.offsets = store.offsets
         self.columns = store.columns
         self.clients = np.asarray(clients, dtype=np.int64)
-        self.cfg = config
+        self.config = config
         self.fixed_epoch = fixed_epoch
         self.n_batches = int(np.ceil(len(self.clients) / config.batch_size))
         self._plan: tuple[int, np.ndarray] | None = None
@@ -81,14 +87,14 @@ class ViewBatches(Dataset):
 
     def _epoch_plan(self, epoch: int) -> np.ndarray:
         if self._plan is None or self._plan[0] != epoch:
-            rng = np.random.default_rng([self.cfg.seed, epoch, 7])
+            rng = np.random.default_rng([self.config.seed, epoch, 7])
             perm = rng.permutation(self.clients)
-            window = self.cfg.batch_size * 50
+            window = self.config.batch_size * 50
             lens = self.offsets[perm + 1] - self.offsets[perm]
             for s in range(0, len(perm), window):
                 seg = slice(s, s + window)
                 perm[seg] = perm[seg][np.argsort(lens[seg], kind="stable")]
-            batches = [perm[i : i + self.cfg.batch_size] for i in range(0, len(perm), self.cfg.batch_size)]
+            batches = [perm[i : i + self.config.batch_size] for i in range(0, len(perm), self.config.batch_size)]
             order = rng.permutation(len(batches))
             self._plan = (epoch, [batches[i] for i in order])
         return self._plan[1]
@@ -98,14 +104,14 @@ class ViewBatches(Dataset):
         if self.fixed_epoch is not None:
             epoch = self.fixed_epoch
         clients = self._epoch_plan(epoch)[b]
-        rng = np.random.default_rng([self.cfg.seed, epoch, b, 11])
-        c = self.cfg
+        rng = np.random.default_rng([self.config.seed, epoch, b, 11])
+        c = self.config
         views = make_views(self.offsets, clients, c.split, c.split_count, c.cnt_min, c.cnt_max, rng)
         batch = pad_segments(self.columns, views.index, views.offsets)
         return batch, torch.from_numpy(views.label.astype(np.int64))
 
 
-def split_clients(n_clients: int, val_fraction: float, max_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def train_val_clients(n_clients: int, val_fraction: float, max_val: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded train / validation split of client positions."""
     rng = np.random.default_rng([seed, 3])
     perm = rng.permutation(n_clients)
@@ -120,11 +126,11 @@ class MeLESDataModule(pl.LightningDataModule):
 
     def __init__(self, store: SequenceStore, config: MeLESConfig) -> None:
         super().__init__()
-        self.store, self.cfg = store, config
-        self.train_clients, self.val_clients = split_clients(store.n_clients, config.val_fraction, config.max_val_clients, config.seed)
+        self.store, self.config = store, config
+        self.train_clients, self.val_clients = train_val_clients(store.n_clients, config.val_fraction, config.max_val_clients, config.seed)
 
     def _loader(self, dataset: ViewBatches, sampler) -> DataLoader:
-        workers = self.cfg.num_workers
+        workers = self.config.num_workers
         return DataLoader(
             dataset,
             batch_size=None,
@@ -137,14 +143,14 @@ class MeLESDataModule(pl.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        ds = ViewBatches(self.store, self.train_clients, self.cfg)
+        ds = ViewBatches(self.store, self.train_clients, self.config)
         trainer = self.trainer
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        epoch_fn = (lambda: trainer.fit_loop.epoch_progress.current.processed) if trainer is not None else None
+        epoch_fn = (lambda: trainer_epoch(trainer)) if trainer is not None else None
         return self._loader(ds, EpochBatchSampler(len(ds), world, rank, epoch_fn))
 
     def val_dataloader(self) -> DataLoader | list:
         if len(self.val_clients) < 2:
             return []
-        ds = ViewBatches(self.store, self.val_clients, self.cfg, fixed_epoch=-1 % 2**31)
+        ds = ViewBatches(self.store, self.val_clients, self.config, fixed_epoch=-1 % 2**31)
         return self._loader(ds, EpochBatchSampler(len(ds)))
