@@ -104,6 +104,8 @@ class MeLESConfig:
     # embedding
     max_events: int | None = 1600  # embed from the last N events of each client
     embed_batch_size: int = 256
+    # None: one pass over the window; N: the mean of its contiguous chunks of at most N events
+    embed_chunk: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.time_features, bool):  # configs saved before time_features was a set
@@ -130,6 +132,8 @@ class MeLESConfig:
             raise ValueError(f"split_count must be >= 2 (views per client make the positive pairs), got {self.split_count}")
         if "next_event" in self.parts("aux_objective") and self.encoder == "transformer":
             raise ValueError("aux_objective 'next_event' needs a recurrent encoder (gru, lstm): a Transformer sees the future")
+        if self.embed_chunk is not None and self.embed_chunk < 1:
+            raise ValueError(f"embed_chunk must be >= 1 events (or None for the whole window), got {self.embed_chunk}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 

@@ -100,8 +100,8 @@ class MeLESModule(pl.LightningModule):
     @property
     def inference_settings(self) -> dict:
         """How this model embeds clients (``embed.iter_embeddings``'s settings): each client's
-        last ``max_events`` events, ``embed_batch_size`` clients per batch."""
-        return {"max_events": self.cfg.max_events, "batch_size": self.cfg.embed_batch_size}
+        last ``max_events`` events (in chunks of ``embed_chunk``), ``embed_batch_size`` clients per batch."""
+        return {"max_events": self.cfg.max_events, "batch_size": self.cfg.embed_batch_size, "chunk": self.cfg.embed_chunk}
 
     def on_train_epoch_start(self) -> None:
         # dropout etc. depend only on (seed, epoch): resumed runs repeat uninterrupted ones

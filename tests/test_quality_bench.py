@@ -42,3 +42,14 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
     main(argv[:-2] + ["--report-only", "--report", str(tmp_path / "report" / "again")])
     assert {p.name: p.stat().st_mtime for p in (tmp_path / "work" / "rows").glob("*.json")} == stamp
     assert json.loads((tmp_path / "report" / "again.json").read_text()) == rows
+    # an inference-only variant (NAME@...) embeds with the trained run of NAME: no new training
+    runs_before = sorted(p.name for p in (tmp_path / "work" / "runs").iterdir())
+    ckpt = next((tmp_path / "work" / "runs").glob("pooled-*/checkpoints/best.ckpt"))
+    ckpt_time = ckpt.stat().st_mtime
+    main(argv[:-2] + ["--configs", "", "--define", "pooled@chunk4:pooling=last,max;numeric_encoding=by_category;embed_chunk=4",
+                      "--report", str(tmp_path / "report" / "chunk")])
+    assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == runs_before and ckpt.stat().st_mtime == ckpt_time
+    chunk_rows = json.loads((tmp_path / "report" / "chunk.json").read_text())
+    variant = next(r for r in chunk_rows if r["name"] == "pooled@chunk4")
+    assert variant["config"]["embed_chunk"] == 4 and variant["epochs"] == rows[2]["epochs"]
+    assert variant["scores"] != rows[2]["scores"]  # other embeddings, scored again

@@ -120,22 +120,36 @@ def _score(features, targets, target_list, lgbm: dict, threads: int) -> dict:
     return out
 
 
-def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a, key: str) -> dict:
-    from ..api import MeLES
+#: settings that change only how a trained model embeds: rows differing only in these reuse one training run
+INFERENCE_ONLY = ("embed_chunk", "max_events", "embed_batch_size")
+
+
+def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a, data_key: dict) -> dict:
+    from dataclasses import replace
+
+    from ..embed import embed_frame
+    from ..train import fit, load_model
 
     config = MeLESConfig.from_dict({**overrides, "max_minutes": a.budget_min, "max_epochs": a.epochs,
                                     "patience": None})
-    run_dir = work / "runs" / f"{name}-{key}"  # one directory per row: logs of other budgets never mix in
-    t0 = time.perf_counter()
-    model = MeLES(**config.to_dict()).fit(store, out_dir=run_dir, show_progress=False)
-    minutes = (time.perf_counter() - t0) / 60
+    training = {k: v for k, v in overrides.items() if k not in INFERENCE_ONLY}
+    key = _digest({"data": data_key, "config": training, "budget": a.budget_min, "epochs": a.epochs})
+    run_dir = work / "runs" / f"{name.split('@')[0]}-{key}"  # one per training: logs of other budgets never mix in
+    best = run_dir / "checkpoints" / "best.ckpt"
+    minutes_file = run_dir / "train_minutes.txt"
+    if best.exists():  # trained before (an inference-only variant of a row): reuse it
+        module = load_model(best)
+        module.cfg = replace(module.cfg, **{k: getattr(config, k) for k in INFERENCE_ONLY})
+    else:
+        t0 = time.perf_counter()
+        module = fit(store, config, out_dir=run_dir, show_progress=False)
+        minutes_file.write_text(str((time.perf_counter() - t0) / 60))
     metrics = pd.read_csv(next((run_dir / "logs").rglob("metrics.csv")))
     val = metrics.dropna(subset=["val_recall"]) if "val_recall" in metrics else metrics.iloc[:0]
-    emb = model.transform(store)
-    emb.to_parquet(run_dir / "embeddings.parquet")
+    emb = embed_frame(module.embedder, store, **module.inference_settings, show_progress=False)
     return {
         "config": config.to_dict(),
-        "train_minutes": minutes,
+        "train_minutes": float(minutes_file.read_text()) if minutes_file.exists() else a.budget_min,
         "epochs": int(val["epoch"].max()) + 1 if len(val) else None,
         "best_epoch": int(val.loc[val["val_recall"].idxmax(), "epoch"]) + 1 if len(val) else None,
         "val_recall": float(val["val_recall"].max()) if len(val) else None,
@@ -189,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
         key = _digest({"data": data_key, "config": overrides, "budget": a.budget_min, "epochs": a.epochs})
         file = rows_dir / f"{name}-{key}.json"
         if not file.exists():
-            row, emb = _train_row(name, overrides, store, work, a, key)
+            row, emb = _train_row(name, overrides, store, work, a, data_key)
             t0 = time.perf_counter()
             row.update(name=name, overrides=overrides,
                        scores=_score(emb, targets, target_list, lgbm, a.threads),

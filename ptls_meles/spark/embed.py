@@ -56,7 +56,7 @@ def _embedder(payload: dict):
     return _EMBEDDERS[token]
 
 
-def _embed_batches(batches, payload: dict, store_encoding: dict, max_events: int | None, batch_size: int):
+def _embed_batches(batches, payload: dict, store_encoding: dict, settings: dict):
     """mapInArrow body: record batches of store rows → record batches of embeddings."""
     import torch
 
@@ -69,7 +69,7 @@ def _embed_batches(batches, payload: dict, store_encoding: dict, max_events: int
             continue
         table = pa.Table.from_batches([batch])
         store = SequenceStore.from_arrow(table, encoding)
-        emb = embed_array(embedder, store, max_events=max_events, batch_size=batch_size, show_progress=False)
+        emb = embed_array(embedder, store, **settings, show_progress=False)
         emb = np.ascontiguousarray(emb.T)  # [D, n], store order
         arrays = [table.column("client_id").combine_chunks()] + [pa.array(emb[j]) for j in range(emb.shape[0])]
         yield pa.RecordBatch.from_arrays(arrays, names=names)
@@ -103,9 +103,9 @@ def embed_spark(
     spark = spark or get_session()
     module = _resolve_model(model)
     config, encoding = module.cfg.to_dict(), module.encoding.to_dict()
-    own = module.inference_settings
-    max_events = own["max_events"] if max_events is None else max_events
-    batch_size = batch_size or own["batch_size"]
+    settings = module.inference_settings
+    settings["max_events"] = settings["max_events"] if max_events is None else max_events
+    settings["batch_size"] = batch_size or settings["batch_size"]
     buf = io.BytesIO()
     torch.save({"hyper_parameters": {"config": config, "encoding": encoding}, "state_dict": module.state_dict()}, buf)
     payload = spark.sparkContext.broadcast({"model": buf.getvalue(), "token": uuid.uuid4().hex})
@@ -125,7 +125,7 @@ def embed_spark(
     out_schema = T.StructType([id_field] + [T.StructField(c, T.FloatType(), False) for c in embedding_columns(dim)])
 
     def run(batches):
-        return _embed_batches(batches, payload.value, store_encoding, max_events, batch_size)
+        return _embed_batches(batches, payload.value, store_encoding, settings)
 
     out = Path(out)
     tmp = out.parent / f".{out.name}.spark-{uuid.uuid4().hex[:8]}"
