@@ -14,6 +14,8 @@ def run_bench(name: str, argv: list[str]) -> None:
         from .spark import main
     elif name == "quality":
         from .quality import main
+    elif name == "profile":
+        from .profile import main
     else:
-        raise ValueError(f"unknown benchmark {name!r}; choose speed, paper, quality, memory or spark")
+        raise ValueError(f"unknown benchmark {name!r}; choose speed, profile, paper, quality, memory or spark")
     main(argv)
