@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +44,43 @@ def test_pooling_values_and_gradients_match_the_formulas_with_garbage_in_padding
     (grad_expected,) = torch.autograd.grad(expected, out, upstream)
     assert torch.allclose(torch.nan_to_num(grad_got), torch.nan_to_num(grad_expected), atol=1e-12)
     assert (grad_got[torch.arange(7)[None, :] >= lengths[:, None]] == 0).all()  # no gradient into padding
+
+
+def test_profile_stages_give_the_gradients_of_the_plain_step():
+    """The profile cuts a step at module boundaries; its gradients must be training's."""
+    from ptls_meles.bench.profile import _Timers, _staged_step
+    from ptls_meles.config import MeLESConfig
+    from ptls_meles.data import ViewBatches
+    from ptls_meles.datasets.synthetic import generate
+    from ptls_meles.prepare import prepare
+    from ptls_meles.schema import EventSchema
+    from ptls_meles.train import MeLESModule
+
+    events, _ = generate(n_clients=140, seed=1, mean_events=50)
+    store, _ = prepare(events, EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number"),
+                       show_progress=False)
+    config = MeLESConfig(hidden_size=8, batch_size=26, cnt_min=3, cnt_max=30)  # 130 views: 2 GRU length groups
+    module = MeLESModule(config, store.encoding)
+    module.embedder.event_encoder.fit_value_moments(store.columns)
+    module.train()
+    padded, labels = ViewBatches(store, np.arange(store.n_clients), config)[(0, 0)]
+    assert module.embedder.seq_encoder.length_groups(padded.lengths) is not None
+
+    module.loss_fn(module.embedder(padded), labels).backward()
+    plain = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+
+    class KeepGradients:
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none=True):
+            pass
+
+    timers = _Timers()
+    _staged_step(module, padded, labels, KeepGradients(), timers)
+    staged = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+    assert staged.keys() == plain.keys() and len(plain) > 5
+    for name, grad in plain.items():
+        assert torch.allclose(staged[name], grad, atol=1e-6, rtol=1e-4), name
+    assert {"GRU fwd", "GRU bwd", "pooling bwd", "event encoder fwd"} <= set(timers.total)
