@@ -46,9 +46,9 @@ class _SummaryPooling(torch.autograd.Function):
 
     Autograd through the plain formulas (masked copies for mean and max, ``amax``'s
     tie-splitting backward, a zero-filled tensor per part, then their sum) made ~15 passes
-    over the GRU's output and cost ~10% of a GRU-256 training step; here forward makes one
-    cleaned copy (read by a batched matmul for the mean, then by the max) and backward writes it once
-    (the mean's share) and scatters the last and max entries into it. The max passes its
+    over the GRU's output and cost ~10% of a GRU-256 training step; here forward makes a
+    padding-free copy for the mean (a batched matmul) and one for the max, and backward
+    writes the gradient once (the mean's share) and scatters the last and max entries into it. The max passes its
     gradient to one arg-max step per unit, as ``torch.max(dim)`` does (``amax`` splits it
     among exact ties).
     """
@@ -57,20 +57,17 @@ class _SummaryPooling(torch.autograd.Function):
     def forward(ctx, out: torch.Tensor, lengths: torch.Tensor, parts: tuple[str, ...]):
         batch, steps, _ = out.shape
         real = torch.arange(steps, device=out.device)[None, :] < lengths[:, None]
-        padding = ~real.unsqueeze(-1)
+        padding = ~real.unsqueeze(-1)  # padding may hold garbage, even NaN: never read it
         rows = torch.arange(batch, device=out.device)
-        # one copy with the padding cleaned (it may hold garbage, even NaN): zeros for the
-        # mean's matmul, then -inf in place for the max
-        cleaned = out.masked_fill(padding, 0.0) if ("mean" in parts or "max" in parts) else None
         results, arg_max, weights = [], None, None
         for part in parts:
             if part == "last":
                 results.append(out[rows, lengths - 1])
             elif part == "mean":
                 weights = real.to(out.dtype) / lengths.unsqueeze(-1).to(out.dtype)  # [B, T]
-                results.append(torch.bmm(weights.unsqueeze(1), cleaned).squeeze(1))
+                results.append(torch.bmm(weights.unsqueeze(1), torch.where(padding, 0.0, out)).squeeze(1))
             else:
-                values, arg_max = cleaned.masked_fill_(padding, float("-inf")).max(dim=1)
+                values, arg_max = torch.where(padding, float("-inf"), out).max(dim=1)
                 results.append(values)
         ctx.parts, ctx.shape = parts, out.shape
         ctx.save_for_backward(lengths, weights, arg_max)
