@@ -30,8 +30,13 @@ class SequencePooling(nn.Module):
 
     def forward(self, out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """``out`` ``[B, T, H]`` (rows padded after their ``lengths``, lengths >= 1) -> ``[B, H * parts]``."""
-        summaries = [p for p in self.parts if p != "attention"]
-        pooled = list(_SummaryPooling.apply(out, lengths, tuple(summaries))) if summaries else []
+        summaries = tuple(p for p in self.parts if p != "attention")
+        if not summaries:
+            pooled = []
+        elif torch.is_grad_enabled() and out.requires_grad:
+            pooled = list(_SummaryPooling.apply(out, lengths, summaries))
+        else:  # inference (embedding): no arg-max to keep for a backward
+            pooled = _summaries(out, lengths, summaries, keep_arg_max=False)[0]
         if self.attention is not None:
             real = torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
             scores = self.attention(out).squeeze(-1).masked_fill(~real, float("-inf"))
@@ -47,28 +52,15 @@ class _SummaryPooling(torch.autograd.Function):
     Autograd through the plain formulas (masked copies for mean and max, ``amax``'s
     tie-splitting backward, a zero-filled tensor per part, then their sum) made ~15 passes
     over the GRU's output and cost ~10% of a GRU-256 training step; here forward makes a
-    padding-free copy for the mean (a batched matmul) and one for the max, and backward
-    writes the gradient once (the mean's share) and scatters the last and max entries into it. The max passes its
-    gradient to one arg-max step per unit, as ``torch.max(dim)`` does (``amax`` splits it
-    among exact ties).
+    padding-free copy for the mean and one for the max (as before), and backward
+    writes the gradient once (the mean's share) and scatters the last and max entries into
+    it. The max passes its gradient to one arg-max step per unit, as ``torch.max(dim)``
+    does (``amax`` splits it among exact ties).
     """
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, lengths: torch.Tensor, parts: tuple[str, ...]):
-        batch, steps, _ = out.shape
-        real = torch.arange(steps, device=out.device)[None, :] < lengths[:, None]
-        padding = ~real.unsqueeze(-1)  # padding may hold garbage, even NaN: never read it
-        rows = torch.arange(batch, device=out.device)
-        results, arg_max, weights = [], None, None
-        for part in parts:
-            if part == "last":
-                results.append(out[rows, lengths - 1])
-            elif part == "mean":
-                weights = real.to(out.dtype) / lengths.unsqueeze(-1).to(out.dtype)  # [B, T]
-                results.append(torch.bmm(weights.unsqueeze(1), torch.where(padding, 0.0, out)).squeeze(1))
-            else:
-                values, arg_max = torch.where(padding, float("-inf"), out).max(dim=1)
-                results.append(values)
+        results, weights, arg_max = _summaries(out, lengths, parts, keep_arg_max=True)
         ctx.parts, ctx.shape = parts, out.shape
         ctx.save_for_backward(lengths, weights, arg_max)
         return tuple(results)
@@ -89,3 +81,25 @@ class _SummaryPooling(torch.autograd.Function):
         if "max" in grad:
             grad_out.scatter_add_(1, arg_max.unsqueeze(1), grad["max"].unsqueeze(1))
         return grad_out, None, None
+
+
+def _summaries(out: torch.Tensor, lengths: torch.Tensor, parts: tuple[str, ...], keep_arg_max: bool):
+    """``(pooled parts, mean weights [B, T] or None, arg-max [B, H] or None)``."""
+    batch, steps, _ = out.shape
+    real = torch.arange(steps, device=out.device)[None, :] < lengths[:, None]
+    padding = ~real.unsqueeze(-1)  # padding may hold garbage, even NaN: never read it
+    results, weights, arg_max = [], None, None
+    for part in parts:
+        if part == "last":
+            results.append(out[torch.arange(batch, device=out.device), lengths - 1])
+        elif part == "mean":
+            weights = real.to(out.dtype) / lengths.unsqueeze(-1).to(out.dtype)  # for the backward
+            results.append(torch.where(padding, 0.0, out).sum(dim=1) / lengths.unsqueeze(-1).to(out.dtype))
+        else:
+            masked = torch.where(padding, float("-inf"), out)
+            if keep_arg_max:  # max with indices is ~5x slower than amax: only when training
+                values, arg_max = masked.max(dim=1)
+            else:
+                values = masked.amax(dim=1)
+            results.append(values)
+    return results, weights, arg_max
