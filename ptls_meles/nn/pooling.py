@@ -36,7 +36,7 @@ class SequencePooling(nn.Module):
         elif torch.is_grad_enabled() and out.requires_grad:
             pooled = list(_SummaryPooling.apply(out, lengths, summaries))
         else:  # inference (embedding): no arg-max to keep for a backward
-            pooled = _summaries(out, lengths, summaries, keep_arg_max=False)[0]
+            pooled = _summaries(out, lengths, summaries, for_backward=False)[0]
         if self.attention is not None:
             real = torch.arange(out.shape[1], device=out.device)[None, :] < lengths[:, None]
             scores = self.attention(out).squeeze(-1).masked_fill(~real, float("-inf"))
@@ -60,7 +60,7 @@ class _SummaryPooling(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out: torch.Tensor, lengths: torch.Tensor, parts: tuple[str, ...]):
-        results, weights, arg_max = _summaries(out, lengths, parts, keep_arg_max=True)
+        results, weights, arg_max = _summaries(out, lengths, parts, for_backward=True)
         ctx.parts, ctx.shape = parts, out.shape
         ctx.save_for_backward(lengths, weights, arg_max)
         return tuple(results)
@@ -83,8 +83,8 @@ class _SummaryPooling(torch.autograd.Function):
         return grad_out, None, None
 
 
-def _summaries(out: torch.Tensor, lengths: torch.Tensor, parts: tuple[str, ...], keep_arg_max: bool):
-    """``(pooled parts, mean weights [B, T] or None, arg-max [B, H] or None)``."""
+def _summaries(out: torch.Tensor, lengths: torch.Tensor, parts: tuple[str, ...], for_backward: bool):
+    """``(pooled parts, mean weights [B, T], arg-max [B, H])``; the last two only ``for_backward``."""
     batch, steps, _ = out.shape
     real = torch.arange(steps, device=out.device)[None, :] < lengths[:, None]
     padding = ~real.unsqueeze(-1)  # padding may hold garbage, even NaN: never read it
@@ -93,11 +93,12 @@ def _summaries(out: torch.Tensor, lengths: torch.Tensor, parts: tuple[str, ...],
         if part == "last":
             results.append(out[torch.arange(batch, device=out.device), lengths - 1])
         elif part == "mean":
-            weights = real.to(out.dtype) / lengths.unsqueeze(-1).to(out.dtype)  # for the backward
+            if for_backward:
+                weights = real.to(out.dtype) / lengths.unsqueeze(-1).to(out.dtype)
             results.append(torch.where(padding, 0.0, out).sum(dim=1) / lengths.unsqueeze(-1).to(out.dtype))
         else:
             masked = torch.where(padding, float("-inf"), out)
-            if keep_arg_max:  # max with indices is ~5x slower than amax: only when training
+            if for_backward:  # max with indices is ~5x slower than amax: only when training
                 values, arg_max = masked.max(dim=1)
             else:
                 values = masked.amax(dim=1)
