@@ -50,7 +50,7 @@ def test_pooling_values_and_gradients_match_the_formulas_with_garbage_in_padding
 
 def test_profile_stages_give_the_gradients_of_the_plain_step():
     """The profile cuts a step at module boundaries; its gradients must be training's."""
-    from ptls_meles.bench.profile import _Timers, _staged_step
+    from ptls_meles.bench.profile import _Timers, _staged_step, plain_loss
     from ptls_meles.config import MeLESConfig
     from ptls_meles.data import ViewBatches
     from ptls_meles.datasets.synthetic import generate
@@ -68,7 +68,7 @@ def test_profile_stages_give_the_gradients_of_the_plain_step():
     padded, labels = ViewBatches(store, np.arange(store.n_clients), config)[(0, 0)]
     assert module.embedder.seq_encoder.length_groups(padded.lengths) is not None
 
-    module.loss_fn(module.embedder(padded), labels).backward()
+    plain_loss(module, padded, labels).backward()
     plain = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
 

@@ -100,8 +100,18 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
         opt.zero_grad(set_to_none=True)
 
 
+def plain_loss(module, padded, labels):
+    """The training loss as ``training_step`` computes it (embed, L2-normalise, mine, score)."""
+    import torch.nn.functional as F
+
+    emb = module.embedder(padded)
+    if not getattr(module.embedder, "normalize", False):  # the module, not the embedder, normalises
+        emb = F.normalize(emb, dim=-1)
+    return module.loss_fn(emb, labels)
+
+
 def _plain_step(module, padded, labels, opt) -> None:
-    loss = module.loss_fn(module.embedder(padded), labels)
+    loss = plain_loss(module, padded, labels)
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
