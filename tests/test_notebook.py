@@ -103,7 +103,7 @@ def test_committed_outputs_are_clean_or_one_full_run():
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     assert not [o for c in code for o in c.outputs if o["output_type"] == "error"]
     knobs = _text(_cell(nb, "knobs"))
-    assert "N_CLIENTS=2000 MEAN_EVENTS=200 EPOCHS=8 HIDDEN=128 LGBM_TREES=60 N_FOLDS=5 FINETUNE_EPOCHS=5" in knobs, knobs
+    assert "N_CLIENTS=1500 MEAN_EVENTS=150 EPOCHS=8 HIDDEN=128 LGBM_TREES=60 N_FOLDS=5 FINETUNE_EPOCHS=3" in knobs, knobs
     assert "True, max |diff| = 0.0" in _text(_cell(nb, "save-load"))
     assert NOTEBOOK.stat().st_size < 500_000  # outputs stay small enough to review
 
