@@ -24,17 +24,21 @@ NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 KERNEL_NAME = "ptls-meles-test"
 TINY = {
     "QUICKSTART_CLIENTS": "120",
+    "QUICKSTART_EVENTS": "60",
     "QUICKSTART_EPOCHS": "1",
     "QUICKSTART_HIDDEN": "16",
     "QUICKSTART_TREES": "20",
     "QUICKSTART_FOLDS": "2",
+    "QUICKSTART_FINETUNE_EPOCHS": "1",
     "QUICKSTART_JOBS": "1",
     "QUICKSTART_OUT": "out",
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
     "MPLBACKEND": "module://matplotlib_inline.backend_inline",
 }
-FEATURE_SETS = ["hand-crafted", "MeLES embeddings", "hand-crafted + MeLES"]
+FEATURE_SETS = ["hand-crafted", "MeLES embeddings", "hand-crafted + MeLES"]  # LightGBM rows
+NEURAL = ["supervised encoder", "MeLES fine-tuned"]
+ROWS = FEATURE_SETS + NEURAL
 
 
 def _kernel_manager(tmp: Path) -> KernelManager:
@@ -99,7 +103,7 @@ def test_committed_outputs_are_clean_or_one_full_run():
     assert [c.execution_count for c in code] == list(range(1, len(code) + 1))
     assert not [o for c in code for o in c.outputs if o["output_type"] == "error"]
     knobs = _text(_cell(nb, "knobs"))
-    assert "N_CLIENTS=2000 EPOCHS=10 HIDDEN=128 LGBM_TREES=300 N_FOLDS=5" in knobs, knobs
+    assert "N_CLIENTS=1500 MEAN_EVENTS=150 EPOCHS=8 HIDDEN=128 LGBM_TREES=60 N_FOLDS=5 FINETUNE_EPOCHS=3" in knobs, knobs
     assert "True, max |diff| = 0.0" in _text(_cell(nb, "save-load"))
     assert NOTEBOOK.stat().st_size < 500_000  # outputs stay small enough to review
 
@@ -116,7 +120,7 @@ def test_no_cell_failed(executed):
 def test_knobs_come_from_environment(executed):
     nb, _ = executed
     text = _text(_cell(nb, "knobs"))
-    assert "N_CLIENTS=120 EPOCHS=1 HIDDEN=16 LGBM_TREES=20 N_FOLDS=2 LGBM_JOBS=1" in text
+    assert "N_CLIENTS=120 MEAN_EVENTS=60 EPOCHS=1 HIDDEN=16 LGBM_TREES=20 N_FOLDS=2 FINETUNE_EPOCHS=1 LGBM_JOBS=1" in text
 
 
 def test_data_and_store_cells(executed):
@@ -138,18 +142,39 @@ def test_training_curve_and_embeddings(executed):
     assert _has_image(_cell(nb, "pca-plot"))
 
 
-def test_results_table_has_three_feature_sets(executed):
+def test_results_table_has_every_row(executed):
+    """One table: the three LightGBM feature sets and the two neural baselines, on both targets."""
     nb, work = executed
     shown = _text(_cell(nb, "results"))
-    for name in FEATURE_SETS:
+    for name in ROWS:
         assert name in shown
-    results = pd.read_csv(work / "out" / "results.csv")
-    assert sorted(map(tuple, results[["features", "target"]].to_numpy())) == sorted(
-        (f, t) for f in FEATURE_SETS for t in ("bins", "gender")
-    )
+    results = pd.read_csv(work / "out" / "results.csv", keep_default_na=False)
+    assert sorted(map(tuple, results[["model", "target"]].to_numpy())) == sorted((m, t) for m in ROWS for t in ("bins", "gender"))
     assert set(results.loc[results["target"] == "bins", "metric"]) == {"accuracy"}
     assert set(results.loc[results["target"] == "gender", "metric"]) == {"auroc"}
     assert all(0.0 <= s <= 1.0 and not math.isnan(s) for s in results["test"])
+
+
+def test_neural_baselines_respect_the_epoch_cap(executed):
+    """Each neural fold reports its kept epoch, within the QUICKSTART_FINETUNE_EPOCHS cap."""
+    nb, work = executed
+    results = pd.read_csv(work / "out" / "results.csv", keep_default_na=False).set_index("model")
+    cap = int(TINY["QUICKSTART_FINETUNE_EPOCHS"])
+    for name in NEURAL:
+        for epochs in results.loc[name, "best_epochs"]:
+            kept = [int(e) for e in str(epochs).split()]
+            assert len(kept) == int(TINY["QUICKSTART_FOLDS"]) and all(1 <= e <= cap for e in kept)
+    assert set(results.loc[FEATURE_SETS, "best_epochs"]) == {""}
+    printed = _text(_cell(nb, "neural"))
+    assert printed.count(f"(cap {cap})") == 2 * len(NEURAL)
+
+
+def test_each_row_is_compared_with_handcrafted(executed):
+    nb, _ = executed
+    lines = _text(_cell(nb, "versus-handcrafted")).splitlines()
+    compared = [line for line in lines if line.startswith("  ")]
+    assert len(compared) == 2 * (len(ROWS) - 1)
+    assert all(line.rstrip().endswith(("(clear)", "(within the intervals)")) for line in compared)
 
 
 def test_saved_model_gives_same_embeddings(executed):
