@@ -44,8 +44,9 @@ CONFIGS: dict[str, dict] = {
                            "time_features": "gap,elapsed,absolute", "pooling": "last,mean,max", "loss": "infonce"},
     "value+pool+next": {"preset": "paper", "numeric_encoding": "scalar,by_category",
                         "time_features": "gap,elapsed,absolute", "pooling": "last,mean,max", "aux_objective": "next_event"},
-    "default+stats": {"aux_objective": "view_stats"},
-    "default+stats0.2": {"aux_objective": "view_stats", "aux_weight": 0.2},
+    "value+pool+stats0.2": {"preset": "paper", "numeric_encoding": "scalar,by_category",
+                            "time_features": "gap,elapsed,absolute", "pooling": "last,mean,max",
+                            "aux_objective": "view_stats", "aux_weight": 0.2},
     "value+pool+periodic": {"preset": "paper", "numeric_encoding": "scalar,by_category,periodic",
                             "time_features": "gap,elapsed,absolute", "pooling": "last,mean,max"},
 }
