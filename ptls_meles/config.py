@@ -57,9 +57,8 @@ class MeLESConfig:
 
     Defaults (chosen on PhysioNet 2012 and the synthetic banking data, docs/results/
     quality_*.md): numbers also read within their event's category, time gaps / elapsed /
-    absolute time as inputs, last + mean + max pooling, and a light auxiliary task (weight
-    0.2): predict the client's other views' category shares and per-category values; the
-    MeLES paper's contrastive loss with hard negatives and its slices."""
+    absolute time as inputs, and last + mean + max pooling; the MeLES paper's contrastive
+    loss with hard negatives and its slices."""
 
     preset: str | None = None
 
@@ -85,8 +84,8 @@ class MeLESConfig:
     margin: float | None = None  # None: the loss's own default (contrastive 0.5, triplet/margin 0.2)
     neg_count: int = 5
     temperature: float = 0.1  # infonce only
-    aux_objective: str = "view_stats"  # set of next_event (recurrent encoders) | view_stats ("" = none)
-    aux_weight: float = 0.2
+    aux_objective: str = ""  # set of next_event (recurrent encoders) | view_stats ("" = none)
+    aux_weight: float = 1.0
     # optimisation
     batch_size: int = 64  # clients per batch (× split_count views)
     lr: float = 1e-3
