@@ -303,3 +303,12 @@ def test_view_stats_objective_learns_the_other_views_mix_and_trains_the_encoder(
         opt.step()
     assert loss.item() < 0.5 * first.item()
     MeLESConfig(encoder="transformer", aux_objective="view_stats")  # no future to peek at: allowed
+
+
+def test_a_missing_value_is_not_counted_in_its_category_mean():
+    from ptls_meles.nn.view_stats import ViewStatsHead
+
+    batch, _ = _view_stats_batch()
+    batch.payload["x"][0, 1] = float("nan")  # view 0: id 1 holds 1.0 and a missing value
+    sums, counts = ViewStatsHead(4, {"p": 4}, ["x"], use_time=False).view_statistics(batch)
+    assert counts[0, 5].item() == 1 and sums[0, 5].item() == pytest.approx(1.0)

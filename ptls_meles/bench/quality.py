@@ -137,8 +137,8 @@ def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a, 
     key = _digest({"data": data_key, "config": training, "budget": a.budget_min, "epochs": a.epochs})
     run_dir = work / "runs" / f"{name.split('@')[0]}-{key}"  # one per training: logs of other budgets never mix in
     best = run_dir / "checkpoints" / "best.ckpt"
-    minutes_file = run_dir / "train_minutes.txt"
-    if best.exists():  # trained before (an inference-only variant of a row): reuse it
+    minutes_file = run_dir / "train_minutes.txt"  # written when training finished: a cut run is not reused
+    if minutes_file.exists():  # trained before (an inference-only variant of a row): reuse it
         module = load_model(best)
         module.cfg = replace(module.cfg, **{k: getattr(config, k) for k in INFERENCE_ONLY})
     else:
@@ -150,7 +150,7 @@ def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a, 
     emb = embed_frame(module.embedder, store, **module.inference_settings, show_progress=False)
     return {
         "config": config.to_dict(),
-        "train_minutes": float(minutes_file.read_text()) if minutes_file.exists() else a.budget_min,
+        "train_minutes": float(minutes_file.read_text()),
         "epochs": int(val["epoch"].max()) + 1 if len(val) else None,
         "best_epoch": int(val.loc[val["val_recall"].idxmax(), "epoch"]) + 1 if len(val) else None,
         "val_recall": float(val["val_recall"].max()) if len(val) else None,

@@ -74,13 +74,13 @@ class ViewStatsHead(nn.Module):
         if self.mean_field is not None:
             ids = batch.payload[self.mean_field].masked_fill(~mask, 0)
             vocab = self.vocab_sizes[self.mean_field]
-            present = torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, mask.to(torch.float32))
             for i, name in enumerate(self.numeric_fields):
                 x = batch.payload[name].to(torch.float32)
                 z = ((x - self.value_mean[i][ids]) / self.value_std[i][ids]).clamp(-10, 10)
-                z = torch.where(mask & torch.isfinite(z), z, torch.zeros_like(z))
+                seen = mask & torch.isfinite(z)  # a missing value is not counted as a zero
+                z = torch.where(seen, z, torch.zeros_like(z))
                 sums.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, z))
-                counts.append(present)
+                counts.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, seen.to(torch.float32)))
         if self.use_time:
             gaps = time_deltas(batch.payload[TIME_FIELD], mask)  # log1p gaps, 0 for the first event
             sums.append((gaps * mask).sum(1, keepdim=True))
