@@ -53,3 +53,15 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
     variant = next(r for r in chunk_rows if r["name"] == "pooled@chunk4")
     assert variant["config"]["embed_chunk"] == 4 and variant["epochs"] == rows[2]["epochs"]
     assert variant["scores"] != rows[2]["scores"]  # other embeddings, scored again
+    # --neural: the supervised row (once per data) and the configuration fine-tuned from its own
+    # trained run (no new training), each fold stopping on its validation score
+    main(argv[:-2] + ["--configs", "paper", "--neural", "--finetune-epochs", "2", "--finetune-patience", "1",
+                      "--report", str(tmp_path / "report" / "neural")])
+    assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == runs_before
+    neural = json.loads((tmp_path / "report" / "neural.json").read_text())
+    assert [r["name"] for r in neural] == ["hand-crafted", "supervised encoder", "paper", "pooled"]
+    for scores in (neural[1]["scores"], neural[2]["scores_finetuned"], neural[3]["scores_finetuned"]):
+        assert 0.0 <= scores["label"]["test"] <= 1.0 and all(1 <= e <= 2 for e in scores["label"]["best_epochs"])
+    assert neural[2]["scores"] == rows[1]["scores"]  # the embedding rows are the cached ones
+    text = (tmp_path / "report" / "neural.md").read_text()
+    assert "| supervised encoder | sequences |" in text and "| paper | fine-tuned |" in text

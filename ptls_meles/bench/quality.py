@@ -10,6 +10,11 @@ Rows are cached in ``OUT/rows/NAME.json`` (keyed by the configuration, data and 
 a rerun skips finished rows. ``--report docs/results/quality_physionet`` writes the
 Markdown table, the same rows as JSON, and a PNG of score against training minutes.
 Every configuration run is reported, including those that lose.
+
+``--neural`` adds the neural baselines on the same folds: a supervised encoder (the
+defaults with ``--set``, trained once per data) and each configuration's MeLES model
+fine-tuned; both train until their validation fold has not improved for
+``--finetune-patience`` epochs, at most ``--finetune-epochs``.
 """
 from __future__ import annotations
 
@@ -86,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--targets", help="comma-separated target columns (default: the dataset's)")
     ap.add_argument("--lgbm", choices=sorted(LGBM), default="paper", help="LightGBM budget, the same for every row")
     ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
+    ap.add_argument("--neural", action="store_true", help="add the supervised-encoder row and each configuration fine-tuned")
+    ap.add_argument("--finetune-epochs", type=int, default=50, help="--neural: epoch cap of each fold")
+    ap.add_argument("--finetune-patience", type=int, default=5, help="--neural: epochs without a better validation score")
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: report every cached row in OUT/rows that scored all the targets")
@@ -121,40 +129,64 @@ def _score(features, targets, target_list, lgbm: dict, threads: int) -> dict:
     return out
 
 
+def _score_neural(store, targets, target_list, config: MeLESConfig, pretrained, a) -> dict:
+    """Supervised (``pretrained=None``) or fine-tuned scores with the same folds as :func:`_score`."""
+    from ..downstream.finetune import supervised_eval
+
+    out = {}
+    for t in target_list:
+        r = supervised_eval(store, targets, t, config, pretrained=pretrained, max_epochs=a.finetune_epochs,
+                            patience=a.finetune_patience, show_progress=False)
+        out[t] = {"test": r.test_mean, "test_interval": r.test_interval, "cv": r.cv_mean, "cv_interval": r.cv_interval,
+                  "metric": r.metric, "best_epochs": r.best_epochs, "fold_seconds": r.params["fold_seconds"]}
+    return out
+
+
 #: settings that change only how a trained model embeds: rows differing only in these reuse one training run
 INFERENCE_ONLY = ("embed_chunk", "max_events", "embed_batch_size")
 
 
-def _train_row(name: str, overrides: dict, store: SequenceStore, work: Path, a, data_key: dict) -> dict:
-    from dataclasses import replace
+def _run_dir(name: str, overrides: dict, work: Path, a, data_key: dict) -> Path:
+    """One directory per training (inference-only variants share it; other budgets never mix in)."""
+    training = {k: v for k, v in overrides.items() if k not in INFERENCE_ONLY}
+    key = _digest({"data": data_key, "config": training, "budget": a.budget_min, "epochs": a.epochs})
+    return work / "runs" / f"{name.split('@')[0]}-{key}"
 
-    from ..embed import embed_frame
+
+def _trained_model(name: str, overrides: dict, store: SequenceStore, run_dir: Path, a):
+    """The configuration's model: reloaded from its finished run, else trained now."""
     from ..train import fit, load_model
 
     config = MeLESConfig.from_dict({**overrides, "max_minutes": a.budget_min, "max_epochs": a.epochs,
                                     "patience": None})
-    training = {k: v for k, v in overrides.items() if k not in INFERENCE_ONLY}
-    key = _digest({"data": data_key, "config": training, "budget": a.budget_min, "epochs": a.epochs})
-    run_dir = work / "runs" / f"{name.split('@')[0]}-{key}"  # one per training: logs of other budgets never mix in
-    best = run_dir / "checkpoints" / "best.ckpt"
     minutes_file = run_dir / "train_minutes.txt"  # written when training finished: a cut run is not reused
-    if minutes_file.exists():  # trained before (an inference-only variant of a row): reuse it
-        module = load_model(best)
-        module.cfg = replace(module.cfg, **{k: getattr(config, k) for k in INFERENCE_ONLY})
-    else:
-        t0 = time.perf_counter()
-        module = fit(store, config, out_dir=run_dir, show_progress=False)
-        minutes_file.write_text(str((time.perf_counter() - t0) / 60))
+    if minutes_file.exists():
+        module = load_model(run_dir / "checkpoints" / "best.ckpt")
+        return _with_inference(module, config)
+    t0 = time.perf_counter()
+    module = fit(store, config, out_dir=run_dir, show_progress=False)
+    minutes_file.write_text(str((time.perf_counter() - t0) / 60))
+    return module
+
+
+def _with_inference(module, config: MeLESConfig):
+    """``module`` embedding with ``config``'s inference-only settings."""
+    from dataclasses import replace
+
+    module.cfg = replace(module.cfg, **{k: getattr(config, k) for k in INFERENCE_ONLY})
+    return module
+
+
+def _run_record(run_dir: Path) -> dict:
+    """Training minutes, epochs, best epoch and best validation recall of a finished run."""
     metrics = pd.read_csv(next((run_dir / "logs").rglob("metrics.csv")))
     val = metrics.dropna(subset=["val_recall"]) if "val_recall" in metrics else metrics.iloc[:0]
-    emb = embed_frame(module.embedder, store, **module.inference_settings, show_progress=False)
     return {
-        "config": config.to_dict(),
-        "train_minutes": float(minutes_file.read_text()),
+        "train_minutes": float((run_dir / "train_minutes.txt").read_text()),
         "epochs": int(val["epoch"].max()) + 1 if len(val) else None,
         "best_epoch": int(val.loc[val["val_recall"].idxmax(), "epoch"]) + 1 if len(val) else None,
         "val_recall": float(val["val_recall"].max()) if len(val) else None,
-    }, emb
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -200,43 +232,68 @@ def main(argv: list[str] | None = None) -> None:
     rows = [json.loads(hand_file.read_text())]
     log.info("hand-crafted: %s", _brief(rows[0]["scores"]))
 
+    if a.neural:
+        config = MeLESConfig.from_dict(common)
+        neural_key = {"finetune_epochs": a.finetune_epochs, "finetune_patience": a.finetune_patience}
+        sup_file = rows_dir / f"_supervised-{_digest({'data': data_key, 'config': common, **neural_key})}.json"
+        if not sup_file.exists():
+            t0 = time.perf_counter()
+            row = {"name": "supervised encoder", "overrides": common, **neural_key,
+                   "scores": _score_neural(store, targets, target_list, config, None, a),
+                   "eval_minutes": (time.perf_counter() - t0) / 60}
+            write_json(sup_file, row, default=float)
+        rows.append(json.loads(sup_file.read_text()))
+        log.info("supervised encoder: %s", _brief(rows[-1]["scores"]))
+
     for name, overrides in configs.items():
         key = _digest({"data": data_key, "config": overrides, "budget": a.budget_min, "epochs": a.epochs})
         file = rows_dir / f"{name}-{key}.json"
+        run_dir = _run_dir(name, overrides, work, a, data_key)
+        module = None
         if not file.exists():
-            row, emb = _train_row(name, overrides, store, work, a, data_key)
+            from ..embed import embed_frame
+
+            module = _trained_model(name, overrides, store, run_dir, a)
+            emb = embed_frame(module.embedder, store, **module.inference_settings, show_progress=False)
             t0 = time.perf_counter()
-            row.update(name=name, overrides=overrides,
-                       scores=_score(emb, targets, target_list, lgbm, a.threads),
-                       scores_both=_score([hand, emb], targets, target_list, lgbm, a.threads),
-                       eval_minutes=(time.perf_counter() - t0) / 60, budget_min=a.budget_min, epoch_cap=a.epochs)
+            row = {"config": module.cfg.to_dict(), **_run_record(run_dir), "name": name, "overrides": overrides,
+                   "scores": _score(emb, targets, target_list, lgbm, a.threads),
+                   "scores_both": _score([hand, emb], targets, target_list, lgbm, a.threads),
+                   "eval_minutes": (time.perf_counter() - t0) / 60, "budget_min": a.budget_min, "epoch_cap": a.epochs}
             write_json(file, row, default=float)
         row = json.loads(file.read_text())
+        if a.neural and row.get("finetune") != neural_key:
+            module = module or _trained_model(name, overrides, store, run_dir, a)
+            row.update(finetune=neural_key, scores_finetuned=_score_neural(store, targets, target_list, module.cfg, module, a))
+            write_json(file, row, default=float)
         rows.append(row)
-        log.info("%s (%.1f min, %s epochs): emb %s | both %s", name, row["train_minutes"], row["epochs"],
-                 _brief(row["scores"]), _brief(row["scores_both"]))
+        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s", name, row["train_minutes"], row["epochs"],
+                 _brief(row["scores"]), _brief(row["scores_both"]),
+                 f" | fine-tuned {_brief(row['scores_finetuned'])}" if "scores_finetuned" in row else "")
     if a.report:
         write_report(rows, target_list, Path(a.report), a, argv)
 
 
 def cached_rows(rows_dir: Path, target_list: list[str]) -> list[dict]:
-    """Every cached row that scored all of ``target_list`` (hand-crafted first, then by
-    training time), cut to those targets: what ``--report-only`` reports."""
-    hand, trained = None, []
+    """Every cached row that scored all of ``target_list`` (hand-crafted first, the supervised
+    encoder next, then by training time), cut to those targets: what ``--report-only`` reports."""
+    hand, supervised, trained = None, [], []
     for file in sorted(rows_dir.glob("*.json")):
         row = json.loads(file.read_text())
         if not all(t in row["scores"] for t in target_list):
             continue
-        for key in ("scores", "scores_both"):
+        for key in ("scores", "scores_both", "scores_finetuned"):
             if key in row:
                 row[key] = {t: row[key][t] for t in target_list}
         if row["name"] == "hand-crafted":
             hand = hand or row
+        elif row["name"] == "supervised encoder":
+            supervised.append(row)
         else:
             trained.append(row)
     if hand is None:
         raise ValueError(f"no cached hand-crafted row in {rows_dir} scores all of {target_list}")
-    return [hand] + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
+    return [hand] + supervised + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
 
 
 def _machine() -> str:
@@ -262,7 +319,9 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
         "Command: `ptls-meles bench quality -- " + shlex.join(argv or []) + "`", "",
         f"Machine: {_machine()}; one torch thread per run, LightGBM budget `{a.lgbm}`. Each configuration "
         "trains for its wall-clock budget (or its epoch cap), then embeds every client. Cells: test mean ± 95% "
-        "interval over 5 folds (CV mean in brackets); val recall: the best validation recall@(views−1).", "",
+        "interval over 5 folds (CV mean in brackets); val recall: the best validation recall@(views−1). "
+        "Supervised and fine-tuned rows train each fold until its validation score stops improving; their "
+        "epochs column lists the kept epoch of each fold.", "",
         head, "|" + "---|" * (head.count("|") - 1),
     ]
 
@@ -272,16 +331,27 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
 
     lines.append(f"| hand-crafted | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – | – |")
     for r in rows[1:]:
+        if "train_minutes" not in r:  # the supervised encoder
+            lines.append(f"| supervised encoder | sequences | {cells(r['scores'])} | – | – | "
+                         f"{_fold_epochs(r['scores'])} | – |")
+            continue
         best = f"{r['epochs']} ({r['best_epoch']})" if r.get("epochs") else "–"
         vr = f"{r['val_recall']:.3f}" if r.get("val_recall") is not None else "–"
         lines.append(f"| {r['name']} | embeddings | {cells(r['scores'])} | {r['budget_min']:g} | {r['train_minutes']:.1f} "
                      f"| {best} | {vr} |")
         lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | | |")
+        if "scores_finetuned" in r:
+            lines.append(f"| {r['name']} | fine-tuned | {cells(r['scores_finetuned'])} | | | "
+                         f"{_fold_epochs(r['scores_finetuned'])} | |")
     lines += ["", "Configurations (overrides of `MeLESConfig` defaults):", ""]
-    lines += [f"- `{r['name']}`: `{json.dumps(r['overrides'])}`" for r in rows[1:]]
+    lines += [f"- `{r['name']}`: `{json.dumps(r['overrides'])}`" for r in rows[1:] if "train_minutes" in r]
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
     prefix.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=float))
     _plot(rows, target_list, prefix.with_suffix(".png"))
+
+
+def _fold_epochs(scores: dict) -> str:
+    return "; ".join(f"{t}: {','.join(map(str, s['best_epochs']))}" for t, s in scores.items() if s.get("best_epochs"))
 
 
 def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
@@ -292,6 +362,9 @@ def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
     for ax, t in zip(axes, target_list):
         ax.axhline(rows[0]["scores"][t]["test"], color="k", ls="--", lw=1, label="hand-crafted")
         for r in rows[1:]:
+            if "train_minutes" not in r:
+                ax.axhline(r["scores"][t]["test"], color="grey", ls=":", lw=1, label=r["name"])
+                continue
             x = r["train_minutes"]
             ax.errorbar([x], [r["scores"][t]["test"]], yerr=[r["scores"][t]["test_interval"]], fmt="o", capsize=3,
                         label=r["name"])
