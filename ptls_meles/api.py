@@ -126,7 +126,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         self._check_fitted()
         store, _ = self._store(events, self.encoding_, show_progress)
         check_store_encoding(self.encoding_, store)
-        meta = {"config": self.module_.cfg.to_dict(), "encoding": self.encoding_.to_dict()}
+        meta = {"config": self.module_.config.to_dict(), "encoding": self.encoding_.to_dict()}
         return write_embeddings(self.module_.embedder, store, path, metadata=meta, **self.module_.inference_settings,
                                 show_progress=show_progress)
 
@@ -140,7 +140,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         path.mkdir(parents=True, exist_ok=True)
         with atomic_path(path / MODEL_FILE) as tmp:  # a killed save never leaves a truncated model.pt
             torch.save(self.module_.state_dict(), tmp)
-        write_json(path / "config.json", self.module_.cfg.to_dict())
+        write_json(path / "config.json", self.module_.config.to_dict())
         self.encoding_.save(path / ENCODING_FILE)
         if self.schema_ is not None:
             self.schema_.save(path / "schema.json")
@@ -154,7 +154,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         module = load_model(path)
         model_dir = saved_model_dir(path)
         schema = EventSchema.load(model_dir / "schema.json") if (model_dir / "schema.json").exists() else None
-        obj = cls(schema=schema, **module.cfg.to_dict())
+        obj = cls(schema=schema, **module.config.to_dict())
         obj.module_, obj.encoding_, obj.schema_ = module, module.encoding, schema
         return obj
 

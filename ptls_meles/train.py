@@ -66,31 +66,31 @@ class MeLESModule(pl.LightningModule):
     def __init__(self, config: MeLESConfig | dict, encoding: Encoding | dict) -> None:
         super().__init__()
         # a dict is a saved config (checkpoint, model directory)
-        self.cfg = config if isinstance(config, MeLESConfig) else MeLESConfig.from_dict(config, saved=True)
+        self.config = config if isinstance(config, MeLESConfig) else MeLESConfig.from_dict(config, saved=True)
         self.encoding = encoding if isinstance(encoding, Encoding) else Encoding.from_dict(encoding)
         # plain dicts travel inside every checkpoint (loadable with weights_only)
-        self.save_hyperparameters({"config": self.cfg.to_dict(), "encoding": self.encoding.to_dict()})
-        self.embedder = embedder_from_config(self.cfg, self.encoding)
+        self.save_hyperparameters({"config": self.config.to_dict(), "encoding": self.encoding.to_dict()})
+        self.embedder = embedder_from_config(self.config, self.encoding)
         self.loss_fn = make_loss(
-            self.cfg.loss, miner=self.cfg.miner, margin=self.cfg.margin, neg_count=self.cfg.neg_count,
-            **({"temperature": self.cfg.temperature} if self.cfg.loss == "infonce" else {}),
+            self.config.loss, miner=self.config.miner, margin=self.config.margin, neg_count=self.config.neg_count,
+            **({"temperature": self.config.temperature} if self.config.loss == "infonce" else {}),
         )
         self.next_event = None
-        if "next_event" in self.cfg.parts("aux_objective"):
+        if "next_event" in self.config.parts("aux_objective"):
             from .nn.next_event import NextEventHead
 
             first = next(iter(self.encoding.categorical), None)
             self.next_event = NextEventHead(
-                self.cfg.hidden_size, first, self.encoding.categorical[first].size if first else 0,
-                list(self.encoding.numeric), predict_gap=bool(self.cfg.parts("time_features")),
+                self.config.hidden_size, first, self.encoding.categorical[first].size if first else 0,
+                list(self.encoding.numeric), predict_gap=bool(self.config.parts("time_features")),
             )
         self.view_stats = None
-        if "view_stats" in self.cfg.parts("aux_objective"):
+        if "view_stats" in self.config.parts("aux_objective"):
             from .nn.view_stats import ViewStatsHead
 
             self.view_stats = ViewStatsHead(
                 self.embedder.output_size, {c: v.size for c, v in self.encoding.categorical.items()},
-                list(self.encoding.numeric), use_time=bool(self.cfg.parts("time_features")),
+                list(self.encoding.numeric), use_time=bool(self.config.parts("time_features")),
             )
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -101,11 +101,11 @@ class MeLESModule(pl.LightningModule):
     def inference_settings(self) -> dict:
         """How this model embeds clients (``embed.iter_embeddings``'s settings): each client's
         last ``max_events`` events (in chunks of ``embed_chunk``), ``embed_batch_size`` clients per batch."""
-        return {"max_events": self.cfg.max_events, "batch_size": self.cfg.embed_batch_size, "chunk": self.cfg.embed_chunk}
+        return {"max_events": self.config.max_events, "batch_size": self.config.embed_batch_size, "chunk": self.config.embed_chunk}
 
     def on_train_epoch_start(self) -> None:
         # dropout etc. depend only on (seed, epoch): resumed runs repeat uninterrupted ones
-        torch.manual_seed(self.cfg.seed * 1000 + trainer_epoch(self.trainer))
+        torch.manual_seed(self.config.seed * 1000 + trainer_epoch(self.trainer))
 
     def training_step(self, batch, batch_idx):
         padded, labels = batch
@@ -122,7 +122,7 @@ class MeLESModule(pl.LightningModule):
         if self.view_stats is not None:
             aux["view_stats_loss"] = self.view_stats(emb, padded, labels)
         for name, value in aux.items():
-            loss = loss + self.cfg.aux_weight * value
+            loss = loss + self.config.aux_weight * value
             self.log(name, value, on_step=False, on_epoch=True, batch_size=n_clients)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n_clients)
         return loss
@@ -138,11 +138,11 @@ class MeLESModule(pl.LightningModule):
         emb = torch.cat([e for e, _ in self._val])
         labels = torch.cat([l for _, l in self._val])
         self._val.clear()
-        r = recall_at_k(emb, labels, self.cfg.split_count - 1)
+        r = recall_at_k(emb, labels, self.config.split_count - 1)
         self.log("val_recall", r, prog_bar=True)
 
     def configure_optimizers(self):
-        c = self.cfg
+        c = self.config
         if c.weight_decay:
             opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         else:

@@ -189,7 +189,7 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     assert torch.equal(loaded.view_stats.value_mean, module.view_stats.value_mean)
     logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
     assert logged["view_stats_loss"].notna().any() and logged["next_event_loss"].notna().any()
-    assert isinstance(loaded.cfg, MeLESConfig) and loaded.cfg.pooling == "last,mean,max"
+    assert isinstance(loaded.config, MeLESConfig) and loaded.config.pooling == "last,mean,max"
     assert module.embedder.output_size == 24
 
 

@@ -6,8 +6,11 @@ import json
 import numpy as np
 import pandas as pd
 
+import pytest
+
 from conftest import events_frame
-from ptls_meles.bench.quality import main, parse_define
+from ptls_meles.bench.quality import main, parse_define, parse_vary
+from ptls_meles.bench.report import markdown_table
 from ptls_meles.prepare import prepare
 from ptls_meles.schema import EventSchema
 
@@ -15,6 +18,17 @@ from ptls_meles.schema import EventSchema
 def test_parse_define_reads_json_values_and_plain_strings():
     assert parse_define("wide:hidden_size=512;pooling=last,mean;grad_clip=None") == (
         "wide", {"hidden_size": 512, "pooling": "last,mean", "grad_clip": None})
+
+
+def test_parse_vary_makes_one_configuration_per_value():
+    assert parse_vary("encoder=gru/lstm") == {"encoder=gru": {"encoder": "gru"}, "encoder=lstm": {"encoder": "lstm"}}
+    assert parse_vary("hidden_size=32/64")["hidden_size=64"] == {"hidden_size": 64}
+    with pytest.raises(ValueError, match="KEY=VALUE/VALUE"):
+        parse_vary("encoder")
+
+
+def test_markdown_table_escapes_pipes():
+    assert markdown_table(["a", "b"], [[1, "x|y"]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
 
 
 def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
@@ -65,3 +79,15 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
     assert neural[2]["scores"] == rows[1]["scores"]  # the embedding rows are the cached ones
     text = (tmp_path / "report" / "neural.md").read_text()
     assert "| supervised encoder | sequences |" in text and "| paper | fine-tuned |" in text
+    # --vary: one configuration per value; --fractions: fewer labelled clients, the test part fixed
+    base = argv[:argv.index("--configs")] + argv[argv.index("--set"):-2]
+    main(base + ["--configs", "", "--vary", "hidden_size=8/12", "--fractions", "0.5",
+                 "--report", str(tmp_path / "report" / "vary")])
+    vary = json.loads((tmp_path / "report" / "vary.json").read_text())
+    assert [r["name"] for r in vary] == ["hand-crafted", "hidden_size=8", "hidden_size=12"]
+    assert vary[1]["config"]["hidden_size"] == 8 and vary[2]["config"]["hidden_size"] == 12
+    for r in vary:
+        assert list(r["fractions"]) == ["0.5"] and 0.0 <= r["fractions"]["0.5"]["label"]["test"] <= 1.0
+    assert vary[0]["scores"] == rows[0]["scores"]  # the hand-crafted row is cached; only its fraction is new
+    text = (tmp_path / "report" / "vary.md").read_text()
+    assert "| 0.5 | hidden_size=12 |" in text and (tmp_path / "report" / "vary_fractions.png").stat().st_size > 0

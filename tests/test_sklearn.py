@@ -105,5 +105,5 @@ def test_pipeline_and_grid_search(clients):
     search = GridSearchCV(pipe, {"meles__hidden_size": [4, 6]}, cv=2, scoring="roc_auc", error_score="raise")
     search.fit(frames, y)
     assert search.best_params_["meles__hidden_size"] in (4, 6)
-    assert search.best_estimator_.named_steps["meles"].module_.cfg.hidden_size == search.best_params_["meles__hidden_size"]
+    assert search.best_estimator_.named_steps["meles"].module_.config.hidden_size == search.best_params_["meles__hidden_size"]
     assert np.isfinite(search.cv_results_["mean_test_score"]).all()

@@ -54,7 +54,7 @@ def test_training_beats_chance_and_logs(fitted):
 def test_checkpoint_carries_config_and_encoding_and_loads_weights_only(fitted, store):
     model, out = fitted
     module = load_model(out / "checkpoints" / "last.ckpt")
-    assert module.cfg.hidden_size == SMALL["hidden_size"]
+    assert module.config.hidden_size == SMALL["hidden_size"]
     assert module.encoding.categorical["small_group"].values == store.encoding.categorical["small_group"].values
 
 
@@ -103,7 +103,7 @@ def test_training_head_normalises_and_the_table_stays_raw(fitted, store, monkeyp
     from ptls_meles.datamodule import ViewBatches
 
     module = fitted[0].module_
-    padded, labels = ViewBatches(store, np.arange(16), module.cfg)[(0, 0)]
+    padded, labels = ViewBatches(store, np.arange(16), module.config)[(0, 0)]
     with torch.no_grad():
         raw = module.embedder(padded)
         assert not torch.allclose(raw.norm(dim=1), torch.ones(len(raw)), atol=1e-3)
@@ -113,7 +113,7 @@ def test_training_head_normalises_and_the_table_stays_raw(fitted, store, monkeyp
         unit = normalize(raw, dim=-1)
         expected = module.loss_fn(unit, labels)
         if module.view_stats is not None:
-            expected = expected + module.cfg.aux_weight * module.view_stats(unit, padded, labels)
+            expected = expected + module.config.aux_weight * module.view_stats(unit, padded, labels)
         monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no Trainer attached
         assert torch.allclose(module.training_step((padded, labels), 0), expected)
     table = embed_frame(module.embedder, store.take(np.arange(16)), show_progress=False)

@@ -1,20 +1,25 @@
-"""Quality bench: named MeLES configurations trained for the same budget, scored downstream.
+"""The downstream bench: MeLES configurations trained for one budget and scored against
+hand-crafted features, the supervised encoder and fine-tuning, on the same folds.
 
     ptls-meles bench quality -- --dataset physionet --raw ../shared/datasets/physionet2012 \
-        --out runs/quality_physionet --budget-min 30 --configs paper,default [--define NAME:K=V;K=V]
+        --out runs/quality_physionet --budget-min 30 --configs paper,default [--define NAME:K=V;K=V] \
+        [--vary encoder=gru/lstm/transformer] [--neural] [--fractions 0.05,0.1,0.5]
 
 Each configuration trains for ``--budget-min`` minutes of wall-clock time (or
 ``--epochs``, whichever comes first), then its embeddings are scored by LightGBM alone
 and beside the hand-crafted features, with :func:`evaluate`'s protocol, on every target.
-Rows are cached in ``OUT/rows/NAME.json`` (keyed by the configuration, data and budget):
-a rerun skips finished rows. ``--report docs/results/quality_physionet`` writes the
-Markdown table, the same rows as JSON, and a PNG of score against training minutes.
-Every configuration run is reported, including those that lose.
+``--vary KEY=A/B/C`` adds one configuration per value (the paper's ablations).
+``--neural`` adds the neural baselines: a supervised encoder (the defaults with ``--set``,
+trained once per data) and each configuration's model fine-tuned; both train each fold
+until its validation score has not improved for ``--finetune-patience`` epochs, at most
+``--finetune-epochs``. ``--fractions`` scores hand-crafted features and each
+configuration's embeddings with only that share of the training clients labelled.
 
-``--neural`` adds the neural baselines on the same folds: a supervised encoder (the
-defaults with ``--set``, trained once per data) and each configuration's MeLES model
-fine-tuned; both train until their validation fold has not improved for
-``--finetune-patience`` epochs, at most ``--finetune-epochs``.
+Rows are cached in ``OUT/rows/NAME-KEY.json`` (keyed by the configuration, data and
+budget) and trained models in ``OUT/runs/``: a rerun computes only what is missing.
+``--report docs/results/quality_physionet`` writes the Markdown table, the same rows as
+JSON, and PNGs of score against training minutes (and against the labelled share).
+Every configuration run is reported, including those that lose.
 """
 from __future__ import annotations
 
@@ -24,7 +29,9 @@ import json
 import logging
 import shlex
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -61,10 +68,15 @@ LGBM = {
     "fast": {**PAPER_LGBM_PARAMS, "n_estimators": 200, "learning_rate": 0.07, "num_leaves": 31,
              "colsample_bytree": 0.5},
 }
-DEFAULT_TARGETS = {
+DEFAULT_TARGETS = {  # per dataset recipe; a store's defaults are the first list whose columns it has
     "physionet": ["in_hospital_death", "gender", "age_group"],
     "synthetic": ["bins", "gender"],
+    "age": ["bins"],
+    "gender": ["gender"],
 }
+#: settings that change only how a trained model embeds: rows differing only in these reuse one training run
+INFERENCE_ONLY = ("embed_chunk", "max_events", "embed_batch_size")
+HAND, SUPERVISED = "hand-crafted", "supervised encoder"
 
 
 def parse_define(text: str) -> tuple[str, dict]:
@@ -75,25 +87,37 @@ def parse_define(text: str) -> tuple[str, dict]:
     return name, parse_settings(body.split(";"))
 
 
+def parse_vary(text: str) -> dict[str, dict]:
+    """``KEY=A/B/C`` -> one configuration per value, named ``KEY=A`` etc."""
+    key, _, values = text.partition("=")
+    if not key or not values:
+        raise ValueError(f"--vary {text!r}: expected KEY=VALUE/VALUE/..., e.g. encoder=gru/lstm/transformer")
+    return {f"{key}={v}": parse_settings([f"{key}={v}"]) for v in values.split("/")}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ptls-meles bench quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", required=True,
-                    help="physionet | synthetic | a store directory with targets.parquet")
-    ap.add_argument("--raw", help="raw data for the physionet recipe, e.g. ../shared/datasets/physionet2012")
+                    help="a recipe (synthetic, physionet, age, gender) or a store directory with targets.parquet")
+    ap.add_argument("--raw", help="the recipe's raw files, e.g. ../shared/datasets/physionet2012")
     ap.add_argument("--clients", type=int, default=3000, help="synthetic: number of clients to generate")
     ap.add_argument("--out", required=True, help="work directory: store, trained models, cached rows")
     ap.add_argument("--configs", default="paper,default", help=f"comma-separated names among {', '.join(CONFIGS)}")
     ap.add_argument("--define", action="append", default=[], help="an extra configuration NAME:KEY=VALUE;KEY=VALUE")
+    ap.add_argument("--vary", action="append", default=[], help="one configuration per value: KEY=A/B/C")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE applied to every configuration (e.g. hidden_size=128)")
     ap.add_argument("--budget-min", type=float, default=30.0, help="wall-clock training minutes per configuration")
     ap.add_argument("--epochs", type=int, default=100, help="epoch cap per configuration")
     ap.add_argument("--targets", help="comma-separated target columns (default: the dataset's)")
     ap.add_argument("--lgbm", choices=sorted(LGBM), default="paper", help="LightGBM budget, the same for every row")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
+    ap.add_argument("--early-stopping-rounds", type=int,
+                    help="LightGBM stops on each fold's validation part after this many rounds without gain (every row alike)")
     ap.add_argument("--neural", action="store_true", help="add the supervised-encoder row and each configuration fine-tuned")
     ap.add_argument("--finetune-epochs", type=int, default=50, help="--neural: epoch cap of each fold")
     ap.add_argument("--finetune-patience", type=int, default=5, help="--neural: epochs without a better validation score")
+    ap.add_argument("--fractions", default="", help="labelled shares to score, e.g. 0.05,0.1,0.25,0.5")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: report every cached row in OUT/rows that scored all the targets")
@@ -101,49 +125,69 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _store_dir(a, work: Path) -> tuple[Path, str]:
-    if a.dataset not in ("physionet", "synthetic"):
-        return Path(a.dataset), Path(a.dataset).name
     from ..datasets.recipes import RECIPES
 
+    if a.dataset not in RECIPES:
+        return Path(a.dataset), Path(a.dataset).name
     out = work / "data"
     if not (out / "targets.parquet").exists():
-        if a.dataset == "physionet":
-            if not a.raw:
-                raise ValueError("--dataset physionet needs --raw PATH (e.g. ../shared/datasets/physionet2012)")
-            RECIPES["physionet"](a.raw, out, show_progress=False)
-        else:
+        if a.dataset == "synthetic":
             RECIPES["synthetic"](out, n_clients=a.clients, show_progress=False)
+        elif not a.raw:
+            raise ValueError(f"--dataset {a.dataset} needs --raw PATH (the dataset's raw files)")
+        else:
+            RECIPES[a.dataset](a.raw, out, show_progress=False)
     return out, a.dataset
+
+
+def _target_list(a, targets: pd.DataFrame, dataset: str) -> list[str]:
+    columns = [c for c in targets.columns if c != "client_id"]
+    if a.targets:
+        chosen = a.targets.split(",")
+    else:
+        lists = [DEFAULT_TARGETS[dataset]] if dataset in DEFAULT_TARGETS else list(DEFAULT_TARGETS.values())
+        chosen = next((lst for lst in lists if all(c in columns for c in lst)), None) or [
+            c for c in columns if 2 <= targets[c].nunique() <= 20]
+    missing = [c for c in chosen if c not in columns]
+    if missing or not chosen:
+        raise ValueError(f"--targets: no column(s) {missing or 'that look like labels'} in targets.parquet; "
+                         f"columns: {columns}")
+    return chosen
+
+
+def _configs(a) -> dict[str, dict]:
+    common = parse_settings(a.set)
+    names = [n for n in a.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise ValueError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)} (or --define NAME:K=V)")
+    configs = {n: {**CONFIGS[n], **common} for n in names}
+    for text in a.define:
+        name, overrides = parse_define(text)
+        configs[name] = {**overrides, **common}
+    for text in a.vary:
+        configs.update({name: {**common, **overrides} for name, overrides in parse_vary(text).items()})
+    return configs
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        fractions = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--fractions: expected comma-separated numbers, e.g. 0.05,0.1,0.5, got {text!r}") from e
+    bad = [f for f in fractions if not 0 < f <= 1]
+    if bad:
+        raise ValueError(f"--fractions: {bad} not in (0, 1]")
+    return fractions
 
 
 def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _score(features, targets, target_list, lgbm: dict, threads: int) -> dict:
-    out = {}
-    for t in target_list:
-        r = evaluate(features, targets, t, lgbm_params=lgbm, n_jobs=threads)
-        out[t] = {"test": r.test_mean, "test_interval": r.test_interval, "cv": r.cv_mean, "cv_interval": r.cv_interval,
-                  "metric": r.metric}
-    return out
-
-
-def _score_neural(store, targets, target_list, config: MeLESConfig, pretrained, a) -> dict:
-    """Supervised (``pretrained=None``) or fine-tuned scores with the same folds as :func:`_score`."""
-    from ..downstream.finetune import supervised_eval
-
-    out = {}
-    for t in target_list:
-        r = supervised_eval(store, targets, t, config, pretrained=pretrained, max_epochs=a.finetune_epochs,
-                            patience=a.finetune_patience, show_progress=False)
-        out[t] = {"test": r.test_mean, "test_interval": r.test_interval, "cv": r.cv_mean, "cv_interval": r.cv_interval,
-                  "metric": r.metric, "best_epochs": r.best_epochs, "fold_seconds": r.params["fold_seconds"]}
-    return out
-
-
-#: settings that change only how a trained model embeds: rows differing only in these reuse one training run
-INFERENCE_ONLY = ("embed_chunk", "max_events", "embed_batch_size")
+def _scores(result) -> dict:
+    return {"test": result.test_mean, "test_interval": result.test_interval, "cv": result.cv_mean,
+            "cv_interval": result.cv_interval, "metric": result.metric, "best_epochs": result.best_epochs}
 
 
 def _run_dir(name: str, overrides: dict, work: Path, a, data_key: dict) -> Path:
@@ -153,27 +197,19 @@ def _run_dir(name: str, overrides: dict, work: Path, a, data_key: dict) -> Path:
     return work / "runs" / f"{name.split('@')[0]}-{key}"
 
 
-def _trained_model(name: str, overrides: dict, store: SequenceStore, run_dir: Path, a):
+def _trained_model(overrides: dict, store: SequenceStore, run_dir: Path, a):
     """The configuration's model: reloaded from its finished run, else trained now."""
     from ..train import fit, load_model
 
-    config = MeLESConfig.from_dict({**overrides, "max_minutes": a.budget_min, "max_epochs": a.epochs,
-                                    "patience": None})
+    config = MeLESConfig.from_dict({**overrides, "max_minutes": a.budget_min, "max_epochs": a.epochs, "patience": None})
     minutes_file = run_dir / "train_minutes.txt"  # written when training finished: a cut run is not reused
     if minutes_file.exists():
         module = load_model(run_dir / "checkpoints" / "best.ckpt")
-        return _with_inference(module, config)
+        module.config = replace(module.config, **{k: getattr(config, k) for k in INFERENCE_ONLY})
+        return module
     t0 = time.perf_counter()
     module = fit(store, config, out_dir=run_dir, show_progress=False)
     minutes_file.write_text(str((time.perf_counter() - t0) / 60))
-    return module
-
-
-def _with_inference(module, config: MeLESConfig):
-    """``module`` embedding with ``config``'s inference-only settings."""
-    from dataclasses import replace
-
-    module.cfg = replace(module.cfg, **{k: getattr(config, k) for k in INFERENCE_ONLY})
     return module
 
 
@@ -189,7 +225,97 @@ def _run_record(run_dir: Path) -> dict:
     }
 
 
+class QualityBench:
+    """Fills each row's missing score sets, saving the row file after each one."""
+
+    def __init__(self, a, store: SequenceStore, targets: pd.DataFrame, target_list: list[str], data_key: dict,
+                 work: Path) -> None:
+        self.a, self.store, self.targets, self.target_list, self.data_key, self.work = a, store, targets, target_list, data_key, work
+        self.lgbm = LGBM[a.lgbm]
+        self.neural_key = {"finetune_epochs": a.finetune_epochs, "finetune_patience": a.finetune_patience}
+        self.hand = handcrafted_features(store)
+        self.fractions = _fractions(a.fractions)
+
+    def lgbm_scores(self, tables: list[pd.DataFrame], fraction: float = 1.0) -> dict:
+        return {t: _scores(evaluate(tables, self.targets, t, lgbm_params=self.lgbm, n_jobs=self.a.threads,
+                                    labelled_fraction=fraction, early_stopping_rounds=self.a.early_stopping_rounds))
+                for t in self.target_list}
+
+    def neural_scores(self, config: MeLESConfig, pretrained) -> dict:
+        """Supervised (``pretrained=None``) or fine-tuned scores on :func:`evaluate`'s folds."""
+        from ..downstream.finetune import supervised_eval
+
+        return {t: _scores(supervised_eval(self.store, self.targets, t, config, pretrained=pretrained,
+                                           max_epochs=self.a.finetune_epochs, patience=self.a.finetune_patience,
+                                           show_progress=False))
+                for t in self.target_list}
+
+    @staticmethod
+    def fill(file: Path, row: dict, key: str, compute: Callable[[], object]) -> None:
+        """``row[key] = compute()`` unless present, then save the row at once."""
+        if key not in row:
+            t0 = time.perf_counter()
+            row[key] = compute()
+            row.setdefault("minutes", {})[key] = (time.perf_counter() - t0) / 60
+            write_json(file, row, default=float)
+
+    def fill_fractions(self, file: Path, row: dict, tables: Callable[[], list[pd.DataFrame]]) -> None:
+        for f in self.fractions:
+            if str(f) not in row.setdefault("fractions", {}):
+                row["fractions"][str(f)] = self.lgbm_scores(tables(), f)
+                write_json(file, row, default=float)
+
+    def hand_row(self, rows_dir: Path) -> dict:
+        file = rows_dir / f"_handcrafted-{_digest(self.data_key)}.json"
+        row = json.loads(file.read_text()) if file.exists() else {"name": HAND, "n_features": self.hand.shape[1] - 1}
+        self.fill(file, row, "scores", lambda: self.lgbm_scores([self.hand]))
+        self.fill_fractions(file, row, lambda: [self.hand])
+        return row
+
+    def supervised_row(self, rows_dir: Path, common: dict) -> dict:
+        file = rows_dir / f"_supervised-{_digest({'data': self.data_key, 'config': common, **self.neural_key})}.json"
+        row = json.loads(file.read_text()) if file.exists() else {"name": SUPERVISED, "overrides": common, **self.neural_key}
+        self.fill(file, row, "scores", lambda: self.neural_scores(MeLESConfig.from_dict(common), None))
+        return row
+
+    def config_row(self, rows_dir: Path, name: str, overrides: dict) -> dict:
+        from ..embed import embed_frame
+
+        a = self.a
+        key = _digest({"data": self.data_key, "config": overrides, "budget": a.budget_min, "epochs": a.epochs})
+        file = rows_dir / f"{name}-{key}.json"
+        run_dir = _run_dir(name, overrides, self.work, a, self.data_key)
+        row = json.loads(file.read_text()) if file.exists() else {}
+        cache: dict = {}
+
+        def module():
+            if "module" not in cache:
+                cache["module"] = _trained_model(overrides, self.store, run_dir, a)
+            return cache["module"]
+
+        def emb():
+            if "emb" not in cache:
+                m = module()
+                cache["emb"] = embed_frame(m.embedder, self.store, **m.inference_settings, show_progress=False)
+            return cache["emb"]
+
+        if "scores" not in row:
+            module()
+            row.update(config=module().config.to_dict(), **_run_record(run_dir), name=name, overrides=overrides,
+                       budget_min=a.budget_min, epoch_cap=a.epochs)
+        self.fill(file, row, "scores", lambda: self.lgbm_scores([emb()]))
+        self.fill(file, row, "scores_both", lambda: self.lgbm_scores([self.hand, emb()]))
+        if a.neural and row.get("finetune") != self.neural_key:
+            row.pop("scores_finetuned", None)
+            row["finetune"] = self.neural_key
+            self.fill(file, row, "scores_finetuned", lambda: self.neural_scores(module().config, module()))
+        self.fill_fractions(file, row, lambda: [emb()])
+        return row
+
+
 def main(argv: list[str] | None = None) -> None:
+    from ..datasets.recipes import load_targets
+
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(a.threads)
@@ -197,23 +323,14 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     store_dir, dataset = _store_dir(a, work)
     store = SequenceStore.load(store_dir)
-    targets = pd.read_parquet(store_dir / "targets.parquet")
-    id_col = store.encoding.client_col
-    targets = targets.rename(columns={id_col: "client_id"}) if id_col in targets and "client_id" not in targets else targets
-    known = [lst for lst in DEFAULT_TARGETS.values() if all(c in targets.columns for c in lst)]
-    target_list = a.targets.split(",") if a.targets else DEFAULT_TARGETS.get(dataset) or (known[0] if known else [
-        c for c in targets.columns if c != "client_id" and 2 <= targets[c].nunique() <= 20])
-    lgbm = LGBM[a.lgbm]
-    common = parse_settings(a.set)
-    configs = {n: {**CONFIGS[n], **common} for n in a.configs.split(",") if n}
-    unknown = [n for n in a.configs.split(",") if n and n not in CONFIGS]
-    if unknown:
-        raise ValueError(f"unknown configuration(s) {unknown}; known: {', '.join(CONFIGS)} (or --define NAME:K=V)")
-    for text in a.define:
-        name, overrides = parse_define(text)
-        configs[name] = {**overrides, **common}
+    targets = load_targets(store_dir)
+    target_list = _target_list(a, targets, dataset)
+    configs = _configs(a)
+    _fractions(a.fractions)
     data_key = {"store": str(store_dir.resolve()), "n_clients": store.n_clients, "n_events": store.n_events,
                 "targets": target_list, "lgbm": a.lgbm}
+    if a.early_stopping_rounds:
+        data_key["early_stopping_rounds"] = a.early_stopping_rounds
     rows_dir = work / "rows"
     rows_dir.mkdir(exist_ok=True)
     if a.report_only:
@@ -222,50 +339,14 @@ def main(argv: list[str] | None = None) -> None:
         write_report(cached_rows(rows_dir, target_list), target_list, Path(a.report), a, argv)
         return
 
-    hand_file = rows_dir / f"_handcrafted-{_digest(data_key)}.json"
-    hand = handcrafted_features(store)
-    if not hand_file.exists():
-        t0 = time.perf_counter()
-        row = {"name": "hand-crafted", "scores": _score(hand, targets, target_list, lgbm, a.threads),
-               "n_features": hand.shape[1] - 1, "eval_minutes": (time.perf_counter() - t0) / 60}
-        write_json(hand_file, row, default=float)
-    rows = [json.loads(hand_file.read_text())]
+    bench = QualityBench(a, store, targets, target_list, data_key, work)
+    rows = [bench.hand_row(rows_dir)]
     log.info("hand-crafted: %s", _brief(rows[0]["scores"]))
-
     if a.neural:
-        config = MeLESConfig.from_dict(common)
-        neural_key = {"finetune_epochs": a.finetune_epochs, "finetune_patience": a.finetune_patience}
-        sup_file = rows_dir / f"_supervised-{_digest({'data': data_key, 'config': common, **neural_key})}.json"
-        if not sup_file.exists():
-            t0 = time.perf_counter()
-            row = {"name": "supervised encoder", "overrides": common, **neural_key,
-                   "scores": _score_neural(store, targets, target_list, config, None, a),
-                   "eval_minutes": (time.perf_counter() - t0) / 60}
-            write_json(sup_file, row, default=float)
-        rows.append(json.loads(sup_file.read_text()))
+        rows.append(bench.supervised_row(rows_dir, parse_settings(a.set)))
         log.info("supervised encoder: %s", _brief(rows[-1]["scores"]))
-
     for name, overrides in configs.items():
-        key = _digest({"data": data_key, "config": overrides, "budget": a.budget_min, "epochs": a.epochs})
-        file = rows_dir / f"{name}-{key}.json"
-        run_dir = _run_dir(name, overrides, work, a, data_key)
-        module = None
-        if not file.exists():
-            from ..embed import embed_frame
-
-            module = _trained_model(name, overrides, store, run_dir, a)
-            emb = embed_frame(module.embedder, store, **module.inference_settings, show_progress=False)
-            t0 = time.perf_counter()
-            row = {"config": module.cfg.to_dict(), **_run_record(run_dir), "name": name, "overrides": overrides,
-                   "scores": _score(emb, targets, target_list, lgbm, a.threads),
-                   "scores_both": _score([hand, emb], targets, target_list, lgbm, a.threads),
-                   "eval_minutes": (time.perf_counter() - t0) / 60, "budget_min": a.budget_min, "epoch_cap": a.epochs}
-            write_json(file, row, default=float)
-        row = json.loads(file.read_text())
-        if a.neural and row.get("finetune") != neural_key:
-            module = module or _trained_model(name, overrides, store, run_dir, a)
-            row.update(finetune=neural_key, scores_finetuned=_score_neural(store, targets, target_list, module.cfg, module, a))
-            write_json(file, row, default=float)
+        row = bench.config_row(rows_dir, name, overrides)
         rows.append(row)
         log.info("%s (%.1f min, %s epochs): emb %s | both %s%s", name, row["train_minutes"], row["epochs"],
                  _brief(row["scores"]), _brief(row["scores_both"]),
@@ -280,14 +361,16 @@ def cached_rows(rows_dir: Path, target_list: list[str]) -> list[dict]:
     hand, supervised, trained = None, [], []
     for file in sorted(rows_dir.glob("*.json")):
         row = json.loads(file.read_text())
-        if not all(t in row["scores"] for t in target_list):
+        if not all(t in row.get("scores", {}) for t in target_list):
             continue
         for key in ("scores", "scores_both", "scores_finetuned"):
             if key in row:
                 row[key] = {t: row[key][t] for t in target_list}
-        if row["name"] == "hand-crafted":
+        for f, scores in row.get("fractions", {}).items():
+            row["fractions"][f] = {t: scores[t] for t in target_list if t in scores}
+        if row["name"] == HAND:
             hand = hand or row
-        elif row["name"] == "supervised encoder":
+        elif row["name"] == SUPERVISED:
             supervised.append(row)
         else:
             trained.append(row)
@@ -306,9 +389,13 @@ def _brief(scores: dict) -> str:
     return " ".join(f"{t} {s['test']:.3f}±{s['test_interval']:.3f}" for t, s in scores.items())
 
 
+def _fold_epochs(scores: dict) -> str:
+    return "; ".join(f"{t}: {','.join(map(str, s['best_epochs']))}" for t, s in scores.items() if s.get("best_epochs"))
+
+
 def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv) -> None:
-    """Markdown table (configuration × target, embeddings alone and beside hand-crafted),
-    the rows as JSON, and a PNG of score against training minutes."""
+    """Markdown table (row × target: embeddings alone, beside hand-crafted, fine-tuned; the
+    supervised encoder; the labelled-share table), the rows as JSON, and PNGs."""
     prefix.parent.mkdir(parents=True, exist_ok=True)
     hand = rows[0]["scores"]
     metric = {t: hand[t]["metric"] for t in target_list}
@@ -329,11 +416,11 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
         return " | ".join(f"{scores[t]['test']:.3f} ± {scores[t]['test_interval']:.3f} (cv {scores[t]['cv']:.3f})"
                           for t in target_list)
 
-    lines.append(f"| hand-crafted | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – | – |")
+    lines.append(f"| {HAND} | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – | – |")
+    trained = [r for r in rows[1:] if "train_minutes" in r]
     for r in rows[1:]:
-        if "train_minutes" not in r:  # the supervised encoder
-            lines.append(f"| supervised encoder | sequences | {cells(r['scores'])} | – | – | "
-                         f"{_fold_epochs(r['scores'])} | – |")
+        if r["name"] == SUPERVISED:
+            lines.append(f"| {SUPERVISED} | sequences | {cells(r['scores'])} | – | – | {_fold_epochs(r['scores'])} | – |")
             continue
         best = f"{r['epochs']} ({r['best_epoch']})" if r.get("epochs") else "–"
         vr = f"{r['val_recall']:.3f}" if r.get("val_recall") is not None else "–"
@@ -343,15 +430,24 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
         if "scores_finetuned" in r:
             lines.append(f"| {r['name']} | fine-tuned | {cells(r['scores_finetuned'])} | | | "
                          f"{_fold_epochs(r['scores_finetuned'])} | |")
+    with_fractions = [r for r in [rows[0], *trained] if r.get("fractions")]
+    if with_fractions:
+        lines += ["", "Labelled share of the training clients (test mean ± 95% interval; the test part is fixed):", ""]
+        head = "| share | features | " + " | ".join(target_list) + " |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
+        for f in sorted({f for r in with_fractions for f in r["fractions"]}, key=float):
+            for r in with_fractions:
+                if f in r["fractions"]:
+                    s = r["fractions"][f]
+                    lines.append(f"| {float(f):g} | {r['name']} | " + " | ".join(
+                        f"{s[t]['test']:.3f} ± {s[t]['test_interval']:.3f}" for t in target_list) + " |")
     lines += ["", "Configurations (overrides of `MeLESConfig` defaults):", ""]
-    lines += [f"- `{r['name']}`: `{json.dumps(r['overrides'])}`" for r in rows[1:] if "train_minutes" in r]
+    lines += [f"- `{r['name']}`: `{json.dumps(r['overrides'])}`" for r in trained]
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
     prefix.with_suffix(".json").write_text(json.dumps(rows, indent=1, default=float))
     _plot(rows, target_list, prefix.with_suffix(".png"))
-
-
-def _fold_epochs(scores: dict) -> str:
-    return "; ".join(f"{t}: {','.join(map(str, s['best_epochs']))}" for t, s in scores.items() if s.get("best_epochs"))
+    if with_fractions:
+        _plot_fractions(with_fractions, target_list, prefix.parent / f"{prefix.name}_fractions.png")
 
 
 def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
@@ -360,7 +456,7 @@ def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
     plt = pyplot()
     fig, axes = target_axes(plt, target_list)
     for ax, t in zip(axes, target_list):
-        ax.axhline(rows[0]["scores"][t]["test"], color="k", ls="--", lw=1, label="hand-crafted")
+        ax.axhline(rows[0]["scores"][t]["test"], color="k", ls="--", lw=1, label=HAND)
         for r in rows[1:]:
             if "train_minutes" not in r:
                 ax.axhline(r["scores"][t]["test"], color="grey", ls=":", lw=1, label=r["name"])
@@ -373,4 +469,21 @@ def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
         ax.set_xlabel("training minutes")
     axes[0].legend(fontsize=7, loc="lower right")
     axes[0].set_ylabel("test score (o: embeddings, x: + hand-crafted)")
+    save_figure(fig, plt, path)
+
+
+def _plot_fractions(rows: list[dict], target_list: list[str], path: Path) -> None:
+    from .report import pyplot, save_figure, target_axes
+
+    plt = pyplot()
+    fig, axes = target_axes(plt, target_list)
+    for ax, t in zip(axes, target_list):
+        for r in rows:
+            fs = sorted(r["fractions"], key=float)
+            ax.errorbar([float(f) for f in fs], [r["fractions"][f][t]["test"] for f in fs],
+                        yerr=[r["fractions"][f][t]["test_interval"] for f in fs], marker="o", capsize=3, label=r["name"])
+        ax.set_xscale("log")
+        ax.set_title(t)
+        ax.set_xlabel("labelled share of the training clients")
+    axes[0].legend(fontsize=7, loc="lower right")
     save_figure(fig, plt, path)

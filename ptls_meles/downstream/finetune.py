@@ -281,8 +281,8 @@ def supervised_eval(
                         len(validation.scores), seconds[-1])
 
     params = {
-        "encoder": (pretrained.cfg if pretrained is not None else config).encoder,
-        "hidden_size": (pretrained.cfg if pretrained is not None else config).hidden_size,
+        "encoder": (pretrained.config if pretrained is not None else config).encoder,
+        "hidden_size": (pretrained.config if pretrained is not None else config).hidden_size,
         "max_epochs": max_epochs, "patience": patience, "freeze_epochs": freeze_epochs,
         "lr": head_lr, "encoder_lr": encoder_lr, "weight_decay": config.weight_decay, "batch_size": batch_size,
         "head_dropout": head_dropout, "max_events": config.max_events, "fold_seconds": seconds,

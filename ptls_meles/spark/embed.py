@@ -102,7 +102,7 @@ def embed_spark(
     t0 = time.perf_counter()
     spark = spark or get_session()
     module = _resolve_model(model)
-    config, encoding = module.cfg.to_dict(), module.encoding.to_dict()
+    config, encoding = module.config.to_dict(), module.encoding.to_dict()
     settings = module.inference_settings
     settings["max_events"] = settings["max_events"] if max_events is None else max_events
     settings["batch_size"] = batch_size or settings["batch_size"]
