@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 #: name -> valid values. One place: the encoder factory, the loss factory, the split and
 #: the CLI all read this table.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "encoder": ("gru", "lstm", "transformer"),
+    "encoder": ("gru", "lstm", "transformer", "bag"),
     "split": ("slices", "samples", "disjoint"),
     "loss": ("contrastive", "triplet", "margin", "binomial_deviance", "histogram", "infonce"),
     "miner": ("hard", "random", "distance_weighted", "all"),
@@ -130,8 +130,9 @@ class MeLESConfig:
             raise ValueError(f"need 1 <= cnt_min <= cnt_max, got cnt_min={self.cnt_min}, cnt_max={self.cnt_max}")
         if self.split_count < 2:
             raise ValueError(f"split_count must be >= 2 (views per client make the positive pairs), got {self.split_count}")
-        if "next_event" in self.parts("aux_objective") and self.encoder == "transformer":
-            raise ValueError("aux_objective 'next_event' needs a recurrent encoder (gru, lstm): a Transformer sees the future")
+        if "next_event" in self.parts("aux_objective") and self.encoder not in ("gru", "lstm"):
+            raise ValueError(f"aux_objective 'next_event' needs a recurrent encoder (gru, lstm), not {self.encoder!r}: "
+                             "its per-event states must summarise the history")
         if self.embed_chunk is not None and self.embed_chunk < 1:
             raise ValueError(f"embed_chunk must be >= 1 events (or None for the whole window), got {self.embed_chunk}")
         if self.temperature <= 0:

@@ -214,8 +214,9 @@ def test_next_event_head_scores_only_events_with_a_successor():
 
 
 def test_next_event_objective_trains_and_is_refused_for_a_transformer():
-    with pytest.raises(ValueError, match="recurrent encoder"):
-        MeLESConfig(encoder="transformer", aux_objective="next_event")
+    for encoder in ("transformer", "bag"):
+        with pytest.raises(ValueError, match="recurrent encoder"):
+            MeLESConfig(encoder=encoder, aux_objective="next_event")
     enc = Encoding("c", "t", "number", numeric={})
     from ptls_meles.encoding import CategoryVocab
 

@@ -28,6 +28,7 @@ ENCODER_CONFIGS = {
     "transformer_cls": dict(encoder="transformer", dropout=0.0),
     "transformer_mean": dict(encoder="transformer", pooling="mean", dropout=0.0),
     "transformer_time": dict(encoder="transformer", time_encoding=True, dropout=0.0),
+    "bag": dict(encoder="bag", num_layers=2),
 }
 
 
@@ -79,7 +80,7 @@ def test_output_shape_and_raw_vectors(name):
     model = make_embedder(name)
     batch = pad([random_sequence(n, gen) for n in (4, 1, 7)])
     out = model(batch)
-    expected = 32 if "bidir" in name else 16
+    expected = 32 if "bidir" in name else 48 if name == "bag" else 16  # the bag pools last, mean and max
     assert model.output_size == expected
     assert out.shape == (3, expected)
     # raw, not L2-normalised: the training head normalises, embeddings keep the full information
@@ -213,3 +214,20 @@ def test_length_buckets_give_the_same_states_as_one_padded_run(kind):
     single.load_state_dict(bucketed.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(bucketed(x, lengths), single(x, lengths), atol=1e-5, rtol=1e-5)
+
+
+def test_bag_encoder_is_a_pooled_per_event_mlp_blind_to_order():
+    """The bag reads each event alone: shuffling the events changes only its "last" part."""
+    gen = torch.Generator().manual_seed(3)
+    model = make_embedder("bag", time_features=False)
+    train_batchnorm_stats(model, gen)
+    seq = random_sequence(6, gen)
+    order = torch.tensor([5, 2, 0, 4, 1, 3])
+    shuffled = {k: v[order] for k, v in seq.items()}
+    with torch.no_grad():
+        a, b = model(pad([seq])), model(pad([shuffled]))
+        per_event = model.seq_encoder.mlp(model.event_encoder(pad([seq])))[0]
+    h = model.seq_encoder.pooling.output_size // 3
+    assert torch.allclose(a[0, h:], b[0, h:], atol=1e-5) and not torch.allclose(a[0, :h], b[0, :h])
+    assert torch.allclose(a[0, h:2 * h], per_event.mean(0), atol=1e-5)
+    assert torch.allclose(a[0, 2 * h:], per_event.max(0).values, atol=1e-5)

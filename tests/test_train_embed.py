@@ -150,6 +150,7 @@ def test_same_seed_gives_bitwise_identical_training(store):
     ("transformer", "disjoint", "binomial_deviance", "distance_weighted"),
     ("gru", "slices", "histogram", "all"),
     ("gru", "slices", "margin", "hard"),
+    ("bag", "slices", "contrastive", "hard"),
 ])
 def test_every_component_trains(store, encoder, split, loss, miner):
     cfg = {**SMALL, "max_epochs": 1, "encoder": encoder, "split": split, "loss": loss, "miner": miner, "val_fraction": 0.0}

@@ -7,7 +7,7 @@ from torch import nn
 
 from ptls_meles.batch import PaddedBatch
 from ptls_meles.nn.event_encoder import TIME_FIELD, EventEncoder
-from ptls_meles.nn.seq_encoder import RnnSeqEncoder, TransformerSeqEncoder
+from ptls_meles.nn.seq_encoder import BagSeqEncoder, RnnSeqEncoder, TransformerSeqEncoder
 
 from ptls_meles.config import CHOICES
 
@@ -45,16 +45,18 @@ def build_embedder(
     numeric_encoding: tuple[str, ...] = ("scalar",),
     **encoder_kwargs: Any,
 ) -> Embedder:
-    """Event encoder + ``encoder`` in ("gru", "lstm", "transformer").
+    """Event encoder + ``encoder`` in ("gru", "lstm", "transformer", "bag").
 
-    ``hidden_size`` is the RNN hidden size or the Transformer's ``d_model``; other keyword
+    ``hidden_size`` is the RNN hidden size, the Transformer's ``d_model`` or the bag's MLP width; other keyword
     arguments go to the sequence encoder (e.g. ``pooling``).
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}, e.g. 'gru'")
     event_encoder = EventEncoder(categorical, numeric, time_features=time_features, numeric_encoding=numeric_encoding)
-    if encoder == "transformer":
-        seq_encoder: nn.Module = TransformerSeqEncoder(
+    if encoder == "bag":
+        seq_encoder: nn.Module = BagSeqEncoder(event_encoder.output_size, hidden_size, **encoder_kwargs)
+    elif encoder == "transformer":
+        seq_encoder = TransformerSeqEncoder(
             event_encoder.output_size, d_model=hidden_size, **encoder_kwargs
         )
     else:

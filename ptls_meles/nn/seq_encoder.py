@@ -129,6 +129,34 @@ class RnnSeqEncoder(nn.Module):
         return torch.cat(list(last_layer), dim=-1)
 
 
+class BagSeqEncoder(nn.Module):
+    """A bag of events (DeepSets): one MLP per event, then pooling over the real events.
+
+    Order enters only through the event's time features, so the client vector is a learned
+    set of aggregates, the family hand-crafted features come from. With no recurrence it
+    trains many times faster than a GRU on a CPU.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 2, dropout: float = 0.0,
+                 pooling: str | tuple[str, ...] = "last,mean,max"):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            layers += [nn.Linear(input_size if i == 0 else hidden_size, hidden_size), nn.ReLU()]
+            if dropout and i < num_layers - 1:
+                layers.append(nn.Dropout(dropout))
+        self.mlp = nn.Sequential(*layers)
+        self.pooling = SequencePooling(pooling, hidden_size)
+
+    @property
+    def output_size(self) -> int:
+        return self.pooling.output_size
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, event_time: torch.Tensor | None = None) -> torch.Tensor:
+        lengths = lengths.clamp(min=1)
+        return self.pooling(self.mlp(x[:, : int(lengths.max())]), lengths)
+
+
 def _sinusoid_frequencies(d_model: int) -> torch.Tensor:
     """The standard Transformer frequencies ``1 / 10000^(2i/d)`` for ``ceil(d/2)`` pairs."""
     i = torch.arange(0, (d_model + 1) // 2, dtype=torch.float64)
