@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
+from .allocator import reuse_freed_memory
 from .batch import pad_segments
 from .io_utils import atomic_path
 from .store import SequenceStore, offsets_from_lengths, ragged_arange
@@ -107,6 +108,7 @@ def iter_embeddings(
     embedding is the mean of theirs: the encoder then reads sequences as long as the views
     it was trained on, not several times longer.
     """
+    reuse_freed_memory()
     take = window_lengths(store.lengths, max_events)
     order = np.argsort(take, kind="stable")
     was_training = embedder.training

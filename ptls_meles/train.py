@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.nn.functional import normalize
 
+from .allocator import reuse_freed_memory
 from .config import MeLESConfig
 from .datamodule import MeLESDataModule, trainer_epoch
 from .encoding import Encoding
@@ -323,6 +324,7 @@ def build_trainer(max_epochs: int, callbacks: list[pl.Callback], n_batches: int,
     """The one Trainer set-up of every network the package trains (MeLES and the neural
     baselines): no sanity steps, no model summary, our own batch samplers, checkpointing
     exactly when a ``ModelCheckpoint`` is among ``callbacks``."""
+    reuse_freed_memory()
     trainer_kwargs.setdefault("logger", False)
     checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
     return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=checkpointing,
