@@ -11,7 +11,8 @@ import pytest
 
 from ptls_meles.bench import speed
 
-PTLS_PYTHON = Path("/work/ptls_venv/bin/python")  # a scratch venv with pytorch-lifestream 0.7.0 (see the README)
+# an interpreter with pytorch-lifestream 0.7.0 (a scratch venv, see the README); PTLS_PYTHON names another
+PTLS_PYTHON = Path(os.environ.get("PTLS_PYTHON", "/work/ptls_venv/bin/python"))
 
 
 def test_missing_ptls_interpreter_is_said_plainly_and_our_figures_still_come(tmp_path, capsys):
