@@ -1,14 +1,14 @@
 """Speed benchmark: prepare, training and embedding throughput and peak memory.
 
-    ptls-meles bench speed [--clients 5000] [--mean-events 320] [--train-batches 40] [--threads 2]
+    ptls-meles bench speed [--clients 5000] [--mean-events 320] [--threads 2] [--compare-ptls [PYTHON]]
 
 Each phase runs in its own child process, so each peak RSS is that phase's alone.
 Setup (the issue's): seeded synthetic log, ~200 MCC-like codes, ~50 types, heavy-tailed
 amounts, lengths 50–1500; GRU 256, category embeddings 16, log amount, slices 5 × 25–200,
 contrastive margin 0.5 with 5 hard negatives, batch 64 clients, Adam 1e-3.
-Reference (pytorch-lifestream 0.7.0, same setup, measured on the 2-core dev machine):
-prepare ~134 k events/s at ~1 GiB; train ~25 clients/s (~13 k events/s); embed ~48 clients/s
-(~17 k events/s); ~4.8 GiB peak RSS.
+Figures are absolute, with the machine. A ratio to pytorch-lifestream is printed only with
+``--compare-ptls``, which runs its CoLES pipeline (ptls_reference.py) on the same raw file in the
+same invocation: figures measured elsewhere or on another day are not comparable.
 """
 from __future__ import annotations
 
@@ -18,9 +18,10 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
-
 
 
 def _peak_gib() -> float:
@@ -105,6 +106,64 @@ def _machine(threads: int) -> str:
     return f"{model}, {usable_cores()} cores, {mem:.0f} GiB, torch {torch.__version__}, threads={threads}"
 
 
+PHASES = ("prepare", "train", "embed")
+# run ptls_reference.py by file, not with -m: -m would run ptls_meles/__init__.py (and its
+# dependencies) in the other interpreter; the script itself needs only ptls and its stack
+RUN_BY_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def figures(res: dict) -> list[tuple[str, float]]:
+    """The figures of one run, by name, in table order; ptls-meles's and pytorch-lifestream's results alike."""
+    rows = [("prepare events/s", res["prepare"]["events_s"])]
+    if "train" in res:
+        rows += [("train clients/s", res["train"]["clients_s"]), ("train events/s (in views)", res["train"]["events_s"])]
+    if "embed" in res:
+        rows += [("embed clients/s", res["embed"]["clients_s"]), ("embed events/s", res["embed"]["events_s"])]
+    rows.append(("peak RSS GiB (max of phases)", max(res[k]["peak_gib"] for k in PHASES if k in res)))
+    return rows
+
+
+def side_by_side(ours: dict, reference: dict) -> list[tuple[str, float, float, float]]:
+    """(figure, ptls-meles, pytorch-lifestream, ptls-meles ÷ pytorch-lifestream) for each figure both have."""
+    theirs = dict(figures(reference))
+    return [(name, value, theirs[name], value / theirs[name]) for name, value in figures(ours) if name in theirs]
+
+
+def _print_table(header: list[str], rows: list[tuple[str, ...]]) -> None:
+    """One markdown table, the same for both tables."""
+    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+def _peaks(res: dict) -> str:
+    return ", ".join(f"{k} {res[k]['peak_gib']:.2f}" for k in PHASES if k in res)
+
+
+def run_reference(python: str, args: dict, phases: list[str], work: Path) -> dict | None:
+    """pytorch-lifestream's figures on the same raw file under ``python``; None, said plainly, when it cannot run."""
+    try:
+        check = subprocess.run([python, "-c", "import ptls"], capture_output=True, text=True, timeout=300)
+        problem = None if check.returncode == 0 else (check.stderr.strip().splitlines() or [f"exit code {check.returncode}"])[-1]
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        problem = str(exc)
+    if problem:
+        print(f"pytorch-lifestream is not importable with {python} ({problem}): no side-by-side figures")
+        return None
+    print(f"running pytorch-lifestream's CoLES pipeline on the same raw file with {python} ...", flush=True)
+    script = Path(__file__).with_name("ptls_reference.py").resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    run = subprocess.run([python, "-c", RUN_BY_FILE, str(script), "--raw", str(Path(args["raw"]).resolve()),
+                          "--work", str(work.resolve()), "--threads", str(args["threads"]), "--phases", ",".join(phases),
+                          "--train-clients", str(args["train_clients"])], capture_output=True, text=True, cwd=work)
+    lines = run.stdout.strip().splitlines()
+    if run.returncode != 0 or not lines or not lines[-1].startswith("{"):
+        tail = "\n  ".join(run.stderr.strip().splitlines()[-8:])
+        print(f"pytorch-lifestream's run failed (exit code {run.returncode}): no side-by-side figures\n  {tail}")
+        return None
+    return json.loads(lines[-1])
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(prog="ptls-meles bench speed", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, default=5000)
@@ -115,6 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/bench_speed", help="scratch directory")
     ap.add_argument("--out", help="write the figures as JSON")
+    ap.add_argument("--compare-ptls", nargs="?", const=sys.executable, metavar="PYTHON",
+                    help="also run pytorch-lifestream 0.7.0's CoLES pipeline on the same raw file, with PYTHON "
+                         "(an interpreter where `import ptls` works; default: this one), and print both side by side")
     a = ap.parse_args(argv)
     from ..datasets.synthetic import write
 
@@ -130,20 +192,21 @@ def main(argv: list[str] | None = None) -> dict:
     if "embed" in phases:
         res["embed"] = _run(_phase_embed, args)
     p = res["prepare"]
-    rows = [("prepare events/s", p["events_s"])]
-    if "train" in res:
-        rows += [("train clients/s", res["train"]["clients_s"]), ("train events/s (in views)", res["train"]["events_s"])]
-    if "embed" in res:
-        rows += [("embed clients/s", res["embed"]["clients_s"]), ("embed events/s", res["embed"]["events_s"])]
-    peaks = {k: res[k]["peak_gib"] for k in ("prepare", "train", "embed") if k in res}
-    rows.append(("peak RSS GiB (max of phases)", max(peaks.values())))
-    # absolute figures only: a ratio to another tool means something only when both ran
-    # here, in the same window (see the README's side-by-side table and its date)
     print(f"speed benchmark: {a.clients} clients, {p['events']:,} events; {res['machine']}")
-    print("| figure | ptls-meles |\n|---|---|")
-    for name, ours in rows:
-        print(f"| {name} | {ours:,.1f} |")
-    print("peak RSS by phase (GiB): " + ", ".join(f"{k} {v:.2f}" for k, v in peaks.items()))
+    _print_table(["figure", "ptls-meles"], [(name, f"{ours:,.1f}") for name, ours in figures(res)])
+    print("peak RSS by phase (GiB): " + _peaks(res))
+    # a ratio only where both tools ran here, in this invocation, on the same raw file
+    ref = run_reference(a.compare_ptls, args, phases, work / "ptls_reference") if a.compare_ptls else None
+    if ref is not None:
+        res["ptls_reference"] = ref
+        v = ref["versions"]
+        print(f"\nside by side, this invocation, the same raw file ({p['events']:,} events read by ptls-meles, "
+              f"{ref['prepare']['events']:,} by pytorch-lifestream); {res['machine']}; "
+              f"pytorch-lifestream {v['pytorch-lifestream']} with torch {v['torch']}, threads={ref['threads']}")
+        _print_table(["figure", "ptls-meles", "pytorch-lifestream", "ratio"],
+                     [(name, f"{ours:,.1f}", f"{theirs:,.1f}", f"{ratio:.2f}×") for name, ours, theirs, ratio in side_by_side(res, ref)])
+        print("ratio = ptls-meles ÷ pytorch-lifestream: above 1 is faster for the /s figures, below 1 is less memory")
+        print("peak RSS by phase, pytorch-lifestream (GiB): " + _peaks(ref))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
     return res
