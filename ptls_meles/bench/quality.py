@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
 
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("ptls_meles").setLevel(logging.INFO)  # the rows and each neural fold, also under the CLI
     torch.set_num_threads(a.threads)
     work = Path(a.out)
     work.mkdir(parents=True, exist_ok=True)
