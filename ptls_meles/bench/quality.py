@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--lgbm", choices=sorted(LGBM), default="paper", help="LightGBM budget, the same for every row")
     ap.add_argument("--early-stopping-rounds", type=int,
                     help="LightGBM stops on each fold's validation part after this many rounds without gain (every row alike)")
-    ap.add_argument("--neural", action="store_true", help="add the supervised-encoder row and each configuration fine-tuned")
+    ap.add_argument("--neural", nargs="?", const="both", choices=("both", "supervised", "finetuned"),
+                    help="add the supervised-encoder row and/or each configuration fine-tuned (two processes can share the work)")
     ap.add_argument("--finetune-epochs", type=int, default=50, help="--neural: epoch cap of each fold")
     ap.add_argument("--finetune-patience", type=int, default=5, help="--neural: epochs without a better validation score")
     ap.add_argument("--fractions", default="", help="labelled shares to score, e.g. 0.05,0.1,0.25,0.5")
@@ -305,7 +306,7 @@ class QualityBench:
                        budget_min=a.budget_min, epoch_cap=a.epochs)
         self.fill(file, row, "scores", lambda: self.lgbm_scores([emb()]))
         self.fill(file, row, "scores_both", lambda: self.lgbm_scores([self.hand, emb()]))
-        if a.neural and row.get("finetune") != self.neural_key:
+        if a.neural in ("both", "finetuned") and row.get("finetune") != self.neural_key:
             row.pop("scores_finetuned", None)
             row["finetune"] = self.neural_key
             self.fill(file, row, "scores_finetuned", lambda: self.neural_scores(module().config, module()))
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> None:
     bench = QualityBench(a, store, targets, target_list, data_key, work)
     rows = [bench.hand_row(rows_dir)]
     log.info("hand-crafted: %s", _brief(rows[0]["scores"]))
-    if a.neural:
+    if a.neural in ("both", "supervised"):
         rows.append(bench.supervised_row(rows_dir, parse_settings(a.set)))
         log.info("supervised encoder: %s", _brief(rows[-1]["scores"]))
     for name, overrides in configs.items():
