@@ -87,3 +87,14 @@ def test_reference_pipeline_gives_positive_figures_on_a_tiny_log(tmp_path):
                         "embed": ("seconds", "clients_s", "events_s", "peak_gib")}.items():
         assert all(res[phase][k] > 0 for k in keys), (phase, res[phase])
     assert res["train"]["clients"] == res["embed"]["clients"] == 60
+
+
+def test_set_reaches_the_training_phase(tmp_path, capsys):
+    """``--set preset=paper`` trains the reference's recipe (last-state pooling), not the defaults."""
+    from ptls_meles.api import MeLES
+
+    speed.main(["--clients", "40", "--mean-events", "60", "--threads", "1", "--phases", "train", "--work", str(tmp_path),
+                "--set", "preset=paper", "--set", "hidden_size=8"])
+    assert "training settings {'preset': 'paper', 'hidden_size': 8}" in capsys.readouterr().out
+    model = MeLES.load(tmp_path / "store" / "bench_model")
+    assert model.module_.config.pooling == "last" and model.module_.config.hidden_size == 8

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import parse_settings
+
 
 def _peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -49,8 +51,8 @@ def _phase_train(args, q) -> None:
     store = SequenceStore.load(args["store"])
     if args["train_clients"] and args["train_clients"] < store.n_clients:
         store = store.take(np.arange(args["train_clients"]))
-    model = MeLES(hidden_size=256, cat_embedding_dim=16, batch_size=64, lr=1e-3, margin=0.5, neg_count=5,
-                  max_epochs=1, val_fraction=0.0, num_workers=1)
+    model = MeLES(**{**dict(hidden_size=256, cat_embedding_dim=16, batch_size=64, lr=1e-3, margin=0.5, neg_count=5),
+                     **args["settings"], "max_epochs": 1, "val_fraction": 0.0, "num_workers": 1})
     t0 = time.perf_counter()
     model.fit(store, show_progress=False)
     sec = time.perf_counter() - t0
@@ -174,6 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default="runs/bench_speed", help="scratch directory")
     ap.add_argument("--out", help="write the figures as JSON")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="MeLESConfig override for the training phase, e.g. preset=paper (the reference's recipe)")
     ap.add_argument("--compare-ptls", nargs="?", const=sys.executable, metavar="PYTHON",
                     help="also run pytorch-lifestream 0.7.0's CoLES pipeline on the same raw file, with PYTHON "
                          "(an interpreter where `import ptls` works; default: this one), and print both side by side")
@@ -183,7 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = Path(a.work)
     raw = work / "raw"
     files = write(raw, n_clients=a.clients, seed=0, mean_events=a.mean_events, with_type=True, fmt=a.format)
-    args = {"raw": str(files["transactions"]), "store": str(work / "store"), "threads": a.threads, "train_clients": a.train_clients}
+    args = {"raw": str(files["transactions"]), "store": str(work / "store"), "threads": a.threads, "train_clients": a.train_clients,
+            "settings": parse_settings(a.set)}
     res = {"machine": _machine(a.threads)}
     phases = [p.strip() for p in a.phases.split(",") if p.strip()]
     res["prepare"] = _run(_phase_prepare, args)  # always: later phases read its store
@@ -192,7 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     if "embed" in phases:
         res["embed"] = _run(_phase_embed, args)
     p = res["prepare"]
-    print(f"speed benchmark: {a.clients} clients, {p['events']:,} events; {res['machine']}")
+    print(f"speed benchmark: {a.clients} clients, {p['events']:,} events; {res['machine']}"
+          + (f"; training settings {args['settings']}" if args["settings"] else ""))
     _print_table(["figure", "ptls-meles"], [(name, f"{ours:,.1f}") for name, ours in figures(res)])
     print("peak RSS by phase (GiB): " + _peaks(res))
     # a ratio only where both tools ran here, in this invocation, on the same raw file
