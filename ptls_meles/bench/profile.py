@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-lightning", action="store_true", help="skip the Lightning run")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="MeLESConfig settings, e.g. hidden_size=128")
+    ap.add_argument("--malloc", choices=("reuse", "default"), default="reuse",
+                    help="reuse: keep freed memory in the process as fit does (allocator.py); default: glibc's own (the Lightning run always reuses, as fit)")
     ap.add_argument("--work", default="runs/bench_profile", help="scratch directory (the generated store is cached here)")
     a = ap.parse_args(argv)
     import torch
@@ -225,9 +227,13 @@ def main(argv: list[str] | None = None) -> dict:
     from ..config import MeLESConfig, parse_settings
 
     torch.set_num_threads(a.threads)
+    if a.malloc == "reuse":
+        from ..allocator import reuse_freed_memory
+
+        reuse_freed_memory()
     config = MeLESConfig(**{"val_fraction": 0.0, **parse_settings(a.set)})
     store = _store(Path(a.work), a.clients, a.mean_events)
     res = profile(store, config, a.steps, a.warmup, lightning=not a.no_lightning)
-    title = f"hidden {config.hidden_size}, {a.threads} thread(s), torch {torch.__version__}, settings: {' '.join(a.set) or 'defaults'}"
+    title = f"hidden {config.hidden_size}, {a.threads} thread(s), torch {torch.__version__}, settings: {' '.join(a.set) or 'defaults'}, malloc {a.malloc}"
     print(report(res, title))
     return res
