@@ -48,7 +48,8 @@ def test_pooling_values_and_gradients_match_the_formulas_with_garbage_in_padding
     assert (grad_got[torch.arange(7)[None, :] >= lengths[:, None]] == 0).all()  # no gradient into padding
 
 
-def test_profile_stages_give_the_gradients_of_the_plain_step():
+@pytest.mark.parametrize("encoder", ["gru", "bag"])
+def test_profile_stages_give_the_gradients_of_the_plain_step(encoder):
     """The profile cuts a step at module boundaries; its gradients must be training's."""
     from ptls_meles.bench.profile import _Timers, _staged_step, plain_loss
     from ptls_meles.config import MeLESConfig
@@ -61,12 +62,13 @@ def test_profile_stages_give_the_gradients_of_the_plain_step():
     events, _ = generate(n_clients=140, seed=1, mean_events=50)
     store, _ = prepare(events, EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number"),
                        show_progress=False)
-    config = MeLESConfig(hidden_size=8, batch_size=26, cnt_min=3, cnt_max=30)  # 130 views: 2 GRU length groups
+    config = MeLESConfig(hidden_size=8, batch_size=26, cnt_min=3, cnt_max=30, encoder=encoder,
+                         num_layers=2 if encoder == "bag" else 1)  # 130 views: 2 GRU length groups
     module = MeLESModule(config, store.encoding)
     module.embedder.event_encoder.fit_value_moments(store.columns)
     module.train()
     padded, labels = ViewBatches(store, np.arange(store.n_clients), config)[(0, 0)]
-    assert module.embedder.seq_encoder.length_groups(padded.lengths) is not None
+    assert encoder == "bag" or module.embedder.seq_encoder.length_groups(padded.lengths) is not None
 
     plain_loss(module, padded, labels).backward()
     plain = {name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None}
@@ -85,4 +87,5 @@ def test_profile_stages_give_the_gradients_of_the_plain_step():
     assert staged.keys() == plain.keys() and len(plain) > 5
     for name, grad in plain.items():
         assert torch.allclose(staged[name], grad, atol=1e-6, rtol=1e-4), name
-    assert {"GRU fwd", "GRU bwd", "pooling bwd", "event encoder fwd"} <= set(timers.total)
+    core = "GRU" if encoder == "gru" else "bag MLP"
+    assert {f"{core} fwd", f"{core} bwd", "pooling bwd", "event encoder fwd"} <= set(timers.total)

@@ -69,12 +69,14 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
         events = event_encoder(padded)
     x = events.detach().requires_grad_()
     lengths = padded.lengths.clamp(min=1)
-    groups = seq_encoder.length_groups(lengths) or [torch.arange(len(lengths))]
-    with t("GRU fwd"):
+    recurrent = hasattr(seq_encoder, "rnn")  # else the bag: per-event MLP states
+    core = "GRU" if recurrent else "bag MLP"
+    groups = (seq_encoder.length_groups(lengths) if recurrent else None) or [torch.arange(len(lengths))]
+    with t(f"{core} fwd"):
         outs = []
         for idx in groups:
-            out, _ = seq_encoder.rnn(x[idx][:, : int(lengths[idx].max())], seq_encoder._initial_state(len(idx)))
-            outs.append(out)
+            xi = x[idx][:, : int(lengths[idx].max())]
+            outs.append(seq_encoder.rnn(xi, seq_encoder._initial_state(len(idx)))[0] if recurrent else seq_encoder.mlp(xi))
     cut = [o.detach().requires_grad_() for o in outs]
     with t("pooling fwd"):
         order = torch.cat(groups)
@@ -91,7 +93,7 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
         loss.backward()
     with t("pooling bwd"):
         torch.autograd.backward(pooled, p.grad)
-    with t("GRU bwd"):
+    with t(f"{core} bwd"):
         torch.autograd.backward(outs, [c.grad for c in cut])
     with t("event encoder bwd"):
         events.backward(x.grad)
