@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from ..config import parse_settings
+from .report import markdown_table
 
 
 def _peak_gib() -> float:
@@ -131,13 +132,6 @@ def side_by_side(ours: dict, reference: dict) -> list[tuple[str, float, float, f
     return [(name, value, theirs[name], value / theirs[name]) for name, value in figures(ours) if name in theirs]
 
 
-def _print_table(header: list[str], rows: list[tuple[str, ...]]) -> None:
-    """One markdown table, the same for both tables."""
-    print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
-
-
 def _peaks(res: dict) -> str:
     return ", ".join(f"{k} {res[k]['peak_gib']:.2f}" for k in PHASES if k in res)
 
@@ -199,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = res["prepare"]
     print(f"speed benchmark: {a.clients} clients, {p['events']:,} events; {res['machine']}"
           + (f"; training settings {args['settings']}" if args["settings"] else ""))
-    _print_table(["figure", "ptls-meles"], [(name, f"{ours:,.1f}") for name, ours in figures(res)])
+    print(markdown_table(["figure", "ptls-meles"], [[name, f"{ours:,.1f}"] for name, ours in figures(res)]))
     print("peak RSS by phase (GiB): " + _peaks(res))
     # a ratio only where both tools ran here, in this invocation, on the same raw file
     ref = run_reference(a.compare_ptls, args, phases, work / "ptls_reference") if a.compare_ptls else None
@@ -209,9 +203,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\nside by side, this invocation, the same raw file ({p['events']:,} events read by ptls-meles, "
               f"{ref['prepare']['events']:,} by pytorch-lifestream); {res['machine']}; "
               f"pytorch-lifestream {v['pytorch-lifestream']} with torch {v['torch']}, threads={ref['threads']}")
-        _print_table(["figure", "ptls-meles", "pytorch-lifestream", "ratio"],
-                     [(name, f"{ours:,.1f}", f"{theirs:,.1f}", f"{ratio:.2f}×") for name, ours, theirs, ratio in side_by_side(res, ref)])
+        print(markdown_table(["figure", "ptls-meles", "pytorch-lifestream", "ratio"],
+                             [[name, f"{ours:,.1f}", f"{theirs:,.1f}", f"{ratio:.2f}×"]
+                              for name, ours, theirs, ratio in side_by_side(res, ref)]))
         print("ratio = ptls-meles ÷ pytorch-lifestream: above 1 is faster for the /s figures, below 1 is less memory")
+        if args["settings"].get("preset") != "paper":
+            print("note: pytorch-lifestream trains the paper's recipe; ptls-meles trained "
+                  f"{args['settings'] or 'its defaults'} (--set preset=paper trains the same recipe)")
         print("peak RSS by phase, pytorch-lifestream (GiB): " + _peaks(ref))
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
