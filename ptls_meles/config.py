@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 #: name -> valid values. One place: the encoder factory, the loss factory, the split and
 #: the CLI all read this table.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "encoder": ("gru", "lstm", "transformer", "bag"),
+    "encoder": ("gru", "lstm", "transformer", "bag", "conv"),
     "split": ("slices", "samples", "disjoint"),
     "loss": ("contrastive", "triplet", "margin", "binomial_deviance", "histogram", "infonce"),
     "miner": ("hard", "random", "distance_weighted", "all"),
@@ -84,7 +84,7 @@ class MeLESConfig:
     margin: float | None = None  # None: the loss's own default (contrastive 0.5, triplet/margin 0.2)
     neg_count: int = 5
     temperature: float = 0.1  # infonce only
-    aux_objective: str = ""  # set of next_event (recurrent encoders) | view_stats ("" = none)
+    aux_objective: str = ""  # set of next_event (causal encoders: gru, lstm, conv) | view_stats ("" = none)
     aux_weight: float = 1.0
     # optimisation
     batch_size: int = 64  # clients per batch (× split_count views)
@@ -130,8 +130,8 @@ class MeLESConfig:
             raise ValueError(f"need 1 <= cnt_min <= cnt_max, got cnt_min={self.cnt_min}, cnt_max={self.cnt_max}")
         if self.split_count < 2:
             raise ValueError(f"split_count must be >= 2 (views per client make the positive pairs), got {self.split_count}")
-        if "next_event" in self.parts("aux_objective") and self.encoder not in ("gru", "lstm"):
-            raise ValueError(f"aux_objective 'next_event' needs a recurrent encoder (gru, lstm), not {self.encoder!r}: "
+        if "next_event" in self.parts("aux_objective") and self.encoder not in ("gru", "lstm", "conv"):
+            raise ValueError(f"aux_objective 'next_event' needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
                              "its per-event states must summarise the history")
         if self.embed_chunk is not None and self.embed_chunk < 1:
             raise ValueError(f"embed_chunk must be >= 1 events (or None for the whole window), got {self.embed_chunk}")

@@ -215,7 +215,7 @@ def test_next_event_head_scores_only_events_with_a_successor():
 
 def test_next_event_objective_trains_and_is_refused_for_a_transformer():
     for encoder in ("transformer", "bag"):
-        with pytest.raises(ValueError, match="recurrent encoder"):
+        with pytest.raises(ValueError, match="causal encoder"):
             MeLESConfig(encoder=encoder, aux_objective="next_event")
     enc = Encoding("c", "t", "number", numeric={})
     from ptls_meles.encoding import CategoryVocab
@@ -230,6 +230,12 @@ def test_next_event_objective_trains_and_is_refused_for_a_transformer():
     aux.backward()
     assert seq.shape == (4, 6, 8) and torch.isfinite(aux)
     assert module.embedder.seq_encoder.rnn.weight_ih_l0.grad.abs().sum() > 0
+    # the causal convolutions feed the same head
+    conv = MeLESModule(MeLESConfig(encoder="conv", num_layers=2, hidden_size=8, aux_objective="next_event",
+                                   time_features="gap"), enc)
+    _, seq = conv.embedder(batch, return_sequence=True)
+    conv.next_event(seq, batch).backward()
+    assert seq.shape == (4, 6, 8) and conv.embedder.seq_encoder.filters.grad.abs().sum() > 0
 
 
 def test_configs_saved_before_the_levers_keep_the_architecture_they_were_trained_with():

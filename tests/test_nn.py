@@ -29,6 +29,7 @@ ENCODER_CONFIGS = {
     "transformer_mean": dict(encoder="transformer", pooling="mean", dropout=0.0),
     "transformer_time": dict(encoder="transformer", time_encoding=True, dropout=0.0),
     "bag": dict(encoder="bag", num_layers=2),
+    "conv": dict(encoder="conv", num_layers=3),
 }
 
 
@@ -80,7 +81,7 @@ def test_output_shape_and_raw_vectors(name):
     model = make_embedder(name)
     batch = pad([random_sequence(n, gen) for n in (4, 1, 7)])
     out = model(batch)
-    expected = 32 if "bidir" in name else 48 if name == "bag" else 16  # the bag pools last, mean and max
+    expected = 32 if "bidir" in name else 48 if name in ("bag", "conv") else 16  # these pool last, mean and max
     assert model.output_size == expected
     assert out.shape == (3, expected)
     # raw, not L2-normalised: the training head normalises, embeddings keep the full information
@@ -231,3 +232,29 @@ def test_bag_encoder_is_a_pooled_per_event_mlp_blind_to_order():
     assert torch.allclose(a[0, h:], b[0, h:], atol=1e-5) and not torch.allclose(a[0, :h], b[0, :h])
     assert torch.allclose(a[0, h:2 * h], per_event.mean(0), atol=1e-5)
     assert torch.allclose(a[0, 2 * h:], per_event.max(0).values, atol=1e-5)
+
+
+def test_conv_encoder_sees_exactly_its_causal_receptive_field():
+    """A change at event t moves the states of events t .. t+rf-1 and no others: causal
+    (the past never depends on the future) and local (order within the window matters)."""
+    torch.manual_seed(5)
+    encoder = build_embedder(CATEGORICAL, NUMERIC, encoder="conv", hidden_size=8, num_layers=3).seq_encoder.eval()
+    rf = encoder.receptive_field
+    assert rf == 1 + 2 * (1 + 2 + 4)
+    x = torch.randn(1, 40, encoder.input.in_features)
+    lengths = torch.tensor([40])
+    with torch.no_grad():
+        _, seq = encoder(x, lengths, return_sequence=True)
+        x2 = x.clone()
+        x2[0, 10] += 1.0
+        _, seq2 = encoder(x2, lengths, return_sequence=True)
+    changed = (seq - seq2).abs().amax(dim=-1)[0] > 1e-6
+    assert not changed[:10].any()
+    assert changed[10 : 10 + rf].any() and changed[10 + rf - 1]
+    assert not changed[10 + rf :].any()
+    # swapping two neighbouring events changes the pooled mean (a bag's mean would not move)
+    swapped = x.clone()
+    swapped[0, [4, 5]] = x[0, [5, 4]]
+    with torch.no_grad():
+        h = encoder.pooling.size
+        assert not torch.allclose(encoder(x, lengths)[0, h : 2 * h], encoder(swapped, lengths)[0, h : 2 * h])

@@ -7,7 +7,7 @@ from torch import nn
 
 from ptls_meles.batch import PaddedBatch
 from ptls_meles.nn.event_encoder import TIME_FIELD, EventEncoder
-from ptls_meles.nn.seq_encoder import BagSeqEncoder, RnnSeqEncoder, TransformerSeqEncoder
+from ptls_meles.nn.seq_encoder import BagSeqEncoder, ConvSeqEncoder, RnnSeqEncoder, TransformerSeqEncoder
 
 from ptls_meles.config import CHOICES
 
@@ -28,7 +28,7 @@ class Embedder(nn.Module):
         return self.seq_encoder.output_size
 
     def forward(self, batch: PaddedBatch, return_sequence: bool = False):
-        """``[B, D]``; with ``return_sequence`` (recurrent encoders) also ``[B, T, H]`` per-event states."""
+        """``[B, D]``; with ``return_sequence`` (causal encoders: gru, lstm, conv) also ``[B, T, H]`` per-event states."""
         events = self.event_encoder(batch)
         time = batch.payload.get(TIME_FIELD)
         if return_sequence:
@@ -45,9 +45,10 @@ def build_embedder(
     numeric_encoding: tuple[str, ...] = ("scalar",),
     **encoder_kwargs: Any,
 ) -> Embedder:
-    """Event encoder + ``encoder`` in ("gru", "lstm", "transformer", "bag").
+    """Event encoder + ``encoder`` in ("gru", "lstm", "transformer", "bag", "conv").
 
-    ``hidden_size`` is the RNN hidden size, the Transformer's ``d_model`` or the bag's MLP width; other keyword
+    ``hidden_size`` is the RNN hidden size, the Transformer's ``d_model``, the bag's MLP width or
+    the convolutions' channels; other keyword
     arguments go to the sequence encoder (e.g. ``pooling``).
     """
     if encoder not in ENCODERS:
@@ -55,6 +56,8 @@ def build_embedder(
     event_encoder = EventEncoder(categorical, numeric, time_features=time_features, numeric_encoding=numeric_encoding)
     if encoder == "bag":
         seq_encoder: nn.Module = BagSeqEncoder(event_encoder.output_size, hidden_size, **encoder_kwargs)
+    elif encoder == "conv":
+        seq_encoder = ConvSeqEncoder(event_encoder.output_size, hidden_size, **encoder_kwargs)
     elif encoder == "transformer":
         seq_encoder = TransformerSeqEncoder(
             event_encoder.output_size, d_model=hidden_size, **encoder_kwargs

@@ -13,7 +13,41 @@ from torch.nn.utils.rnn import pack_padded_sequence
 from ptls_meles.nn.pooling import SequencePooling
 
 
-class RnnSeqEncoder(nn.Module):
+class _LengthBucketed(nn.Module):
+    """Runs ``_run_pooled(x, lengths) -> (pooled, per-event states)`` on groups of rows of
+    similar length; subclasses set ``length_buckets`` and ``state_size``."""
+
+    length_buckets: int
+    state_size: int
+
+    def length_groups(self, lengths: torch.Tensor) -> list[torch.Tensor] | None:
+        """Row indices of each group (rows sorted by length), or None for one call on the whole batch."""
+        groups = max(1, min(self.length_buckets, lengths.shape[0] // 64))
+        if groups == 1:
+            return None
+        return [idx.to(lengths.device) for idx in torch.argsort(lengths.cpu()).chunk(groups)]
+
+    def _padded_pooled_states(
+        self, x: torch.Tensor, lengths: torch.Tensor, return_sequence: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows sorted by length and run in up to ``length_buckets`` groups, each padded only
+        to its own longest row: a batch of mixed lengths (e.g. random slices of 25–200
+        events) then spends ~10% instead of ~45% of its compute on padding."""
+        groups = self.length_groups(lengths)
+        if groups is None:
+            pooled, seq = self._run_pooled(x, lengths)
+            return pooled, seq if return_sequence else None
+        out = x.new_empty(x.shape[0], self.output_size)
+        seq = x.new_zeros(x.shape[0], int(lengths.max()), self.state_size) if return_sequence else None
+        for idx in groups:
+            pooled, group_seq = self._run_pooled(x[idx], lengths[idx])
+            out[idx] = pooled
+            if seq is not None:
+                seq[idx, : group_seq.shape[1]] = group_seq
+        return out, seq
+
+
+class RnnSeqEncoder(_LengthBucketed):
     """GRU/LSTM; the client vector pools the hidden states (``pooling``: the last real
     state by default, or any of mean / max / attention, concatenated).
 
@@ -56,6 +90,7 @@ class RnnSeqEncoder(nn.Module):
         if bidirectional and self.pooling.parts != ("last",):
             raise ValueError(f"a bidirectional RNN pools by its final states only; got pooling={pooling!r}")
         self._output_size = self.pooling.output_size
+        self.state_size = hidden_size
         n_states = 2 if kind == "lstm" else 1
         self.initial_state = (
             nn.Parameter(torch.zeros(n_states, num_layers * self.num_directions, 1, hidden_size))
@@ -76,32 +111,6 @@ class RnnSeqEncoder(nn.Module):
     def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out, _ = self.rnn(x[:, : int(lengths.max())], self._initial_state(x.shape[0]))
         return self.pooling(out, lengths.to(out.device)), out
-
-    def length_groups(self, lengths: torch.Tensor) -> list[torch.Tensor] | None:
-        """Row indices of each GRU call (rows sorted by length), or None for one call on the whole batch."""
-        groups = max(1, min(self.length_buckets, lengths.shape[0] // 64))
-        if groups == 1:
-            return None
-        return [idx.to(lengths.device) for idx in torch.argsort(lengths.cpu()).chunk(groups)]
-
-    def _padded_pooled_states(
-        self, x: torch.Tensor, lengths: torch.Tensor, return_sequence: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Rows sorted by length and run in up to ``length_buckets`` groups, each padded only
-        to its own longest row: a batch of mixed lengths (e.g. random slices of 25–200
-        events) then spends ~10% instead of ~45% of its compute on padding."""
-        groups = self.length_groups(lengths)
-        if groups is None:
-            pooled, seq = self._run_pooled(x, lengths)
-            return pooled, seq if return_sequence else None
-        out = x.new_empty(x.shape[0], self._output_size)
-        seq = x.new_zeros(x.shape[0], int(lengths.max()), self.rnn.hidden_size) if return_sequence else None
-        for idx in groups:
-            pooled, group_seq = self._run_pooled(x[idx], lengths[idx])
-            out[idx] = pooled
-            if seq is not None:
-                seq[idx, : group_seq.shape[1]] = group_seq
-        return out, seq
 
     def forward(
         self,
@@ -155,6 +164,68 @@ class BagSeqEncoder(nn.Module):
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, event_time: torch.Tensor | None = None) -> torch.Tensor:
         lengths = lengths.clamp(min=1)
         return self.pooling(self.mlp(x[:, : int(lengths.max())]), lengths)
+
+
+class ConvSeqEncoder(_LengthBucketed):
+    """Causal dilated convolutions over the events (a temporal convolutional network), pooled.
+
+    Each event's vector sees the ``1 + (kernel_size - 1) * (2**num_layers - 1)`` events up to
+    and including itself (layer ``i`` is dilated by ``2**i``): order and local context —
+    sessions, category transitions — as a GRU sees them, yet every position is computed at
+    once. Causal, so the padding after a row never reaches its real events, and the
+    per-event states may feed a next-event head.
+
+    Each layer is depthwise-separable: a per-channel causal filter over the events (shifted
+    adds), then one ``Linear`` across channels, so a layer costs about one bag MLP layer.
+    A full ``nn.Conv1d`` (every channel to every channel at every tap) cost ~5× a GRU step at
+    width 256 on CPU (torch 2.13, 1 thread) and a dilated one ~8× more than its arithmetic.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 4, kernel_size: int = 3,
+                 dropout: float = 0.0, pooling: str | tuple[str, ...] = "last,mean,max", length_buckets: int = 4):
+        super().__init__()
+        if num_layers < 1 or kernel_size < 2:
+            raise ValueError(f"ConvSeqEncoder needs num_layers >= 1 and kernel_size >= 2, got {num_layers}, {kernel_size}")
+        self.kernel_size = kernel_size
+        self.length_buckets = length_buckets
+        self.state_size = hidden_size
+        self.input = nn.Linear(input_size, hidden_size)
+        # filters[i][k]: the weight of event t - k * 2**i for each channel; tap 0 starts as identity
+        initial = torch.zeros(num_layers, kernel_size, hidden_size)
+        initial[:, 0] = 1.0
+        self.filters = nn.Parameter(initial + 0.1 * torch.randn_like(initial))
+        self.mix = nn.ModuleList(nn.Linear(hidden_size, hidden_size) for _ in range(num_layers))
+        self.dropout = nn.Dropout(dropout)
+        self.pooling = SequencePooling(pooling, hidden_size)
+
+    @property
+    def output_size(self) -> int:
+        return self.pooling.output_size
+
+    @property
+    def receptive_field(self) -> int:
+        return 1 + (self.kernel_size - 1) * (2 ** len(self.mix) - 1)
+
+    def _causal_filter(self, h: torch.Tensor, weights: torch.Tensor, dilation: int) -> torch.Tensor:
+        """``out[t] = sum_k weights[k] * h[t - k * dilation]`` per channel; zeros before the first event."""
+        out = h * weights[0]
+        for k in range(1, self.kernel_size):
+            shift = k * dilation
+            if shift >= h.shape[1]:
+                break
+            out = out + nn.functional.pad(h[:, : h.shape[1] - shift] * weights[k], (0, 0, shift, 0))
+        return out
+
+    def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.input(x[:, : int(lengths.max())]))  # [B, T, H]
+        for i, mix in enumerate(self.mix):
+            h = h + self.dropout(torch.relu(mix(self._causal_filter(h, self.filters[i], 2 ** i))))  # residual
+        return self.pooling(h, lengths), h
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, event_time: torch.Tensor | None = None,
+                return_sequence: bool = False):
+        pooled, seq = self._padded_pooled_states(x, lengths.clamp(min=1), return_sequence)
+        return (pooled, seq) if return_sequence else pooled
 
 
 def _sinusoid_frequencies(d_model: int) -> torch.Tensor:
