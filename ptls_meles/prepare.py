@@ -46,6 +46,7 @@ class PrepareReport:
     naive_times_as_utc: int = 0  # timestamps without a time zone, in a column where others have one
     unseen_categories: Counter = field(default_factory=Counter)  # column → events whose value the applied encoding does not know
     seconds: float = 0.0
+    phases: dict = field(default_factory=dict)  # phase -> seconds, where the engine times its phases (Spark)
 
     @property
     def events_per_second(self) -> float:

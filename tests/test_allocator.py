@@ -45,3 +45,23 @@ def test_training_step_reuses_freed_activation_memory():
     default, reuse = _faults_per_step("default"), _faults_per_step("reuse")
     assert default > 20_000  # each 42 MiB activation faulted in again: ~10k pages apiece
     assert reuse < 0.5 * default  # measured: ~102k faults per step by default, ~22k with reuse
+
+
+def test_process_tree_peak_sees_a_child_process_memory():
+    """Spark's JVM and Python workers are children: their RSS must count, ru_maxrss would miss it."""
+    import subprocess
+    import sys
+    import time
+
+    from ptls_meles.bench.memory import ProcessTreePeak
+
+    child = [sys.executable, "-c", "import time; b = bytearray(300 * 2**20); b[::4096] = b'x' * len(b[::4096]); time.sleep(1.5)"]
+    with ProcessTreePeak(interval_s=0.05) as peak:
+        subprocess.run(child, check=True)
+        time.sleep(0.1)
+    gib = peak.gib
+    assert gib.get("python workers", 0) >= 0.28, gib
+    assert gib["this process"] > 0.01
+    with ProcessTreePeak(interval_s=0.05) as quiet:
+        time.sleep(0.2)
+    assert quiet.gib.get("python workers", 0) == 0

@@ -32,6 +32,91 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _process_table() -> dict[int, tuple[int, str, int]]:
+    """pid -> (parent pid, command name, RSS bytes) for every readable process (Linux /proc)."""
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+    table = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            rss_pages = int((entry / "statm").read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        table[int(entry.name)] = (ppid, name, rss_pages * page)
+    return table
+
+
+class ProcessTreePeak:
+    """Peak RSS of this process and each kind of its descendants, sampled in a thread.
+
+    Spark in local mode runs the driver and executors in one JVM, and the Python functions
+    in forked Python workers; ``ru_maxrss`` sees none of them, so the tree is sampled:
+    ``with ProcessTreePeak() as peak: ...`` then ``peak.gib`` maps
+    ``this process`` / ``java`` / ``python workers`` / ``other`` to GiB (each kind's
+    simultaneous sum at its highest sample).
+    """
+
+    def __init__(self, interval_s: float = 0.25):
+        self.interval_s = interval_s
+        self.peak: dict[str, int] = {}
+
+    @staticmethod
+    def _kind(pid: int, name: str) -> str:
+        import os
+
+        if pid == os.getpid():
+            return "this process"
+        if name.startswith("java"):
+            return "java"
+        return "python workers" if name.startswith("python") else "other"
+
+    def sample(self) -> None:
+        import os
+
+        table = _process_table()
+        children: dict[int, list[int]] = {}
+        for pid, (ppid, _, _) in table.items():
+            children.setdefault(ppid, []).append(pid)
+        totals: dict[str, int] = {}
+        stack = [os.getpid()]
+        while stack:
+            pid = stack.pop()
+            if pid in table:
+                kind = self._kind(pid, table[pid][1])
+                totals[kind] = totals.get(kind, 0) + table[pid][2]
+            stack.extend(children.get(pid, ()))
+        for kind, rss in totals.items():
+            self.peak[kind] = max(self.peak.get(kind, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def __enter__(self) -> "ProcessTreePeak":
+        import threading
+
+        self._stop = threading.Event()
+        self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+    @property
+    def gib(self) -> dict[str, float]:
+        return {k: v / 2**30 for k, v in sorted(self.peak.items())}
+
+
 def synthetic_store(n_clients: int, min_events: int = 20, max_events: int = 50, n_codes: int = 100, seed: int = 0):
     """A store of ``n_clients`` clients with uniform lengths in [min_events, max_events]:
     one categorical field ``mcc``, one numeric ``amount``, increasing event times."""

@@ -62,25 +62,31 @@ def run(args, work: Path) -> dict:
     from ..schema import EventSchema
     from ..spark import embed_spark, get_session, prepare_spark
     from ..train import MeLESModule
+    from .memory import ProcessTreePeak
 
     raw = synthetic.write(work / "raw", n_clients=args.clients, mean_events=args.mean_events, with_type=True, fmt="parquet")["transactions"]
     schema = EventSchema("client_id", "trans_date", ["small_group", "trans_type"], ["amount_rur"], time_format="number")
     result: dict = {"clients": args.clients, "mean_events": args.mean_events, "machine": platform.processor() or platform.machine(),
                     "local": {}, "spark": {}}
 
-    store, report = prepare(raw, schema, out=work / "local_store", show_progress=False)
+    with ProcessTreePeak() as peak:
+        store, report = prepare(raw, schema, out=work / "local_store", show_progress=False)
     n_events = store.n_events
     embed_events = int(window_lengths(store.lengths, args.max_events).sum())
     result.update(events=n_events, embed_events=embed_events)
-    result["local"]["prepare_events_s"] = n_events / report.seconds
+    result["local"].update(prepare_events_s=n_events / report.seconds, prepare_s=report.seconds,
+                           prepare_peak_gib=peak.gib)
     config = MeLESConfig(hidden_size=args.hidden_size, cat_embedding_dim=16, max_events=args.max_events, embed_batch_size=args.batch_size)
     torch.manual_seed(0)
     module = MeLESModule(config, store.encoding).eval()
     cores = [int(c) for c in args.cores.split(",") if c]
     for threads in cores:
         torch.set_num_threads(threads)
-        stats = write_embeddings(module.embedder, store, work / "local_emb.parquet", **module.inference_settings, show_progress=False)
+        with ProcessTreePeak() as peak:
+            stats = write_embeddings(module.embedder, store, work / "local_emb.parquet", **module.inference_settings, show_progress=False)
         result["local"][f"embed_events_s_{threads}thr"] = embed_events / stats["seconds"]
+        result["local"][f"embed_s_{threads}thr"] = stats["seconds"]
+        result["local"][f"embed_peak_gib_{threads}thr"] = peak.gib
     del store
 
     for n in cores:
@@ -89,12 +95,19 @@ def run(args, work: Path) -> dict:
         spark.range(1).count()  # the JVM and the first job's warm-up belong to the start, not to the work
         started = time.perf_counter() - t0
         out = work / f"spark{n}"
-        rep = prepare_spark(raw, schema, out / "store", spark=spark)
-        emb = embed_spark(out / "store", module, out / "emb.parquet", spark=spark)
+        with ProcessTreePeak() as prepare_peak:
+            rep = prepare_spark(raw, schema, out / "store", spark=spark)
+        with ProcessTreePeak() as embed_peak:
+            emb = embed_spark(out / "store", module, out / "emb.parquet", spark=spark)
         result["spark"][f"local[{n}]"] = {
             "session_start_s": started,
             "prepare_events_s": rep.n_rows_read / rep.seconds,
+            "prepare_s": rep.seconds,
+            "prepare_phases_s": rep.phases,
+            "prepare_peak_gib": prepare_peak.gib,
             "embed_events_s": embed_events / emb["seconds"],
+            "embed_s": emb["seconds"],
+            "embed_peak_gib": embed_peak.gib,
             "store_identical": _compare_stores(out / "store", work / "local_store"),
             "embed_max_abs_diff": _max_diff(out / "emb.parquet", work / "local_emb.parquet"),
         }
@@ -102,11 +115,15 @@ def run(args, work: Path) -> dict:
     return result
 
 
+def _peaks(gib: dict) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in gib.items() if v >= 0.005)
+
+
 def format_result(r: dict) -> str:
     lines = [f"synthetic log: {r['clients']:,} clients, {r['events']:,} events ({r['embed_events']:,} embedded); {r['machine']}",
              f"{'engine':<22}{'prepare events/s':>18}{'embed events/s':>18}  check"]
     local = r["local"]
-    embeds = {k: v for k, v in local.items() if k.startswith("embed")}
+    embeds = {k: v for k, v in local.items() if k.startswith("embed_events_s")}
     for i, (key, value) in enumerate(embeds.items()):
         threads = key.rsplit("_", 1)[1].replace("thr", "")
         prep = f"{local['prepare_events_s']:>18,.0f}" if i == 0 else f"{'':>18}"
@@ -115,6 +132,19 @@ def format_result(r: dict) -> str:
         check = f"store {'identical' if s['store_identical'] else 'DIFFERS'}, emb max|Δ| {s['embed_max_abs_diff']:.1e}"
         lines.append(f"{'spark ' + name:<22}{s['prepare_events_s']:>18,.0f}{s['embed_events_s']:>18,.0f}  {check}"
                      f" (session start {s['session_start_s']:.0f} s, not counted)")
+    lines.append("")
+    lines.append("wall seconds and peak RSS (GiB) by process kind")
+    if "prepare_s" in local:
+        lines.append(f"local prepare {local['prepare_s']:.1f} s [{_peaks(local['prepare_peak_gib'])}]")
+        for key in (k for k in local if k.startswith("embed_s_")):
+            threads = key.rsplit("_", 1)[1]
+            lines.append(f"local embed ({threads.replace('thr', ' thr.')}) {local[key]:.1f} s [{_peaks(local['embed_peak_gib_' + threads])}]")
+    for name, s in r["spark"].items():
+        if "prepare_s" not in s:
+            continue
+        phases = ", ".join(f"{k} {v:.1f}" for k, v in s["prepare_phases_s"].items())
+        lines.append(f"spark {name} prepare {s['prepare_s']:.1f} s ({phases}) [{_peaks(s['prepare_peak_gib'])}]")
+        lines.append(f"spark {name} embed {s['embed_s']:.1f} s [{_peaks(s['embed_peak_gib'])}]")
     return "\n".join(lines)
 
 

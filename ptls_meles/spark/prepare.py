@@ -414,7 +414,7 @@ def prepare_spark(
         parsed = _parse(inp, schema, encoding.time_format if encoding is not None else schema.time_format, transforms)
         cache = parsed.python_parsing if cache is None else cache
         parsed_df = parsed.df.persist(StorageLevel.MEMORY_AND_DISK) if cache else parsed.df
-        phases = {"start": time.perf_counter()}
+        phases = {"start": t0, "list and plan the input": time.perf_counter()}
         parsed.df = parsed_df
         code, kept = F.col("__code"), F.col("__code") == 0
         n_num, n_cat = len(schema.numeric), len(schema.categorical)
@@ -492,7 +492,8 @@ def prepare_spark(
         report.n_clients = combine_parts(parts, out / STORE_FILE, target, row_group_size)
         phases["combine"] = time.perf_counter()
         times = list(phases.values())
-        log.info("spark prepare phases: %s", ", ".join(f"{k} {b - a:.1f} s" for k, a, b in zip(list(phases)[1:], times, times[1:])))
+        report.phases = {k: b - a for k, a, b in zip(list(phases)[1:], times, times[1:])}
+        log.info("spark prepare phases: %s", ", ".join(f"{k} {s:.1f} s" for k, s in report.phases.items()))
         report.n_events = int(n_kept)
         enc.save(out / ENCODING_FILE)
         remove_stale_outputs(out)
