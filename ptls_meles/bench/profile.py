@@ -69,14 +69,14 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
         events = event_encoder(padded)
     x = events.detach().requires_grad_()
     lengths = padded.lengths.clamp(min=1)
-    recurrent = hasattr(seq_encoder, "rnn")  # else the bag: per-event MLP states
-    core = "GRU" if recurrent else "bag MLP"
-    groups = (seq_encoder.length_groups(lengths) if recurrent else None) or [torch.arange(len(lengths))]
+    name = type(seq_encoder).__name__
+    core = seq_encoder.kind.upper() if hasattr(seq_encoder, "rnn") else {"BagSeqEncoder": "bag MLP", "ConvSeqEncoder": "convolutions"}.get(name, name)
+    bucketed = hasattr(seq_encoder, "length_groups")
+    groups = (seq_encoder.length_groups(lengths) if bucketed else None) or [torch.arange(len(lengths))]
     with t(f"{core} fwd"):
         outs = []
         for idx in groups:
-            xi = x[idx][:, : int(lengths[idx].max())]
-            outs.append(seq_encoder.rnn(xi, seq_encoder._initial_state(len(idx)))[0] if recurrent else seq_encoder.mlp(xi))
+            outs.append(seq_encoder.event_states(x[idx][:, : int(lengths[idx].max())]))
     cut = [o.detach().requires_grad_() for o in outs]
     with t("pooling fwd"):
         order = torch.cat(groups)

@@ -108,8 +108,12 @@ class RnnSeqEncoder(_LengthBucketed):
         states = [s.expand(-1, batch_size, -1).contiguous() for s in self.initial_state]
         return tuple(states) if self.kind == "lstm" else states[0]
 
+    def event_states(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C]`` -> ``[B, T, H]`` per-event states, before pooling."""
+        return self.rnn(x, self._initial_state(x.shape[0]))[0]
+
     def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out, _ = self.rnn(x[:, : int(lengths.max())], self._initial_state(x.shape[0]))
+        out = self.event_states(x[:, : int(lengths.max())])
         return self.pooling(out, lengths.to(out.device)), out
 
     def forward(
@@ -161,9 +165,13 @@ class BagSeqEncoder(nn.Module):
     def output_size(self) -> int:
         return self.pooling.output_size
 
+    def event_states(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C]`` -> ``[B, T, H]`` per-event states, before pooling."""
+        return self.mlp(x)
+
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, event_time: torch.Tensor | None = None) -> torch.Tensor:
         lengths = lengths.clamp(min=1)
-        return self.pooling(self.mlp(x[:, : int(lengths.max())]), lengths)
+        return self.pooling(self.event_states(x[:, : int(lengths.max())]), lengths)
 
 
 class ConvSeqEncoder(_LengthBucketed):
@@ -216,10 +224,15 @@ class ConvSeqEncoder(_LengthBucketed):
             out = out + nn.functional.pad(h[:, : h.shape[1] - shift] * weights[k], (0, 0, shift, 0))
         return out
 
-    def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = torch.relu(self.input(x[:, : int(lengths.max())]))  # [B, T, H]
+    def event_states(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T, C]`` -> ``[B, T, H]`` per-event states, before pooling."""
+        h = torch.relu(self.input(x))
         for i, mix in enumerate(self.mix):
             h = h + self.dropout(torch.relu(mix(self._causal_filter(h, self.filters[i], 2 ** i))))  # residual
+        return h
+
+    def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.event_states(x[:, : int(lengths.max())])
         return self.pooling(h, lengths), h
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, event_time: torch.Tensor | None = None,
