@@ -48,7 +48,7 @@ def test_pooling_values_and_gradients_match_the_formulas_with_garbage_in_padding
     assert (grad_got[torch.arange(7)[None, :] >= lengths[:, None]] == 0).all()  # no gradient into padding
 
 
-@pytest.mark.parametrize("encoder", ["gru", "bag"])
+@pytest.mark.parametrize("encoder", ["gru", "bag", "conv"])
 def test_profile_stages_give_the_gradients_of_the_plain_step(encoder):
     """The profile cuts a step at module boundaries; its gradients must be training's."""
     from ptls_meles.bench.profile import _Timers, _staged_step, plain_loss
@@ -63,7 +63,7 @@ def test_profile_stages_give_the_gradients_of_the_plain_step(encoder):
     store, _ = prepare(events, EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number"),
                        show_progress=False)
     config = MeLESConfig(hidden_size=8, batch_size=26, cnt_min=3, cnt_max=30, encoder=encoder,
-                         num_layers=2 if encoder == "bag" else 1)  # 130 views: 2 GRU length groups
+                         num_layers=1 if encoder == "gru" else 2)  # 130 views: 2 length groups
     module = MeLESModule(config, store.encoding)
     module.embedder.event_encoder.fit_value_moments(store.columns)
     module.train()
