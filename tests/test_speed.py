@@ -87,5 +87,5 @@ def test_profile_stages_give_the_gradients_of_the_plain_step(encoder):
     assert staged.keys() == plain.keys() and len(plain) > 5
     for name, grad in plain.items():
         assert torch.allclose(staged[name], grad, atol=1e-6, rtol=1e-4), name
-    core = "GRU" if encoder == "gru" else "bag MLP"
+    core = {"gru": "GRU", "bag": "bag MLP", "conv": "convolutions"}[encoder]
     assert {f"{core} fwd", f"{core} bwd", "pooling bwd", "event encoder fwd"} <= set(timers.total)
