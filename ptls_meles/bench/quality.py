@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fractions", default="", help="labelled shares to score, e.g. 0.05,0.1,0.25,0.5")
     ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
+    ap.add_argument("--include-rows", action="append", default=[], metavar="REPORT.json",
+                    help="--report-only: also the rows of an earlier report whose names the cache lacks")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: report every cached row in OUT/rows that scored all the targets")
     return ap
@@ -338,7 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.report_only:
         if not a.report:
             raise ValueError("--report-only needs --report PREFIX")
-        write_report(cached_rows(rows_dir, target_list), target_list, Path(a.report), a, argv)
+        write_report(cached_rows(rows_dir, target_list, a.include_rows), target_list, Path(a.report), a, argv)
         return
 
     bench = QualityBench(a, store, targets, target_list, data_key, work)
@@ -357,12 +359,17 @@ def main(argv: list[str] | None = None) -> None:
         write_report(rows, target_list, Path(a.report), a, argv)
 
 
-def cached_rows(rows_dir: Path, target_list: list[str]) -> list[dict]:
+def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[Path] = ()) -> list[dict]:
     """Every cached row that scored all of ``target_list`` (hand-crafted first, the supervised
-    encoder next, then by training time), cut to those targets: what ``--report-only`` reports."""
+    encoder next, then by training time), cut to those targets: what ``--report-only`` reports.
+    ``earlier_reports`` (report JSON files) add their rows whose names the cache lacks, so a
+    report survives a cleaned work directory without re-training its rows."""
     hand, supervised, trained = None, [], []
-    for file in sorted(rows_dir.glob("*.json")):
-        row = json.loads(file.read_text())
+    found = [json.loads(file.read_text()) for file in sorted(rows_dir.glob("*.json"))]
+    names = {r["name"] for r in found}
+    for report in earlier_reports:
+        found += [r for r in json.loads(Path(report).read_text()) if r["name"] not in names]
+    for row in found:
         if not all(t in row.get("scores", {}) for t in target_list):
             continue
         for key in ("scores", "scores_both", "scores_finetuned"):
