@@ -40,6 +40,7 @@ PRESETS: dict[str, dict] = {
         lr_schedule="step",
         grad_clip=None,
         aux_objective="",
+        projection_head=0,
     ),
 }
 
@@ -47,7 +48,7 @@ PRESETS: dict[str, dict] = {
 #: what the lever settings meant for configs saved before the levers existed (those
 #: models were built this way; today's defaults would not fit their weights)
 SAVED_BEFORE_LEVERS: dict = dict(numeric_encoding="scalar", time_features="", pooling="last", aux_objective="",
-                                 lr_schedule="step", grad_clip=None)
+                                 lr_schedule="step", grad_clip=None, projection_head=0)
 
 
 @dataclass
@@ -86,6 +87,9 @@ class MeLESConfig:
     temperature: float = 0.1  # infonce only
     aux_objective: str = ""  # set of next_event (causal encoders: gru, lstm, conv) | view_stats ("" = none)
     aux_weight: float = 1.0
+    # 0: the loss reads the embedding itself; N: it reads an MLP head's N outputs (SimCLR), so the
+    # embedding (what embed writes) need not drop what the views of one client do not share
+    projection_head: int = 0
     # optimisation
     batch_size: int = 64  # clients per batch (× split_count views)
     lr: float = 1e-3
@@ -135,6 +139,8 @@ class MeLESConfig:
                              "its per-event states must summarise the history")
         if self.embed_chunk is not None and self.embed_chunk < 1:
             raise ValueError(f"embed_chunk must be >= 1 events (or None for the whole window), got {self.embed_chunk}")
+        if self.projection_head < 0:
+            raise ValueError(f"projection_head must be 0 (none) or the head's output size, got {self.projection_head}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 

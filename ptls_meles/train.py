@@ -93,6 +93,11 @@ class MeLESModule(pl.LightningModule):
                 self.embedder.output_size, {c: v.size for c, v in self.encoding.categorical.items()},
                 list(self.encoding.numeric), use_time=bool(self.config.parts("time_features")),
             )
+        self.projection = None
+        if self.config.projection_head:
+            width = self.embedder.output_size
+            self.projection = torch.nn.Sequential(
+                torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, self.config.projection_head))
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch):
@@ -108,14 +113,18 @@ class MeLESModule(pl.LightningModule):
         # dropout etc. depend only on (seed, epoch): resumed runs repeat uninterrupted ones
         torch.manual_seed(self.config.seed * 1000 + trainer_epoch(self.trainer))
 
+    def metric_space(self, emb: torch.Tensor) -> torch.Tensor:
+        """Where the loss compares views: the L2-normalised embedding, or projection head output."""
+        return normalize(emb if self.projection is None else self.projection(emb), dim=-1)
+
     def training_step(self, batch, batch_idx):
         padded, labels = batch
         if self.next_event is None:
-            emb = self.embedder(padded)
+            raw = self.embedder(padded)
         else:
-            emb, sequence = self.embedder(padded, return_sequence=True)
-        emb = normalize(emb, dim=-1)  # metric learning (and the view-stats head) work on the unit sphere
-        loss = self.loss_fn(emb, labels)
+            raw, sequence = self.embedder(padded, return_sequence=True)
+        emb = normalize(raw, dim=-1)  # the view-stats head reads the embedding on the unit sphere
+        loss = self.loss_fn(emb if self.projection is None else self.metric_space(raw), labels)
         n_clients = int(labels.max()) + 1
         aux = {}
         if self.next_event is not None:
@@ -130,7 +139,7 @@ class MeLESModule(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         padded, labels = batch
-        emb = normalize(self.embedder(padded), dim=-1)
+        emb = self.metric_space(self.embedder(padded))
         self._val.append((emb.detach().cpu(), labels.cpu() + batch_idx * (10**6)))
 
     def on_validation_epoch_end(self) -> None:

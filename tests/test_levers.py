@@ -319,3 +319,27 @@ def test_a_missing_value_is_not_counted_in_its_category_mean():
     batch.payload["x"][0, 1] = float("nan")  # view 0: id 1 holds 1.0 and a missing value
     sums, counts = ViewStatsHead(4, {"p": 4}, ["x"], use_time=False).view_statistics(batch)
     assert counts[0, 5].item() == 1 and sums[0, 5].item() == pytest.approx(1.0)
+
+
+def test_projection_head_trains_the_loss_on_its_output_and_embeds_without_it():
+    enc = Encoding("c", "t", "number", numeric={})
+    from ptls_meles.encoding import CategoryVocab
+
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
+    with pytest.raises(ValueError, match="projection_head"):
+        MeLESConfig(projection_head=-1)
+    assert MeLESConfig(preset="paper").projection_head == 0
+    module = MeLESModule(MeLESConfig(hidden_size=8, projection_head=5, time_features="gap", pooling="last"), enc)
+    rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
+                         "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
+    labels = torch.tensor([0, 0, 1, 1])
+    emb = module.embedder(batch)
+    assert emb.shape == (4, 8) and module(batch).shape == (4, 8)  # embeddings skip the head
+    space = module.metric_space(emb)
+    assert space.shape == (4, 5) and torch.allclose(space.norm(dim=1), torch.ones(4))
+    loss = module.training_step((batch, labels), 0)
+    assert torch.isclose(loss, module.loss_fn(space, labels))
+    loss.backward()
+    assert module.projection[0].weight.grad.abs().sum() > 0
+    assert module.embedder.seq_encoder.rnn.weight_ih_l0.grad.abs().sum() > 0

@@ -61,7 +61,6 @@ def _store(work: Path, clients: int, mean_events: float):
 def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
     """One training step cut at the stage boundaries (see the module docstring)."""
     import torch
-    import torch.nn.functional as F
 
     embedder = module.embedder
     event_encoder, seq_encoder = embedder.event_encoder, embedder.seq_encoder
@@ -85,7 +84,7 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
     p = pooled.detach().requires_grad_()
     loss_fn = module.loss_fn
     with t("normalise + miner fwd"):
-        emb = F.normalize(p, dim=-1) if getattr(embedder, "normalize", True) else p
+        emb = module.metric_space(p)  # the projection head, if any, then L2-normalise
         indices = loss_fn.miner(emb, labels) if getattr(loss_fn, "miner", None) is not None else None
     with t("loss fwd"):
         loss = loss_fn.loss(emb, labels, indices) if hasattr(loss_fn, "loss") else loss_fn(emb, labels)
@@ -103,13 +102,8 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
 
 
 def plain_loss(module, padded, labels):
-    """The training loss as ``training_step`` computes it (embed, L2-normalise, mine, score)."""
-    import torch.nn.functional as F
-
-    emb = module.embedder(padded)
-    if not getattr(module.embedder, "normalize", False):  # the module, not the embedder, normalises
-        emb = F.normalize(emb, dim=-1)
-    return module.loss_fn(emb, labels)
+    """The training loss as ``training_step`` computes it (embed, project and L2-normalise, mine, score)."""
+    return module.loss_fn(module.metric_space(module.embedder(padded)), labels)
 
 
 def _plain_step(module, padded, labels, opt) -> None:
