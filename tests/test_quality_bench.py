@@ -59,11 +59,13 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
     # a cleaned work directory: an earlier report's rows come back with --include-rows, the cache's win
     earlier = tmp_path / "earlier.json"
     earlier.write_text(json.dumps(rows[:2] + [dict(rows[2], name="gone"), dict(rows[1], scores={})]))
-    (tmp_path / "work" / "rows" / next(iter(stamp))).rename(tmp_path / "moved.json")
+    paper_row = next((tmp_path / "work" / "rows").glob("paper-*.json"))
+    paper_row.rename(tmp_path / "moved.json")
     main(argv[:-2] + ["--report-only", "--include-rows", str(earlier), "--report", str(tmp_path / "report" / "merged")])
-    merged = json.loads((tmp_path / "report" / "merged.json").read_text())
-    assert sorted(r["name"] for r in merged) == ["gone", "hand-crafted", "paper", "pooled"]
-    (tmp_path / "moved.json").rename(tmp_path / "work" / "rows" / next(iter(stamp)))
+    merged = {r["name"]: r for r in json.loads((tmp_path / "report" / "merged.json").read_text())}
+    assert sorted(merged) == ["gone", "hand-crafted", "paper", "pooled"]
+    assert merged["paper"] == rows[1]  # from the earlier report (the cache lost it); its empty-scored twin is dropped
+    (tmp_path / "moved.json").rename(paper_row)
     # an inference-only variant (NAME@...) embeds with the trained run of NAME: no new training
     runs_before = sorted(p.name for p in (tmp_path / "work" / "runs").iterdir())
     ckpt = next((tmp_path / "work" / "runs").glob("pooled-*/checkpoints/best.ckpt"))
