@@ -123,14 +123,14 @@ class MeLESModule(pl.LightningModule):
             raw = self.embedder(padded)
         else:
             raw, sequence = self.embedder(padded, return_sequence=True)
-        emb = normalize(raw, dim=-1)  # the view-stats head reads the embedding on the unit sphere
-        loss = self.loss_fn(emb if self.projection is None else self.metric_space(raw), labels)
+        loss = self.loss_fn(self.metric_space(raw), labels)
         n_clients = int(labels.max()) + 1
         aux = {}
         if self.next_event is not None:
             aux["next_event_loss"] = self.next_event(sequence, padded)
         if self.view_stats is not None:
-            aux["view_stats_loss"] = self.view_stats(emb, padded, labels)
+            # the embedding itself (not the head's output), on the unit sphere
+            aux["view_stats_loss"] = self.view_stats(normalize(raw, dim=-1), padded, labels)
         for name, value in aux.items():
             loss = loss + self.config.aux_weight * value
             self.log(name, value, on_step=False, on_epoch=True, batch_size=n_clients)

@@ -66,6 +66,9 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
     assert sorted(merged) == ["gone", "hand-crafted", "paper", "pooled"]
     assert merged["paper"] == rows[1]  # from the earlier report (the cache lost it); its empty-scored twin is dropped
     (tmp_path / "moved.json").rename(paper_row)
+    (tmp_path / "not_rows.json").write_text(json.dumps({"name": "x"}))
+    with pytest.raises(ValueError, match="not_rows.json: not a report's rows"):
+        main(argv[:-2] + ["--report-only", "--include-rows", str(tmp_path / "not_rows.json"), "--report", str(tmp_path / "r")])
     # an inference-only variant (NAME@...) embeds with the trained run of NAME: no new training
     runs_before = sorted(p.name for p in (tmp_path / "work" / "runs").iterdir())
     ckpt = next((tmp_path / "work" / "runs").glob("pooled-*/checkpoints/best.ckpt"))

@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         write_report(rows, target_list, Path(a.report), a, argv)
 
 
-def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[Path] = ()) -> list[dict]:
+def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[str] = ()) -> list[dict]:
     """Every cached row that scored all of ``target_list`` (hand-crafted first, the supervised
     encoder next, then by training time), cut to those targets: what ``--report-only`` reports.
     ``earlier_reports`` (report JSON files) add their rows whose names the cache lacks, so a
@@ -368,7 +368,11 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[Pa
     found = [json.loads(file.read_text()) for file in sorted(rows_dir.glob("*.json"))]
     names = {r["name"] for r in found}
     for report in earlier_reports:
-        found += [r for r in json.loads(Path(report).read_text()) if r["name"] not in names]
+        earlier = json.loads(Path(report).read_text())
+        if not isinstance(earlier, list) or not all(isinstance(r, dict) and "name" in r and "scores" in r for r in earlier):
+            raise ValueError(f"--include-rows {report}: not a report's rows (expected a JSON list of rows with "
+                             f"'name' and 'scores', as REPORT.json beside REPORT.md)")
+        found += [r for r in earlier if r["name"] not in names]
     for row in found:
         if not all(t in row.get("scores", {}) for t in target_list):
             continue

@@ -14,11 +14,15 @@ from ptls_meles.nn.pooling import SequencePooling
 
 
 class _LengthBucketed(nn.Module):
-    """Runs ``_run_pooled(x, lengths) -> (pooled, per-event states)`` on groups of rows of
-    similar length; subclasses set ``length_buckets`` and ``state_size``."""
+    """Runs ``event_states`` and ``pooling`` on groups of rows of similar length;
+    subclasses set ``length_buckets``, ``state_size`` and ``pooling``."""
 
     length_buckets: int
     state_size: int
+
+    def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.event_states(x[:, : int(lengths.max())])
+        return self.pooling(out, lengths.to(out.device)), out
 
     def length_groups(self, lengths: torch.Tensor) -> list[torch.Tensor] | None:
         """Row indices of each group (rows sorted by length), or None for one call on the whole batch."""
@@ -111,10 +115,6 @@ class RnnSeqEncoder(_LengthBucketed):
     def event_states(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, T, C]`` -> ``[B, T, H]`` per-event states, before pooling."""
         return self.rnn(x, self._initial_state(x.shape[0]))[0]
-
-    def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.event_states(x[:, : int(lengths.max())])
-        return self.pooling(out, lengths.to(out.device)), out
 
     def forward(
         self,
@@ -230,10 +230,6 @@ class ConvSeqEncoder(_LengthBucketed):
         for i, mix in enumerate(self.mix):
             h = h + self.dropout(torch.relu(mix(self._causal_filter(h, self.filters[i], 2 ** i))))  # residual
         return h
-
-    def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.event_states(x[:, : int(lengths.max())])
-        return self.pooling(h, lengths), h
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor, event_time: torch.Tensor | None = None,
                 return_sequence: bool = False):
