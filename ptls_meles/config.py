@@ -71,7 +71,7 @@ class MeLESConfig:
     # sequence encoder
     encoder: str = "gru"
     hidden_size: int = 256
-    num_layers: int = 1
+    num_layers: int | None = None  # None: the encoder's own depth (gru/lstm 1, bag 2, transformer 2, conv 3)
     pooling: str = "last,mean,max"  # set of last | mean | max | attention
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"nhead": 4}
     # pair generation
@@ -141,6 +141,8 @@ class MeLESConfig:
             raise ValueError(f"embed_chunk must be >= 1 events (or None for the whole window), got {self.embed_chunk}")
         if self.projection_head < 0:
             raise ValueError(f"projection_head must be 0 (none) or the head's output size, got {self.projection_head}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1 (or None for the encoder's own depth), got {self.num_layers}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
 

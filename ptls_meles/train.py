@@ -38,7 +38,9 @@ def saved_model_dir(path: Path) -> Path:
 def embedder_from_config(config: MeLESConfig, encoding: Encoding):
     """The embedder a config describes, sized by the encoding's vocabularies."""
     categorical = {c: (v.size, config.embedding_dim_of(c)) for c, v in encoding.categorical.items()}
-    kwargs = {"num_layers": config.num_layers, **config.encoder_kwargs}
+    kwargs = dict(config.encoder_kwargs)
+    if config.num_layers is not None:  # None: the encoder class's own depth
+        kwargs["num_layers"] = config.num_layers
     if config.encoder == "transformer":
         # for the Transformer, "last" (the default) is its learned summary (CLS) token
         kwargs.setdefault("pooling", "cls" if config.pooling == "last" else config.pooling)

@@ -117,6 +117,24 @@ def test_daytime_needs_times_in_seconds():
         embedder_from_config(MeLESConfig(time_features="daytime"), enc)
 
 
+
+def test_num_layers_left_unset_gives_each_encoder_its_own_depth_and_a_set_one_wins():
+    from ptls_meles.encoding import CategoryVocab
+
+    enc = Encoding("c", "t", "number", numeric={})
+    enc.categorical["p"] = CategoryVocab(values=["a", "b"])
+
+    def depth(**settings) -> int:
+        seq = embedder_from_config(MeLESConfig(hidden_size=8, time_features="", **settings), enc).seq_encoder
+        return {"gru": lambda: seq.rnn.num_layers, "bag": lambda: sum(isinstance(m, torch.nn.Linear) for m in seq.mlp),
+                "conv": lambda: len(seq.mix)}[settings["encoder"]]()
+
+    assert (depth(encoder="gru"), depth(encoder="bag"), depth(encoder="conv")) == (1, 2, 3)
+    assert (depth(encoder="gru", num_layers=2), depth(encoder="conv", num_layers=5)) == (2, 5)
+    with pytest.raises(ValueError, match="num_layers must be >= 1.*got 0"):
+        MeLESConfig(num_layers=0)
+
+
 # --------------------------------------------------------------------------- pooling
 def test_pooling_by_hand_with_garbage_in_padding():
     out = torch.tensor([[[1.0, 5.0], [3.0, -1.0], [float("nan"), 99.0]], [[2.0, 2.0], [7.0, 7.0], [9.0, 9.0]]])

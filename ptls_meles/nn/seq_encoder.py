@@ -189,7 +189,7 @@ class ConvSeqEncoder(_LengthBucketed):
     slower than a GRU step at width 256 on a 1-thread CPU (torch 2.13), a dilated one more so.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 4, kernel_size: int = 3,
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 3, kernel_size: int = 3,
                  dropout: float = 0.0, pooling: str | tuple[str, ...] = "last,mean,max", length_buckets: int = 4):
         super().__init__()
         if num_layers < 1 or kernel_size < 2:
