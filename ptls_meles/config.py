@@ -41,6 +41,7 @@ PRESETS: dict[str, dict] = {
         grad_clip=None,
         aux_objective="",
         projection_head=0,
+        encoder="gru",
     ),
 }
 
@@ -58,8 +59,9 @@ class MeLESConfig:
 
     Defaults (chosen on PhysioNet 2012 and the synthetic banking data, docs/results/
     quality_*.md): numbers also read within their event's category, time gaps / elapsed /
-    absolute time as inputs, and last + mean + max pooling; the MeLES paper's contrastive
-    loss with hard negatives and its slices."""
+    absolute time as inputs, three causal dilated convolution layers pooled last + mean +
+    max, and a 128-wide projection head for the loss; the MeLES paper's contrastive loss
+    with hard negatives and its slices."""
 
     preset: str | None = None
 
@@ -69,7 +71,7 @@ class MeLESConfig:
     numeric_encoding: str = "scalar,by_category"  # set of scalar | by_category | periodic
     time_features: str = "gap,elapsed,absolute"  # set of gap | elapsed | absolute | daytime ("" = none)
     # sequence encoder
-    encoder: str = "gru"
+    encoder: str = "conv"
     hidden_size: int = 256
     num_layers: int | None = None  # None: the encoder's own depth (gru/lstm 1, bag 2, transformer 2, conv 3)
     pooling: str = "last,mean,max"  # set of last | mean | max | attention
@@ -89,7 +91,7 @@ class MeLESConfig:
     aux_weight: float = 1.0
     # 0: the loss reads the embedding itself; N: it reads an MLP head's N outputs (SimCLR), so the
     # embedding (what embed writes) need not drop what the views of one client do not share
-    projection_head: int = 0
+    projection_head: int = 128
     # optimisation
     batch_size: int = 64  # clients per batch (× split_count views)
     lr: float = 1e-3

@@ -52,7 +52,8 @@ def make_store(n_clients: int = 240, seed: int = 0) -> tuple[SequenceStore, pd.D
     return store, targets
 
 
-CONFIG = MeLESConfig(hidden_size=16, cat_embedding_dim=4, max_events=30, embed_batch_size=128, seed=1)
+# the GRU: these tests check the supervised / fine-tuning machinery, whose thresholds were set for it
+CONFIG = MeLESConfig(encoder="gru", projection_head=0, hidden_size=16, cat_embedding_dim=4, max_events=30, embed_batch_size=128, seed=1)
 FAST = dict(n_folds=2, test_size=0.2, max_epochs=3, batch_size=32, lr=0.01, show_progress=False)
 
 

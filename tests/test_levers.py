@@ -155,7 +155,7 @@ def test_gru_with_pooled_states_gives_the_same_vector_alone_or_in_a_batch():
 
     enc.categorical["p"] = CategoryVocab(values=["a", "b", "c"])
     torch.manual_seed(0)
-    emb = embedder_from_config(MeLESConfig(hidden_size=8, pooling="last,mean,max,attention", time_features=""), enc).eval()
+    emb = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=8, pooling="last,mean,max,attention", time_features=""), enc).eval()
     assert emb.output_size == 32
     rows = [torch.randint(2, 5, (n,)) for n in (3, 7, 5)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([3, 7, 5]))
@@ -239,7 +239,7 @@ def test_next_event_objective_trains_and_is_refused_for_a_transformer():
     from ptls_meles.encoding import CategoryVocab
 
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
-    module = MeLESModule(MeLESConfig(hidden_size=8, aux_objective="next_event", time_features="gap"), enc)
+    module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="next_event", time_features="gap"), enc)
     rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
                          "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
@@ -313,7 +313,7 @@ def test_view_stats_objective_learns_the_other_views_mix_and_trains_the_encoder(
     batch, labels = _view_stats_batch()
     enc = Encoding("c", "t", "number", numeric={"x": None})
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
-    module = MeLESModule(MeLESConfig(hidden_size=8, aux_objective="view_stats", time_features="gap"), enc)
+    module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats", time_features="gap"), enc)
     module.view_stats.fit_value_moments({"p": np.array([1, 1, 2, 3, 3]), "x": np.array([1.0, 3.0, 5.0, 2.0, 4.0])})
     assert module.view_stats.value_mean[0, 1:4].tolist() == pytest.approx([2.0, 5.0, 3.0])
     emb = module.embedder(batch)
@@ -346,8 +346,9 @@ def test_projection_head_trains_the_loss_on_its_output_and_embeds_without_it():
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
     with pytest.raises(ValueError, match="projection_head"):
         MeLESConfig(projection_head=-1)
-    assert MeLESConfig(preset="paper").projection_head == 0
-    module = MeLESModule(MeLESConfig(hidden_size=8, projection_head=5, time_features="gap", pooling="last"), enc)
+    paper = MeLESConfig(preset="paper")
+    assert (paper.projection_head, paper.encoder) == (0, "gru")  # the paper's recipe whatever the defaults
+    module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, projection_head=5, time_features="gap", pooling="last"), enc)
     rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
                          "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))

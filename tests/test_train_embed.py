@@ -111,7 +111,9 @@ def test_training_head_normalises_and_the_table_stays_raw(fitted, store, monkeyp
         module.validation_step((padded, labels), 0)
         np.testing.assert_allclose(module._val.pop()[0].norm(dim=1).numpy(), 1.0, atol=1e-5)
         unit = normalize(raw, dim=-1)
-        expected = module.loss_fn(unit, labels)
+        space = module.metric_space(raw)  # the projection head's output where there is one, else unit
+        np.testing.assert_allclose(space.norm(dim=1).numpy(), 1.0, atol=1e-5)
+        expected = module.loss_fn(space, labels)
         if module.view_stats is not None:
             expected = expected + module.config.aux_weight * module.view_stats(unit, padded, labels)
         monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no Trainer attached

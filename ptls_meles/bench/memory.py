@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
     store = synthetic_store(a.clients, a.min_events, a.max_events)
     build_s = time.perf_counter() - t0
     torch.manual_seed(0)
-    embedder = embedder_from_config(MeLESConfig(hidden_size=a.hidden, cat_embedding_dim=8), store.encoding)
+    embedder = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=a.hidden, cat_embedding_dim=8), store.encoding)
     rss_store = _rss_mib()
     peak_before = _peak_rss_mib()
 

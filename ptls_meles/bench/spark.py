@@ -76,7 +76,7 @@ def run(args, work: Path) -> dict:
     result.update(events=n_events, embed_events=embed_events)
     result["local"].update(prepare_events_s=n_events / report.seconds, prepare_s=report.seconds,
                            prepare_peak_gib=peak.gib)
-    config = MeLESConfig(hidden_size=args.hidden_size, cat_embedding_dim=16, max_events=args.max_events, embed_batch_size=args.batch_size)
+    config = MeLESConfig(encoder="gru", hidden_size=args.hidden_size, cat_embedding_dim=16, max_events=args.max_events, embed_batch_size=args.batch_size)
     torch.manual_seed(0)
     module = MeLESModule(config, store.encoding).eval()
     cores = [int(c) for c in args.cores.split(",") if c]
