@@ -119,9 +119,9 @@ class MeLESConfig:
         if self.preset is not None:
             if self.preset not in PRESETS:
                 raise ValueError(f"unknown preset {self.preset!r}; presets: {', '.join(PRESETS)}")
-            defaults = {f.name: f.default for f in fields(self)}
+            given = getattr(self, "_given", frozenset())
             for name, value in PRESETS[self.preset].items():
-                if getattr(self, name) == defaults[name]:
+                if name not in given:  # a setting passed explicitly wins, even when it equals the default
                     setattr(self, name, value)
             self.preset = None
         hints = typing.get_type_hints(type(self))
@@ -188,6 +188,19 @@ def parse_settings(pairs: list[str] | None) -> dict:
             out[key.strip()] = value
     return out
 
+
+_generated_init = MeLESConfig.__init__
+
+
+def _init_remembering_given(self, *args, **kwargs) -> None:
+    """The dataclass ``__init__``, remembering which settings were passed, so that a preset
+    fills only the others: comparing with the defaults would let ``preset="paper"`` overwrite
+    an explicit ``encoder="conv"`` because it equals today's default."""
+    object.__setattr__(self, "_given", frozenset(kwargs) | {f.name for f in fields(MeLESConfig)[: len(args)]})
+    _generated_init(self, *args, **kwargs)
+
+
+MeLESConfig.__init__ = _init_remembering_given
 
 def _normalise_set(name: str, value: str, valid: tuple[str, ...], may_be_empty: bool) -> str:
     parts = [p.strip() for p in value.split(",") if p.strip()]

@@ -50,6 +50,10 @@ def test_paper_preset_fills_settings_and_explicit_ones_win():
     assert c.loss == PRESETS["paper"]["loss"] and c.numeric_encoding == "scalar"
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         MeLESConfig.from_dict({"preset": "nope"})
+    # explicit settings that equal today's defaults win too (they were overwritten by the preset)
+    c = MeLESConfig(preset="paper", encoder="conv", numeric_encoding="scalar,by_category", pooling="last,mean,max")
+    assert (c.encoder, c.numeric_encoding, c.pooling) == ("conv", "scalar,by_category", "last,mean,max")
+    assert MeLESConfig(preset="paper").encoder == "gru"
 
 
 def test_choices_table_is_the_one_the_factories_read():
@@ -115,7 +119,6 @@ def test_daytime_needs_times_in_seconds():
     enc = Encoding("c", "t", "number", numeric={})
     with pytest.raises(ValueError, match="daytime.*seconds.*'number'"):
         embedder_from_config(MeLESConfig(time_features="daytime"), enc)
-
 
 
 def test_num_layers_left_unset_gives_each_encoder_its_own_depth_and_a_set_one_wins():
