@@ -59,7 +59,10 @@ class MeLES(TransformerMixin, BaseEstimator):
     def config(self) -> MeLESConfig:
         """The :class:`MeLESConfig` the current parameters describe (validated here)."""
         params = {name: getattr(self, name) for name in _CONFIG_DEFAULTS}
-        return MeLESConfig.from_dict({k: v for k, v in params.items() if not (v is None and k in _FACTORY_FIELDS)})
+        # an estimator holds every parameter, so "given" means "not the default" here (scikit-learn's
+        # clone passes them all back); a preset fills the rest
+        return MeLESConfig.from_dict({k: v for k, v in params.items()
+                                      if not (v is None and k in _FACTORY_FIELDS) and (k == "preset" or v != _CONFIG_DEFAULTS[k])})
 
     # ------------------------------------------------------------------ data
     def _store(self, events, encoding: Encoding | None, show_progress: bool) -> tuple[SequenceStore, list | None]:
