@@ -18,6 +18,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss": ("contrastive", "triplet", "margin", "binomial_deviance", "histogram", "infonce"),
     "miner": ("hard", "random", "distance_weighted", "all"),
     "lr_schedule": ("step", "cosine"),
+    "precision": ("auto", "32", "bf16"),
 }
 #: name -> valid parts of a comma-separated set ("" = none of them, where allowed)
 SET_CHOICES: dict[str, tuple[str, ...]] = {
@@ -42,6 +43,7 @@ PRESETS: dict[str, dict] = {
         aux_objective="",
         projection_head=0,
         encoder="gru",
+        precision="32",
     ),
 }
 
@@ -100,6 +102,10 @@ class MeLESConfig:
     lr_step_size: int = 10  # epochs (step schedule)
     lr_gamma: float = 0.9
     grad_clip: float | None = None
+    # training arithmetic: "32" (float32), "bf16" (bfloat16 mixed precision: matrix products in
+    # bfloat16, loss and weights in float32), "auto" (bf16 where the device computes it natively:
+    # a CPU with AVX512-BF16 or AMX, a GPU with bf16; else 32). Embedding always runs in float32.
+    precision: str = "32"
     max_epochs: int = 20
     max_minutes: float | None = None  # wall-clock budget for training; None: epochs only
     patience: int | None = 5  # early stopping on validation recall; None disables

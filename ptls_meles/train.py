@@ -116,8 +116,16 @@ class MeLESModule(pl.LightningModule):
         torch.manual_seed(self.config.seed * 1000 + trainer_epoch(self.trainer))
 
     def metric_space(self, emb: torch.Tensor) -> torch.Tensor:
-        """Where the loss compares views: the L2-normalised embedding, or projection head output."""
-        return normalize(emb if self.projection is None else self.projection(emb), dim=-1)
+        """Where the loss compares views: the L2-normalised embedding, or projection head output.
+        Always float32, also under bf16 mixed precision: cosine similarities of ~0.99 and the
+        margins between them need more than bfloat16's 8 bits of mantissa."""
+        with torch.autocast(emb.device.type, enabled=False):
+            emb = emb.float()
+            return normalize(emb if self.projection is None else self.projection(emb), dim=-1)
+
+    def _metric_loss(self, emb: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(emb.device.type, enabled=False):  # the miner's distances in float32 too
+            return self.loss_fn(emb, labels)
 
     def training_step(self, batch, batch_idx):
         padded, labels = batch
@@ -125,14 +133,14 @@ class MeLESModule(pl.LightningModule):
             raw = self.embedder(padded)
         else:
             raw, sequence = self.embedder(padded, return_sequence=True)
-        loss = self.loss_fn(self.metric_space(raw), labels)
+        loss = self._metric_loss(self.metric_space(raw), labels)
         n_clients = int(labels.max()) + 1
         aux = {}
         if self.next_event is not None:
             aux["next_event_loss"] = self.next_event(sequence, padded)
         if self.view_stats is not None:
             # the embedding itself (not the head's output), on the unit sphere
-            aux["view_stats_loss"] = self.view_stats(normalize(raw, dim=-1), padded, labels)
+            aux["view_stats_loss"] = self.view_stats(normalize(raw.float(), dim=-1), padded, labels)
         for name, value in aux.items():
             loss = loss + self.config.aux_weight * value
             self.log(name, value, on_step=False, on_epoch=True, batch_size=n_clients)
@@ -302,8 +310,8 @@ def fit(
         # a corrupt or code-carrying checkpoint, or one made for another store or network, fails here with a clear error
         check_resumable(load_weights(ckpt_path), ckpt_path, store, config)
     with quiet_lightning(), sigterm_as_interrupt():
-        trainer = build_trainer(config.max_epochs, callbacks, n_batches, show_progress, logger=logger, accelerator=accelerator,
-                                devices=devices, default_root_dir=str(out_dir) if out_dir else None, **trainer_kwargs)
+        trainer = build_trainer(config.max_epochs, callbacks, n_batches, show_progress, config.precision, logger=logger,
+                                accelerator=accelerator, devices=devices, default_root_dir=str(out_dir) if out_dir else None, **trainer_kwargs)
         trainer.fit(module, datamodule=dm, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     if ckpt_cb is not None and ckpt_cb.best_model_path and has_val:
         best = load_model(ckpt_cb.best_model_path)
@@ -330,13 +338,32 @@ def quiet_lightning():
             rank_zero.removeFilter(no_tip)
 
 
+def native_bf16(accelerator: str = "auto") -> bool:
+    """Whether the device that ``accelerator`` trains on computes bfloat16 natively: a GPU
+    with bf16, or a CPU with AVX512-BF16 or AMX tiles. Elsewhere bf16 is emulated and slower
+    than float32, so ``precision="auto"`` stays at 32."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    cpu = torch.cpu
+    return any(getattr(cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+
+
+def lightning_precision(precision: str, accelerator: str = "auto") -> str:
+    """A config's ``precision`` ("auto", "32", "bf16") as Lightning's Trainer argument."""
+    if precision == "auto":
+        precision = "bf16" if native_bf16(accelerator) else "32"
+    return {"32": "32-true", "bf16": "bf16-mixed"}[precision]
+
+
 def build_trainer(max_epochs: int, callbacks: list[pl.Callback], n_batches: int, show_progress: bool = True,
-                  **trainer_kwargs) -> pl.Trainer:
+                  precision: str = "32", **trainer_kwargs) -> pl.Trainer:
     """The one Trainer set-up of every network the package trains (MeLES and the neural
     baselines): no sanity steps, no model summary, our own batch samplers, checkpointing
-    exactly when a ``ModelCheckpoint`` is among ``callbacks``."""
+    exactly when a ``ModelCheckpoint`` is among ``callbacks``; ``precision`` as in
+    :class:`~ptls_meles.config.MeLESConfig`."""
     reuse_freed_memory()
     trainer_kwargs.setdefault("logger", False)
+    trainer_kwargs["precision"] = lightning_precision(precision, trainer_kwargs.get("accelerator", "auto"))
     checkpointing = any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks)
     return pl.Trainer(max_epochs=max_epochs, callbacks=callbacks, enable_checkpointing=checkpointing,
                       enable_progress_bar=show_progress, enable_model_summary=False, use_distributed_sampler=False,

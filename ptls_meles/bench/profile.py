@@ -24,6 +24,7 @@ import time
 from dataclasses import replace
 from collections import defaultdict
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +84,11 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
         pooled = pooled[torch.argsort(order)]
     p = pooled.detach().requires_grad_()
     loss_fn = module.loss_fn
-    with t("normalise + miner fwd"):
+    full_precision = torch.autocast(p.device.type, enabled=False)  # as in training: head, miner, loss in float32
+    with t("normalise + miner fwd"), full_precision:
         emb = module.metric_space(p)  # the projection head, if any, then L2-normalise
         indices = loss_fn.miner(emb, labels) if getattr(loss_fn, "miner", None) is not None else None
-    with t("loss fwd"):
+    with t("loss fwd"), full_precision:
         loss = loss_fn.loss(emb, labels, indices) if hasattr(loss_fn, "loss") else loss_fn(emb, labels)
     with t("normalise + miner + loss bwd"):
         loss.backward()
@@ -103,7 +105,7 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
 
 def plain_loss(module, padded, labels):
     """The training loss as ``training_step`` computes it (embed, project and L2-normalise, mine, score)."""
-    return module.loss_fn(module.metric_space(module.embedder(padded)), labels)
+    return module._metric_loss(module.metric_space(module.embedder(padded)), labels)
 
 
 def _plain_step(module, padded, labels, opt) -> None:
@@ -121,8 +123,11 @@ def profile(store, config, steps: int, warmup: int, lightning: bool = True) -> d
     from .. import datamodule as data_module
     from ..batch import pad_segments
     from ..views import make_views
-    from ..train import MeLESModule, build_trainer
+    from ..train import MeLESModule, build_trainer, lightning_precision
 
+    # the model's forward and backward under the arithmetic training would use ("precision")
+    mixed = lightning_precision(config.precision, "cpu") == "bf16-mixed"
+    arithmetic = partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=mixed)
     pl.seed_everything(config.seed, verbose=False)
     dm = data_module.MeLESDataModule(store, config)
     ds = data_module.ViewBatches(store, dm.train_clients, config)
@@ -148,7 +153,8 @@ def profile(store, config, steps: int, warmup: int, lightning: bool = True) -> d
         if i >= warmup:
             events += int(padded.lengths.sum())
     for i, (padded, labels) in enumerate(batches):
-        _staged_step(module, padded, labels, opt, t if i >= warmup else _Timers())
+        with arithmetic():
+            _staged_step(module, padded, labels, opt, t if i >= warmup else _Timers())
     measured = n - warmup
     stage_ms = {k: 1000 * v / measured for k, v in t.total.items()}
 
@@ -157,10 +163,12 @@ def profile(store, config, steps: int, warmup: int, lightning: bool = True) -> d
     module.train()
     opt = module.configure_optimizers()["optimizer"]
     for padded, labels in batches[:warmup]:
-        _plain_step(module, padded, labels, opt)
+        with arithmetic():
+            _plain_step(module, padded, labels, opt)
     t0 = time.process_time()
     for padded, labels in batches[warmup:]:
-        _plain_step(module, padded, labels, opt)
+        with arithmetic():
+            _plain_step(module, padded, labels, opt)
     plain_ms = 1000 * (time.process_time() - t0) / measured
     res = {"steps": measured, "events_per_step": events / measured, "stages_ms": stage_ms, "plain_model_ms": plain_ms}
 
@@ -173,7 +181,7 @@ def profile(store, config, steps: int, warmup: int, lightning: bool = True) -> d
 
         module = MeLESModule(config, store.encoding)
         module.embedder.event_encoder.fit_value_moments(store.columns)
-        trainer = build_trainer(1, [StepClock()], n, show_progress=False, accelerator="cpu", devices=1,
+        trainer = build_trainer(1, [StepClock()], n, False, config.precision, accelerator="cpu", devices=1,
                                 limit_train_batches=n, limit_val_batches=0)
         trainer.fit(module, datamodule=data_module.MeLESDataModule(store, replace(config, num_workers=0)))
         steps_done = len(ends) - warmup

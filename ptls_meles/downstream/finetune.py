@@ -182,6 +182,7 @@ def train_fold(
     freeze_epochs: int,
     show_progress: bool,
     accelerator: str,
+    precision: str = "32",
 ) -> int:
     """Train ``model`` on one fold; it ends in its best epoch's state, returned (0-based)."""
     from ..train import build_trainer, load_weights, quiet_lightning
@@ -194,7 +195,7 @@ def train_fold(
         if patience is not None:
             callbacks.insert(2, EarlyStopping("val_score", mode="max", patience=patience, check_on_train_epoch_end=True))
         with quiet_lightning():
-            trainer = build_trainer(max_epochs, callbacks, len(data), show_progress, accelerator=accelerator, devices=1,
+            trainer = build_trainer(max_epochs, callbacks, len(data), show_progress, precision, accelerator=accelerator, devices=1,
                                     min_epochs=max(freeze_epochs, 1), default_root_dir=tmp)
             trainer.fit(model, train_dataloaders=loader)
         checkpoint = load_weights(best.best_model_path)
@@ -229,7 +230,7 @@ def supervised_eval(
     ``target_col`` with ``evaluate``'s protocol.
 
     ``config`` gives the architecture (supervised), ``max_events``, ``weight_decay``,
-    the inference batch size, and the default ``lr``. Head lr = ``lr``; encoder lr =
+    ``precision``, the inference batch size, and the default ``lr``. Head lr = ``lr``; encoder lr =
     ``lr`` (supervised) or ``lr × 0.1`` (fine-tuned). Each fold trains until its
     validation score has not improved for ``patience`` epochs (``None``: never stops
     early), at most ``max_epochs``; ``freeze_epochs``: the encoder is frozen (head only)
@@ -270,7 +271,7 @@ def supervised_eval(
                                 dataclasses.replace(config, batch_size=batch_size, seed=fold_seed))
             validation = ValidationScore(plan, val_rows, store.take(clients[val_rows]), config.embed_batch_size)
             best = train_fold(model, data, validation, max_epochs=max_epochs, patience=patience, freeze_epochs=freeze_epochs,
-                              show_progress=show_progress, accelerator=accelerator)
+                              show_progress=show_progress, accelerator=accelerator, precision=config.precision)
             cv_scores.append(validation.scores[best])
             if len(plan.test_idx):
                 test_scores.append(plan.score(plan.test_idx, model.predict_proba(test_store, config.embed_batch_size)))

@@ -41,10 +41,11 @@ class _LengthBucketed(nn.Module):
         if groups is None:
             pooled, seq = self._run_pooled(x, lengths)
             return pooled, seq if return_sequence else None
-        out = x.new_empty(x.shape[0], self.output_size)
-        seq = x.new_zeros(x.shape[0], int(lengths.max()), self.state_size) if return_sequence else None
-        for idx in groups:
-            pooled, group_seq = self._run_pooled(x[idx], lengths[idx])
+        results = [self._run_pooled(x[idx], lengths[idx]) for idx in groups]
+        like = results[0][0]  # the states' dtype: bfloat16 under mixed precision, whatever x is
+        out = like.new_empty(x.shape[0], self.output_size)
+        seq = like.new_zeros(x.shape[0], int(lengths.max()), self.state_size) if return_sequence else None
+        for idx, (pooled, group_seq) in zip(groups, results):
             out[idx] = pooled
             if seq is not None:
                 seq[idx, : group_seq.shape[1]] = group_seq
