@@ -262,3 +262,20 @@ def test_without_patience_every_fold_runs_to_the_cap(data, monkeypatch):
     assert lengths == [4, 4] and all(1 <= e <= 4 for e in r.best_epochs)
     with pytest.raises(EvaluationError, match="patience"):
         supervised_eval(store, targets, "is_zero", CONFIG, patience=0, **FAST)
+
+
+def test_head_reads_standardised_features_and_scoring_leaves_their_statistics(data):
+    store, _ = data
+    torch.manual_seed(0)
+    model = SequenceClassifier(MeLESModule(CONFIG.to_dict(), store.encoding.to_dict()).embedder, 3)
+    batch = finetune.pad_segments(store.columns, np.arange(int(store.offsets[40])), store.offsets[:41])
+    emb = model.embedder(batch).detach()
+    # a feature scaled 10x (a max beside a mean) reaches the head with the same spread as the others
+    normed = model.norm(emb * torch.linspace(0.1, 10, emb.shape[1]))
+    varying = emb.std(0) > 1e-3  # (a ReLU unit may be dead on every client)
+    assert varying.sum() > emb.shape[1] // 2
+    assert torch.allclose(normed.std(0, unbiased=False)[varying], torch.ones(int(varying.sum())), atol=0.02)  # (BatchNorm eps)
+    running = model.norm.running_mean.clone()
+    assert not torch.equal(running, torch.zeros_like(running))  # training-mode calls move the statistics
+    model.predict_proba(store.take(np.arange(40)))
+    assert torch.equal(model.norm.running_mean, running) and model.norm.training  # scoring does not

@@ -8,8 +8,11 @@
   the head does not). The pretrained module itself is never modified.
 
 Model: :class:`SequenceClassifier`, a LightningModule: embedder (raw, un-normalised
-output) → dropout → ``Linear(output_size, n_classes)``, cross-entropy (binary targets are
-two classes; AUROC is scored on ``softmax[:, 1]``). Each fold is trained by the package's
+output) → ``BatchNorm1d`` without affine weights → dropout → ``Linear(output_size,
+n_classes)``, cross-entropy (binary targets are two classes; AUROC is scored on
+``softmax[:, 1]``). The normalisation is there for the fine-tuned model: the parts of a
+pretrained embedding differ in scale by up to ~10× (a mean pools to small spreads, a max to
+large values), which one linear head at one learning rate fits badly. Each fold is trained by the package's
 one Trainer set-up (:func:`~ptls_meles.train.build_trainer`), as MeLES is:
 
 * batches: :class:`ClientSlices`, the length-bucketed batch plan of
@@ -98,19 +101,20 @@ class ClientSlices(ViewBatches):
 
 # --------------------------------------------------------------------------- model
 class SequenceClassifier(pl.LightningModule):
-    """Embedder (raw, un-normalised output) → dropout → linear head; step logic only."""
+    """Embedder (raw, un-normalised output) → feature standardisation → dropout → linear head; step logic only."""
 
     def __init__(self, embedder: nn.Module, n_classes: int, dropout: float = 0.0, *, head_lr: float = 1e-3,
                  encoder_lr: float = 1e-3, weight_decay: float = 0.0, max_events: int | None = None, seed: int = 0) -> None:
         super().__init__()
         self.embedder = embedder.train()  # a pretrained copy comes in eval mode; Lightning does not switch it
+        self.norm = nn.BatchNorm1d(embedder.output_size, affine=False)
         self.dropout = nn.Dropout(dropout)
         self.head = nn.Linear(embedder.output_size, n_classes)
         self.head_lr, self.encoder_lr, self.weight_decay = head_lr, encoder_lr, weight_decay
         self.max_events, self.seed = max_events, seed
 
     def forward(self, batch: PaddedBatch) -> torch.Tensor:
-        return self.head(self.dropout(self.embedder(batch)))
+        return self.head(self.dropout(self.norm(self.embedder(batch))))
 
     def on_train_epoch_start(self) -> None:
         torch.manual_seed(self.seed * 100 + self.current_epoch)  # dropout depends only on (seed, fold, epoch)
@@ -123,7 +127,7 @@ class SequenceClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         groups = [{"params": list(self.embedder.parameters()), "lr": self.encoder_lr},
-                  {"params": list(self.head.parameters()), "lr": self.head_lr}]
+                  {"params": list(self.head.parameters()), "lr": self.head_lr}]  # the norm has no parameters
         return torch.optim.Adam(groups, weight_decay=self.weight_decay)
 
     @torch.no_grad()
@@ -131,9 +135,12 @@ class SequenceClassifier(pl.LightningModule):
         """Class probabilities ``[n_clients, C]`` of every client of ``store``, in store order,
         from each client's last ``max_events`` events (the shared inference path)."""
         out = np.zeros((store.n_clients, self.head.out_features), np.float32)
+        was_training = self.norm.training
+        self.norm.eval()  # its running statistics; scoring must not move them
         for clients, emb in iter_embeddings(self.embedder, store, self.max_events, batch_size, show_progress=False):
-            logits = self.head(torch.from_numpy(emb).to(self.head.weight.device))
+            logits = self.head(self.norm(torch.from_numpy(emb).to(self.head.weight.device)))
             out[clients] = torch.softmax(logits.float(), dim=-1).cpu().numpy()
+        self.norm.train(was_training)
         return out
 
 
