@@ -180,14 +180,19 @@ class MeLESConfig:
 
 def parse_settings(pairs: list[str] | None) -> dict:
     """``KEY=VALUE`` strings (``--set``, ``--define``) -> settings; values are Python
-    literals when they parse (``8``, ``None``, ``True``), else strings (``last,mean``)."""
+    literals when they parse (``8``, ``None``, ``True``), else strings (``last,mean``);
+    a text setting stays text (``precision=32`` is ``"32"``)."""
     import ast
 
+    text_settings = {f.name for f in fields(MeLESConfig) if f.type in ("str", str)}
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"expected KEY=VALUE, e.g. hidden_size=128, got {pair!r}")
+        if key.strip() in text_settings:
+            out[key.strip()] = value
+            continue
         try:
             out[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ptls_meles.config import MeLESConfig
+from ptls_meles.config import MeLESConfig, parse_settings
 from ptls_meles.nn.seq_encoder import ConvSeqEncoder, RnnSeqEncoder
 from ptls_meles.train import lightning_precision
 
@@ -14,6 +14,9 @@ def test_precision_setting_is_checked_and_the_paper_preset_pins_float32():
         MeLESConfig(precision="fp16")
     assert MeLESConfig(preset="paper").precision == "32"
     assert MeLESConfig(preset="paper", precision="bf16").precision == "bf16"
+    # on the command line (--set, --define) a text setting stays text: precision=32 is "32", not 32
+    assert parse_settings(["precision=32", "hidden_size=8", "pooling=last,mean"]) == {
+        "precision": "32", "hidden_size": 8, "pooling": "last,mean"}
 
 
 @pytest.mark.parametrize("native", [True, False])
