@@ -104,3 +104,18 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
     assert vary[0]["scores"] == rows[0]["scores"]  # the hand-crafted row is cached; only its fraction is new
     text = (tmp_path / "report" / "vary.md").read_text()
     assert "| 0.5 | hidden_size=12 |" in text and (tmp_path / "report" / "vary_fractions.png").stat().st_size > 0
+
+
+def test_an_earlier_supervised_row_under_a_dated_name_stays_a_supervised_row(tmp_path):
+    from ptls_meles.bench.quality import cached_rows
+
+    score = {"label": {"test": 0.5, "test_interval": 0.1, "cv": 0.5, "cv_interval": 0.1, "metric": "auroc", "best_epochs": [3]}}
+    rows_dir = tmp_path / "rows"
+    rows_dir.mkdir()
+    (rows_dir / "_handcrafted-x.json").write_text(json.dumps({"name": "hand-crafted", "n_features": 3, "scores": score}))
+    (rows_dir / "_supervised-x.json").write_text(json.dumps({"name": "supervised encoder", "scores": score}))
+    (rows_dir / "default-x.json").write_text(json.dumps({"name": "default", "scores": score, "budget_min": 0}))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps([{"name": "supervised encoder (GRU, 2026-11-28)", "scores": score}]))
+    names = [r["name"] for r in cached_rows(rows_dir, ["label"], [str(earlier)])]
+    assert names == ["hand-crafted", "supervised encoder", "supervised encoder (GRU, 2026-11-28)", "default"]

@@ -383,7 +383,7 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
             row["fractions"][f] = {t: scores[t] for t in target_list if t in scores}
         if row["name"] == HAND:
             hand = hand or row
-        elif row["name"] == SUPERVISED:
+        elif row["name"].startswith(SUPERVISED):  # also earlier ones kept under a dated name
             supervised.append(row)
         else:
             trained.append(row)
@@ -432,8 +432,8 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
     lines.append(f"| {HAND} | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – | – |")
     trained = [r for r in rows[1:] if "train_minutes" in r]
     for r in rows[1:]:
-        if r["name"] == SUPERVISED:
-            lines.append(f"| {SUPERVISED} | sequences | {cells(r['scores'])} | – | – | {_fold_epochs(r['scores'])} | – |")
+        if r["name"].startswith(SUPERVISED):
+            lines.append(f"| {r['name']} | sequences | {cells(r['scores'])} | – | – | {_fold_epochs(r['scores'])} | – |")
             continue
         best = f"{r['epochs']} ({r['best_epoch']})" if r.get("epochs") else "–"
         vr = f"{r['val_recall']:.3f}" if r.get("val_recall") is not None else "–"
