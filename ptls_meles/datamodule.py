@@ -70,7 +70,7 @@ class ViewBatches(Dataset):
     Returns ``(PaddedBatch, labels)`` with labels = client position within the batch.
     Clients are length-bucketed: the epoch's permutation is sorted by length within
     windows of 50 batches, so clients of similar length (hence similar view lengths)
-    share a batch, then batch order is shuffled.
+    share a batch, then batch order is shuffled. A lone client left over joins the last batch.
     """
 
     def __init__(self, store: SequenceStore, clients: np.ndarray, config: MeLESConfig, fixed_epoch: int | None = None) -> None:
@@ -79,7 +79,10 @@ class ViewBatches(Dataset):
         self.clients = np.asarray(clients, dtype=np.int64)
         self.config = config
         self.fixed_epoch = fixed_epoch
-        self.n_batches = int(np.ceil(len(self.clients) / config.batch_size))
+        n, size = len(self.clients), config.batch_size
+        # a lone client in the last batch has no negatives (and breaks a BatchNorm over clients):
+        # it joins the batch before instead
+        self.n_batches = -(-n // size) - (1 if n > size and n % size == 1 else 0)
         self._plan: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
@@ -94,7 +97,8 @@ class ViewBatches(Dataset):
             for s in range(0, len(perm), window):
                 seg = slice(s, s + window)
                 perm[seg] = perm[seg][np.argsort(lens[seg], kind="stable")]
-            batches = [perm[i : i + self.config.batch_size] for i in range(0, len(perm), self.config.batch_size)]
+            starts = np.arange(self.n_batches) * self.config.batch_size
+            batches = np.split(perm, starts[1:])  # the last batch takes what is left
             order = rng.permutation(len(batches))
             self._plan = (epoch, [batches[i] for i in order])
         return self._plan[1]

@@ -193,3 +193,19 @@ def test_recall_at_k_by_hand():
     same_pairs = torch.tensor([0, 0, 1, 1])
     assert recall_at_k(good, same_pairs, 1) == 1.0
     assert recall_at_k(good, same_pairs, 10) == pytest.approx(1 / 3)  # k clipped to n - 1 = 3
+
+
+@pytest.mark.parametrize("n_clients, sizes", [(129, [64, 65]), (128, [64, 64]), (130, [64, 64, 2]), (1, [1])])
+def test_a_lone_client_never_makes_a_batch_of_its_own(n_clients, sizes):
+    # one client alone has no negatives, and one row breaks a BatchNorm over clients (the neural baselines' head)
+    from ptls_meles.store import SequenceStore
+    from ptls_meles.encoding import CategoryVocab, Encoding
+
+    offsets = np.arange(n_clients + 1, dtype=np.int64) * 3
+    enc = Encoding("c", "t", "number", categorical={"m": CategoryVocab(values=["a"])})
+    store = SequenceStore(np.arange(n_clients).astype(str), offsets,
+                          {"t": np.arange(3.0 * n_clients), "m": np.full(3 * n_clients, 2, np.int32)}, enc)
+    ds = ViewBatches(store, np.arange(n_clients), MeLESConfig(batch_size=64, cnt_min=1, cnt_max=3))
+    plan = ds._epoch_plan(0)
+    assert len(ds) == len(plan) and sorted(len(b) for b in plan) == sorted(sizes)
+    assert np.array_equal(np.sort(np.concatenate(plan)), np.arange(n_clients))  # every client once

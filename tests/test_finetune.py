@@ -279,3 +279,10 @@ def test_head_reads_standardised_features_and_scoring_leaves_their_statistics(da
     assert not torch.equal(running, torch.zeros_like(running))  # training-mode calls move the statistics
     model.predict_proba(store.take(np.arange(40)))
     assert torch.equal(model.norm.running_mean, running) and model.norm.training  # scoring does not
+
+
+def test_a_fold_whose_clients_leave_one_over_a_batch_still_trains(data):
+    store, targets = data
+    # 2 folds of 192 clients: 96 fit a fold, so batches of 95 would leave one client alone (BatchNorm needs two)
+    r = supervised_eval(store, targets, "is_zero", CONFIG, **{**FAST, "batch_size": 95, "max_epochs": 1})
+    assert len(r.cv_scores) == 2 and all(0.0 <= s <= 1.0 for s in r.cv_scores)

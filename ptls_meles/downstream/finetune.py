@@ -11,7 +11,7 @@ Model: :class:`SequenceClassifier`, a LightningModule: embedder (raw, un-normali
 output) → ``BatchNorm1d`` without affine weights → dropout → ``Linear(output_size,
 n_classes)``, cross-entropy (binary targets are two classes; AUROC is scored on
 ``softmax[:, 1]``). The normalisation is there for the fine-tuned model: the parts of a
-pretrained embedding differ in scale by up to ~10× (a mean pools to small spreads, a max to
+pretrained embedding differ in spread by ~6× (a mean pools to small spreads, a max to
 large values), which one linear head at one learning rate fits badly. Each fold is trained by the package's
 one Trainer set-up (:func:`~ptls_meles.train.build_trainer`), as MeLES is:
 
