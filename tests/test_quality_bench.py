@@ -31,7 +31,7 @@ def test_markdown_table_escapes_pipes():
     assert markdown_table(["a", "b"], [[1, "x|y"]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
 
 
-def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
+def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, monkeypatch):
     events = events_frame(n_clients=150, max_len=30, seed=4)
     store_dir = tmp_path / "store"
     store, _ = prepare(events, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), out=store_dir,
@@ -92,6 +92,19 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path):
     assert neural[2]["scores"] == rows[1]["scores"]  # the embedding rows are the cached ones
     text = (tmp_path / "report" / "neural.md").read_text()
     assert "| supervised encoder | sequences |" in text and "| paper | fine-tuned |" in text
+    # --finetune-freeze: each configuration is fine-tuned again, the encoder frozen at first; the
+    # supervised row (nothing pretrained to freeze) is kept as it was
+    from ptls_meles.downstream import finetune
+
+    calls, real = [], finetune.supervised_eval
+    monkeypatch.setattr(finetune, "supervised_eval",
+                        lambda *a, **kw: calls.append((kw["pretrained"] is not None, kw["freeze_epochs"])) or real(*a, **kw))
+    main(argv[:-2] + ["--configs", "paper", "--neural", "--finetune-epochs", "2", "--finetune-patience", "1",
+                      "--finetune-freeze", "1", "--report", str(tmp_path / "report" / "frozen")])
+    assert calls == [(True, 1), (True, 1)]
+    frozen = json.loads((tmp_path / "report" / "frozen.json").read_text())
+    assert frozen[1]["scores"] == neural[1]["scores"] and frozen[2]["finetune"]["finetune_freeze"] == 1
+    assert "label" in frozen[2]["scores_finetuned"] and "label" in frozen[3]["scores_finetuned"]
     # --vary: one configuration per value; --fractions: fewer labelled clients, the test part fixed
     base = argv[:argv.index("--configs")] + argv[argv.index("--set"):-2]
     main(base + ["--configs", "", "--vary", "hidden_size=8/12", "--fractions", "0.5",

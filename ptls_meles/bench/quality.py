@@ -12,7 +12,8 @@ and beside the hand-crafted features, with :func:`evaluate`'s protocol, on every
 ``--neural`` adds the neural baselines: a supervised encoder (the defaults with ``--set``,
 trained once per data) and each configuration's model fine-tuned; both train each fold
 until its validation score has not improved for ``--finetune-patience`` epochs, at most
-``--finetune-epochs``. ``--fractions`` scores hand-crafted features and each
+``--finetune-epochs`` (``--finetune-freeze N``: fine-tuning trains only the new head for
+its first N epochs). ``--fractions`` scores hand-crafted features and each
 configuration's embeddings with only that share of the training clients labelled.
 
 Rows are cached in ``OUT/rows/NAME-KEY.json`` (keyed by the configuration, data and
@@ -117,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add the supervised-encoder row and/or each configuration fine-tuned (two processes can share the work)")
     ap.add_argument("--finetune-epochs", type=int, default=50, help="--neural: epoch cap of each fold")
     ap.add_argument("--finetune-patience", type=int, default=5, help="--neural: epochs without a better validation score")
+    ap.add_argument("--finetune-freeze", type=int, default=0,
+                    help="--neural: fine-tuning trains only the new head for this many epochs, then the encoder too")
     ap.add_argument("--fractions", default="", help="labelled shares to score, e.g. 0.05,0.1,0.25,0.5")
     ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
@@ -236,6 +239,9 @@ class QualityBench:
         self.a, self.store, self.targets, self.target_list, self.data_key, self.work = a, store, targets, target_list, data_key, work
         self.lgbm = LGBM[a.lgbm]
         self.neural_key = {"finetune_epochs": a.finetune_epochs, "finetune_patience": a.finetune_patience}
+        # the fine-tuned rows' key; freezing concerns only a pretrained encoder, and rows made
+        # without it keep their key
+        self.finetune_key = {**self.neural_key, **({"finetune_freeze": a.finetune_freeze} if a.finetune_freeze else {})}
         self.hand = handcrafted_features(store)
         self.fractions = _fractions(a.fractions)
 
@@ -248,9 +254,10 @@ class QualityBench:
         """Supervised (``pretrained=None``) or fine-tuned scores on :func:`evaluate`'s folds."""
         from ..downstream.finetune import supervised_eval
 
+        freeze = self.a.finetune_freeze if pretrained is not None else 0
         return {t: _scores(supervised_eval(self.store, self.targets, t, config, pretrained=pretrained,
                                            max_epochs=self.a.finetune_epochs, patience=self.a.finetune_patience,
-                                           show_progress=False))
+                                           freeze_epochs=freeze, show_progress=False))
                 for t in self.target_list}
 
     @staticmethod
@@ -308,9 +315,9 @@ class QualityBench:
                        budget_min=a.budget_min, epoch_cap=a.epochs)
         self.fill(file, row, "scores", lambda: self.lgbm_scores([emb()]))
         self.fill(file, row, "scores_both", lambda: self.lgbm_scores([self.hand, emb()]))
-        if a.neural in ("both", "finetuned") and row.get("finetune") != self.neural_key:
+        if a.neural in ("both", "finetuned") and row.get("finetune") != self.finetune_key:
             row.pop("scores_finetuned", None)
-            row["finetune"] = self.neural_key
+            row["finetune"] = self.finetune_key
             self.fill(file, row, "scores_finetuned", lambda: self.neural_scores(module().config, module()))
         self.fill_fractions(file, row, lambda: [emb()])
         return row
