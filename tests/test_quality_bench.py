@@ -27,6 +27,14 @@ def test_parse_vary_makes_one_configuration_per_value():
         parse_vary("encoder")
 
 
+@pytest.mark.parametrize("freeze", ["-1", "50"])
+def test_a_freeze_that_never_lets_the_encoder_train_is_refused_before_any_work(tmp_path, freeze):
+    with pytest.raises(ValueError, match="--finetune-freeze must be >= 0 and below --finetune-epochs"):
+        main(["--dataset", str(tmp_path / "no_store"), "--out", str(tmp_path / "work"), "--neural",
+              "--finetune-freeze", freeze])
+    assert not (tmp_path / "work").exists()
+
+
 def test_markdown_table_escapes_pipes():
     assert markdown_table(["a", "b"], [[1, "x|y"]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
 

@@ -327,6 +327,9 @@ def main(argv: list[str] | None = None) -> None:
     from ..datasets.recipes import load_targets
 
     a = build_parser().parse_args(argv)
+    if not 0 <= a.finetune_freeze < a.finetune_epochs:  # refused before hours of training, not at the first fold
+        raise ValueError(f"--finetune-freeze must be >= 0 and below --finetune-epochs ({a.finetune_epochs}), so the "
+                         f"encoder trains at all; got {a.finetune_freeze} (example: --finetune-freeze 2)")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("ptls_meles").setLevel(logging.INFO)  # the rows and each neural fold, also under the CLI
     torch.set_num_threads(a.threads)
