@@ -47,6 +47,19 @@ def make_store() -> SequenceStore:
     return SequenceStore(np.array(["a", "empty", "b", "c"]), np.array([0, 3, 3, 6, 7]), columns, encoding)
 
 
+def test_value_shares_cover_every_value_beyond_top_k():
+    """top_k=1 keeps one value's counts, yet shares name every value and the rare id, by hand."""
+    f = handcrafted_features(make_store(), top_k=1, shares=True).set_index("client_id")
+    share_cols = [c for c in f.columns if c.endswith("_share")]
+    assert share_cols == ["mcc_5411_share", "mcc_6011_share", "mcc_4829_share", "mcc__rare_share"]
+    np.testing.assert_allclose(f.loc["a", share_cols], [2 / 3, 1 / 3, 0, 0])
+    np.testing.assert_allclose(f.loc["b", share_cols], [0, 1 / 3, 1 / 3, 1 / 3])
+    np.testing.assert_allclose(f.loc["c", share_cols], [1, 0, 0, 0])
+    assert f.loc["empty", share_cols].isna().all()
+    assert "mcc_6011_count" not in f.columns
+    assert not any(c.endswith("_share") for c in handcrafted_features(make_store()).columns)
+
+
 def test_handcrafted_features_by_hand():
     f = handcrafted_features(make_store(), top_k=3).set_index("client_id")
     assert list(handcrafted_features(make_store()).columns[:3]) == ["client_id", "count", "time_span"]

@@ -140,3 +140,31 @@ def test_an_earlier_supervised_row_under_a_dated_name_stays_a_supervised_row(tmp
     earlier.write_text(json.dumps([{"name": "supervised encoder (GRU, 2026-11-28)", "scores": score}]))
     names = [r["name"] for r in cached_rows(rows_dir, ["label"], [str(earlier)])]
     assert names == ["hand-crafted", "supervised encoder", "supervised encoder (GRU, 2026-11-28)", "default"]
+
+
+def test_hand_shares_adds_a_second_yardstick_row_kept_apart_from_the_both_rows(tmp_path):
+    """--hand-shares scores hand-crafted + every value's share as its own row (reported and
+    cached after the plain one); the plain hand-crafted row is unchanged."""
+    events = events_frame(n_clients=120, max_len=30, seed=5)
+    store_dir = tmp_path / "store"
+    store, _ = prepare(events, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), out=store_dir,
+                       show_progress=False)
+    rng = np.random.default_rng(1)
+    pd.DataFrame({"client_id": store.client_ids, "label": rng.integers(0, 2, store.n_clients)}).to_parquet(
+        store_dir / "targets.parquet")
+    argv = ["--dataset", str(store_dir), "--out", str(tmp_path / "work"), "--configs", "", "--lgbm", "fast",
+            "--report", str(tmp_path / "report" / "q")]
+    main(argv)
+    plain = json.loads((tmp_path / "report" / "q.json").read_text())
+    assert [r["name"] for r in plain] == ["hand-crafted"]
+    main(argv + ["--hand-shares"])
+    rows = json.loads((tmp_path / "report" / "q.json").read_text())
+    assert [r["name"] for r in rows] == ["hand-crafted", "hand-crafted + shares of every value"]
+    n_values = len(store.encoding.categorical["mcc"].values)
+    assert rows[1]["n_features"] == rows[0]["n_features"] + n_values + 1  # + the rare id's share
+    assert rows[0]["scores"] == plain[0]["scores"]
+    assert 0.0 <= rows[1]["scores"]["label"]["test"] <= 1.0
+    assert "| hand-crafted + shares of every value |" in (tmp_path / "report" / "q.md").read_text()
+    main(argv[:-2] + ["--report-only", "--report", str(tmp_path / "report" / "again")])
+    again = json.loads((tmp_path / "report" / "again.json").read_text())
+    assert [r["name"] for r in again] == [r["name"] for r in rows]

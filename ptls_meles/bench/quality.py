@@ -78,6 +78,9 @@ DEFAULT_TARGETS = {  # per dataset recipe; a store's defaults are the first list
 #: settings that change only how a trained model embeds: rows differing only in these reuse one training run
 INFERENCE_ONLY = ("embed_chunk", "max_events", "embed_batch_size")
 HAND, SUPERVISED = "hand-crafted", "supervised encoder"
+#: --hand-shares: the hand-crafted features plus every category value's share of events (a stronger yardstick
+#: where the mix of many values matters; the "both" rows keep the plain hand-crafted features)
+HAND_SHARES = "hand-crafted + shares of every value"
 
 
 def parse_define(text: str) -> tuple[str, dict]:
@@ -120,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-patience", type=int, default=5, help="--neural: epochs without a better validation score")
     ap.add_argument("--finetune-freeze", type=int, default=0,
                     help="--neural: fine-tuning trains only the new head for this many epochs, then the encoder too")
+    ap.add_argument("--hand-shares", action="store_true",
+                    help="also score the hand-crafted features plus each client's share of every category value")
     ap.add_argument("--fractions", default="", help="labelled shares to score, e.g. 0.05,0.1,0.25,0.5")
     ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
@@ -282,6 +287,18 @@ class QualityBench:
         self.fill_fractions(file, row, lambda: [self.hand])
         return row
 
+    def hand_shares_row(self, rows_dir: Path) -> dict:
+        file = rows_dir / f"_handcrafted-shares-{_digest(self.data_key)}.json"
+        row = json.loads(file.read_text()) if file.exists() else {"name": HAND_SHARES}
+
+        def scores() -> dict:
+            table = handcrafted_features(self.store, shares=True)
+            row["n_features"] = table.shape[1] - 1
+            return self.lgbm_scores([table])
+
+        self.fill(file, row, "scores", scores)
+        return row
+
     def supervised_row(self, rows_dir: Path, common: dict) -> dict:
         file = rows_dir / f"_supervised-{_digest({'data': self.data_key, 'config': common, **self.neural_key})}.json"
         row = json.loads(file.read_text()) if file.exists() else {"name": SUPERVISED, "overrides": common, **self.neural_key}
@@ -356,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = QualityBench(a, store, targets, target_list, data_key, work)
     rows = [bench.hand_row(rows_dir)]
     log.info("hand-crafted: %s", _brief(rows[0]["scores"]))
+    if a.hand_shares:
+        rows.append(bench.hand_shares_row(rows_dir))
+        log.info("%s: %s", HAND_SHARES, _brief(rows[-1]["scores"]))
     if a.neural in ("both", "supervised"):
         rows.append(bench.supervised_row(rows_dir, parse_settings(a.set)))
         log.info("supervised encoder: %s", _brief(rows[-1]["scores"]))
@@ -370,11 +390,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[str] = ()) -> list[dict]:
-    """Every cached row that scored all of ``target_list`` (hand-crafted first, the supervised
-    encoder next, then by training time), cut to those targets: what ``--report-only`` reports.
+    """Every cached row that scored all of ``target_list`` (hand-crafted first, then with
+    shares, the supervised encoder next, then by training time), cut to those targets: what ``--report-only`` reports.
     ``earlier_reports`` (report JSON files) add their rows whose names the cache lacks, so a
     report survives a cleaned work directory without re-training its rows."""
-    hand, supervised, trained = None, [], []
+    hand, hand_shares, supervised, trained = None, [], [], []
     found = [json.loads(file.read_text()) for file in sorted(rows_dir.glob("*.json"))]
     names = {r["name"] for r in found}
     for report in earlier_reports:
@@ -393,13 +413,15 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
             row["fractions"][f] = {t: scores[t] for t in target_list if t in scores}
         if row["name"] == HAND:
             hand = hand or row
+        elif row["name"] == HAND_SHARES:
+            hand_shares = hand_shares or [row]
         elif row["name"].startswith(SUPERVISED):  # also earlier ones kept under a dated name
             supervised.append(row)
         else:
             trained.append(row)
     if hand is None:
         raise ValueError(f"no cached hand-crafted row in {rows_dir} scores all of {target_list}")
-    return [hand] + supervised + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
+    return [hand] + hand_shares + supervised + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
 
 
 def _machine() -> str:
@@ -442,6 +464,9 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
     lines.append(f"| {HAND} | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – | – |")
     trained = [r for r in rows[1:] if "train_minutes" in r]
     for r in rows[1:]:
+        if r["name"] == HAND_SHARES:
+            lines.append(f"| {HAND_SHARES} | {r['n_features']} aggregates | {cells(r['scores'])} | – | – | – | – |")
+            continue
         if r["name"].startswith(SUPERVISED):
             lines.append(f"| {r['name']} | sequences | {cells(r['scores'])} | – | – | {_fold_epochs(r['scores'])} | – |")
             continue

@@ -29,6 +29,7 @@ def handcrafted_features(
     main_numeric: str | None = None,
     raw_numeric: bool = True,
     detailed: bool = True,
+    shares: bool = False,
 ) -> pd.DataFrame:
     """One row per client (column ``client_id`` first, store order) of aggregate features.
 
@@ -38,6 +39,9 @@ def handcrafted_features(
     store's numeric transform (log / standardize) first, so sums and means are of the
     original amounts as in the paper; pass ``False`` to aggregate the stored values.
     ``detailed=False`` gives the paper's features only (count, mean, std per value).
+    ``shares=True`` adds each client's share of events for *every* value of each categorical
+    field (not only the top ``k``), the unseen/rare id included: where the mix of many
+    values carries the signal, as category mixes often do, the top ``k`` counts miss it.
 
     Stds are sample stds (ddof=1, as pandas), NaN for fewer than two events; means,
     mins and maxes are NaN for no events. NaN numeric values are ignored.
@@ -71,6 +75,8 @@ def handcrafted_features(
     for field, vocab in store.encoding.categorical.items():
         if field not in store.columns:
             continue
+        if shares:
+            out.update(_value_shares(field, vocab.values, store.columns[field], client_of_event, lengths))
         k = min(top_k, len(vocab.values))
         if k == 0:
             continue
@@ -142,6 +148,19 @@ def _top_k_keys(ids: np.ndarray, client_of_event: np.ndarray, k: int) -> tuple[n
     ids = np.asarray(ids)
     mask = (ids >= N_RESERVED) & (ids < N_RESERVED + k)
     return mask, client_of_event[mask] * k + (ids[mask].astype(np.int64) - N_RESERVED)
+
+
+def _value_shares(field: str, value_names: list[str], ids: np.ndarray, client_of_event: np.ndarray,
+                  lengths: np.ndarray) -> dict[str, np.ndarray]:
+    """Share of each client's events per value (ids ``N_RESERVED..``) and for the rare/unseen
+    id (``N_RESERVED - 1``), one bincount over ``client * width + id``; NaN for no events."""
+    n, width = len(lengths), N_RESERVED + len(value_names)
+    counts = np.bincount(client_of_event * width + np.asarray(ids, dtype=np.int64), minlength=n * width).reshape(n, width)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = counts / lengths[:, None].astype(np.float64)
+    out = {f"{field}_{value}_share": share[:, N_RESERVED + j] for j, value in enumerate(value_names)}
+    out[f"{field}__rare_share"] = share[:, N_RESERVED - 1]
+    return out
 
 
 def _category_aggregates(
