@@ -15,6 +15,8 @@ until its validation score has not improved for ``--finetune-patience`` epochs, 
 ``--finetune-epochs`` (``--finetune-freeze N``: fine-tuning trains only the new head for
 its first N epochs). ``--fractions`` scores hand-crafted features and each
 configuration's embeddings with only that share of the training clients labelled.
+``--hand-shares`` adds a second yardstick: the hand-crafted features plus each client's
+share of every category value (the plain features count only the top 50 values).
 
 Rows are cached in ``OUT/rows/NAME-KEY.json`` (keyed by the configuration, data and
 budget) and trained models in ``OUT/runs/``: a rerun computes only what is missing.
