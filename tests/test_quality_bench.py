@@ -39,14 +39,20 @@ def test_markdown_table_escapes_pipes():
     assert markdown_table(["a", "b"], [[1, "x|y"]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | x\\|y |"]
 
 
-def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, monkeypatch):
-    events = events_frame(n_clients=150, max_len=30, seed=4)
-    store_dir = tmp_path / "store"
+def toy_store_with_labels(store_dir, n_clients: int, seed: int):
+    """A prepared toy store with a random binary ``label`` in its targets.parquet."""
+    events = events_frame(n_clients=n_clients, max_len=30, seed=seed)
     store, _ = prepare(events, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), out=store_dir,
                        show_progress=False)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     pd.DataFrame({"client_id": store.client_ids, "label": rng.integers(0, 2, store.n_clients)}).to_parquet(
         store_dir / "targets.parquet")
+    return store
+
+
+def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, monkeypatch):
+    store_dir = tmp_path / "store"
+    toy_store_with_labels(store_dir, n_clients=150, seed=4)
     argv = ["--dataset", str(store_dir), "--out", str(tmp_path / "work"), "--configs", "paper",
             "--define", "pooled:pooling=last,max;numeric_encoding=by_category", "--set", "hidden_size=8",
             "--set", "batch_size=16", "--set", "cnt_min=2", "--set", "cnt_max=10", "--set", "num_workers=0",
@@ -145,13 +151,8 @@ def test_an_earlier_supervised_row_under_a_dated_name_stays_a_supervised_row(tmp
 def test_hand_shares_adds_a_second_yardstick_row_kept_apart_from_the_both_rows(tmp_path):
     """--hand-shares scores hand-crafted + every value's share as its own row (reported and
     cached after the plain one); the plain hand-crafted row is unchanged."""
-    events = events_frame(n_clients=120, max_len=30, seed=5)
     store_dir = tmp_path / "store"
-    store, _ = prepare(events, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), out=store_dir,
-                       show_progress=False)
-    rng = np.random.default_rng(1)
-    pd.DataFrame({"client_id": store.client_ids, "label": rng.integers(0, 2, store.n_clients)}).to_parquet(
-        store_dir / "targets.parquet")
+    store = toy_store_with_labels(store_dir, n_clients=120, seed=5)
     argv = ["--dataset", str(store_dir), "--out", str(tmp_path / "work"), "--configs", "", "--lgbm", "fast",
             "--report", str(tmp_path / "report" / "q")]
     main(argv)
