@@ -393,7 +393,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[str] = ()) -> list[dict]:
     """Every cached row that scored all of ``target_list`` (hand-crafted first, then with
-    shares, the supervised encoder next, then by training time), cut to those targets: what ``--report-only`` reports.
+    shares, the supervised encoder next, then by training time), cut to those targets:
+    what ``--report-only`` reports.
     ``earlier_reports`` (report JSON files) add their rows whose names the cache lacks, so a
     report survives a cleaned work directory without re-training its rows."""
     hand, hand_shares, supervised, trained = None, [], [], []
@@ -416,7 +417,7 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
         if row["name"] == HAND:
             hand = hand or row
         elif row["name"] == HAND_SHARES:
-            hand_shares = hand_shares or [row]
+            hand_shares = hand_shares or [row]  # the first found, as for the plain row
         elif row["name"].startswith(SUPERVISED):  # also earlier ones kept under a dated name
             supervised.append(row)
         else:
