@@ -40,11 +40,12 @@ def test_markdown_table_escapes_pipes():
 
 
 def toy_store_with_labels(store_dir, n_clients: int, seed: int):
-    """A prepared toy store with a random binary ``label`` in its targets.parquet."""
+    """A prepared toy store with a random binary ``label`` in its targets.parquet (drawn from
+    its own stream: the events' generator with the same seed would tie it to the lengths)."""
     events = events_frame(n_clients=n_clients, max_len=30, seed=seed)
     store, _ = prepare(events, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), out=store_dir,
                        show_progress=False)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, 1])
     pd.DataFrame({"client_id": store.client_ids, "label": rng.integers(0, 2, store.n_clients)}).to_parquet(
         store_dir / "targets.parquet")
     return store
@@ -131,6 +132,17 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, mon
     assert vary[0]["scores"] == rows[0]["scores"]  # the hand-crafted row is cached; only its fraction is new
     text = (tmp_path / "report" / "vary.md").read_text()
     assert "| 0.5 | hidden_size=12 |" in text and (tmp_path / "report" / "vary_fractions.png").stat().st_size > 0
+    # --hand-shares on a trained row: embeddings beside the stronger yardstick, from the cached run
+    runs_before = sorted(p.name for p in (tmp_path / "work" / "runs").iterdir())
+    main(argv[:-2] + ["--configs", "paper", "--hand-shares", "--report", str(tmp_path / "report" / "shares")])
+    assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == runs_before
+    shares = json.loads((tmp_path / "report" / "shares.json").read_text())
+    assert [r["name"] for r in shares[:2]] == ["hand-crafted", "hand-crafted + shares of every value"]
+    paper = next(r for r in shares if r["name"] == "paper")
+    assert paper["scores"] == rows[1]["scores"] and paper["scores_both"] == rows[1]["scores_both"]
+    assert 0.0 <= paper["scores_both_shares"]["label"]["test"] <= 1.0
+    assert paper["scores_both_shares"] != paper["scores_both"]  # other features beside the embeddings
+    assert "| paper | hand-crafted + shares + embeddings |" in (tmp_path / "report" / "shares.md").read_text()
 
 
 def test_an_earlier_supervised_row_under_a_dated_name_stays_a_supervised_row(tmp_path):

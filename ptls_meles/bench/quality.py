@@ -81,8 +81,11 @@ DEFAULT_TARGETS = {  # per dataset recipe; a store's defaults are the first list
 INFERENCE_ONLY = ("embed_chunk", "max_events", "embed_batch_size")
 HAND, SUPERVISED = "hand-crafted", "supervised encoder"
 #: --hand-shares: the hand-crafted features plus every category value's share of events (a stronger yardstick
-#: where the mix of many values matters; the "both" rows keep the plain hand-crafted features)
+#: where the mix of many values matters). The "both" rows keep the plain hand-crafted features, so earlier rows
+#: stay comparable; each trained row also gets a "shares + embeddings" line: what the embedding adds to the
+#: stronger yardstick.
 HAND_SHARES = "hand-crafted + shares of every value"
+BOTH_SHARES = "hand-crafted + shares + embeddings"
 
 
 def parse_define(text: str) -> tuple[str, dict]:
@@ -126,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--finetune-freeze", type=int, default=0,
                     help="--neural: fine-tuning trains only the new head for this many epochs, then the encoder too")
     ap.add_argument("--hand-shares", action="store_true",
-                    help="also score the hand-crafted features plus each client's share of every category value")
+                    help="also score the hand-crafted features plus each client's share of every category value, "
+                         "alone and beside each configuration's embeddings")
     ap.add_argument("--fractions", default="", help="labelled shares to score, e.g. 0.05,0.1,0.25,0.5")
     ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
@@ -250,7 +254,14 @@ class QualityBench:
         # without it keep their key
         self.finetune_key = {**self.neural_key, **({"finetune_freeze": a.finetune_freeze} if a.finetune_freeze else {})}
         self.hand = handcrafted_features(store)
+        self._hand_shares: pd.DataFrame | None = None
         self.fractions = _fractions(a.fractions)
+
+    def hand_shares(self) -> pd.DataFrame:
+        """The hand-crafted features with every value's share (built once, on first use)."""
+        if self._hand_shares is None:
+            self._hand_shares = handcrafted_features(self.store, shares=True)
+        return self._hand_shares
 
     def lgbm_scores(self, tables: list[pd.DataFrame], fraction: float = 1.0) -> dict:
         return {t: _scores(evaluate(tables, self.targets, t, lgbm_params=self.lgbm, n_jobs=self.a.threads,
@@ -294,9 +305,8 @@ class QualityBench:
         row = json.loads(file.read_text()) if file.exists() else {"name": HAND_SHARES}
 
         def scores() -> dict:
-            table = handcrafted_features(self.store, shares=True)
-            row["n_features"] = table.shape[1] - 1
-            return self.lgbm_scores([table])
+            row["n_features"] = self.hand_shares().shape[1] - 1
+            return self.lgbm_scores([self.hand_shares()])
 
         self.fill(file, row, "scores", scores)
         return row
@@ -334,6 +344,8 @@ class QualityBench:
                        budget_min=a.budget_min, epoch_cap=a.epochs)
         self.fill(file, row, "scores", lambda: self.lgbm_scores([emb()]))
         self.fill(file, row, "scores_both", lambda: self.lgbm_scores([self.hand, emb()]))
+        if a.hand_shares:
+            self.fill(file, row, "scores_both_shares", lambda: self.lgbm_scores([self.hand_shares(), emb()]))
         if a.neural in ("both", "finetuned") and row.get("finetune") != self.finetune_key:
             row.pop("scores_finetuned", None)
             row["finetune"] = self.finetune_key
@@ -384,8 +396,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, overrides in configs.items():
         row = bench.config_row(rows_dir, name, overrides)
         rows.append(row)
-        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s", name, row["train_minutes"], row["epochs"],
+        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s%s", name, row["train_minutes"], row["epochs"],
                  _brief(row["scores"]), _brief(row["scores_both"]),
+                 f" | shares + emb {_brief(row['scores_both_shares'])}" if "scores_both_shares" in row else "",
                  f" | fine-tuned {_brief(row['scores_finetuned'])}" if "scores_finetuned" in row else "")
     if a.report:
         write_report(rows, target_list, Path(a.report), a, argv)
@@ -409,7 +422,7 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
     for row in found:
         if not all(t in row.get("scores", {}) for t in target_list):
             continue
-        for key in ("scores", "scores_both", "scores_finetuned"):
+        for key in ("scores", "scores_both", "scores_both_shares", "scores_finetuned"):
             if key in row:
                 row[key] = {t: row[key][t] for t in target_list}
         for f, scores in row.get("fractions", {}).items():
@@ -478,6 +491,8 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
         lines.append(f"| {r['name']} | embeddings | {cells(r['scores'])} | {r['budget_min']:g} | {r['train_minutes']:.1f} "
                      f"| {best} | {vr} |")
         lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | | |")
+        if "scores_both_shares" in r:
+            lines.append(f"| {r['name']} | {BOTH_SHARES} | {cells(r['scores_both_shares'])} | | | | |")
         if "scores_finetuned" in r:
             lines.append(f"| {r['name']} | fine-tuned | {cells(r['scores_finetuned'])} | | | "
                          f"{_fold_epochs(r['scores_finetuned'])} | |")
