@@ -23,6 +23,7 @@ from .io_utils import read_json
 from .losses import make_loss
 from .metrics import recall_at_k
 from .nn import build_embedder
+from .schedule import BudgetCosine
 from .store import ENCODING_FILE, SequenceStore
 
 log = logging.getLogger(__name__)
@@ -167,10 +168,11 @@ class MeLESModule(pl.LightningModule):
             opt = torch.optim.AdamW(self.parameters(), lr=c.lr, weight_decay=c.weight_decay)
         else:
             opt = torch.optim.Adam(self.parameters(), lr=c.lr)
-        if c.lr_schedule == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, c.max_epochs), eta_min=c.lr * 0.01)
-        else:
-            sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step_size, gamma=c.lr_gamma)
+        if c.lr_schedule == "cosine":  # over max_epochs or max_minutes, whichever ends training first
+            budget = c.max_minutes * 60 if c.max_minutes is not None else None
+            sched = BudgetCosine(opt, total_steps=self.trainer.estimated_stepping_batches, budget_seconds=budget)
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=c.lr_step_size, gamma=c.lr_gamma)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
 
 
