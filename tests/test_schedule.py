@@ -78,8 +78,6 @@ def test_training_with_cosine_anneals_per_step_to_the_floor(tmp_path, monkeypatc
     made = []
 
     class Recorded(BudgetCosine):
-        rates: list[float] = []
-
         def __init__(self, *args, **kwargs):
             self.rates = []  # the base class steps once on construction: the rate of step 0
             super().__init__(*args, **kwargs)

@@ -33,6 +33,7 @@ import logging
 import shlex
 import time
 from dataclasses import replace
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -254,14 +255,12 @@ class QualityBench:
         # without it keep their key
         self.finetune_key = {**self.neural_key, **({"finetune_freeze": a.finetune_freeze} if a.finetune_freeze else {})}
         self.hand = handcrafted_features(store)
-        self._hand_shares: pd.DataFrame | None = None
         self.fractions = _fractions(a.fractions)
 
+    @cached_property
     def hand_shares(self) -> pd.DataFrame:
         """The hand-crafted features with every value's share (built once, on first use)."""
-        if self._hand_shares is None:
-            self._hand_shares = handcrafted_features(self.store, shares=True)
-        return self._hand_shares
+        return handcrafted_features(self.store, shares=True)
 
     def lgbm_scores(self, tables: list[pd.DataFrame], fraction: float = 1.0) -> dict:
         return {t: _scores(evaluate(tables, self.targets, t, lgbm_params=self.lgbm, n_jobs=self.a.threads,
@@ -305,8 +304,8 @@ class QualityBench:
         row = json.loads(file.read_text()) if file.exists() else {"name": HAND_SHARES}
 
         def scores() -> dict:
-            row["n_features"] = self.hand_shares().shape[1] - 1
-            return self.lgbm_scores([self.hand_shares()])
+            row["n_features"] = self.hand_shares.shape[1] - 1
+            return self.lgbm_scores([self.hand_shares])
 
         self.fill(file, row, "scores", scores)
         return row
@@ -345,7 +344,7 @@ class QualityBench:
         self.fill(file, row, "scores", lambda: self.lgbm_scores([emb()]))
         self.fill(file, row, "scores_both", lambda: self.lgbm_scores([self.hand, emb()]))
         if a.hand_shares:
-            self.fill(file, row, "scores_both_shares", lambda: self.lgbm_scores([self.hand_shares(), emb()]))
+            self.fill(file, row, "scores_both_shares", lambda: self.lgbm_scores([self.hand_shares, emb()]))
         if a.neural in ("both", "finetuned") and row.get("finetune") != self.finetune_key:
             row.pop("scores_finetuned", None)
             row["finetune"] = self.finetune_key
