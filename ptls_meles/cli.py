@@ -158,7 +158,7 @@ def cmd_evaluate(args) -> None:
     results = []
     for col in args.target_col:
         r = evaluate(tables, targets, col, n_folds=args.folds, test_size=args.test_size, seed=args.seed, n_jobs=args.jobs,
-                     early_stopping_rounds=args.early_stopping_rounds)
+                     early_stopping_rounds=args.early_stopping_rounds, model=args.model)
         print(r.summary())
         results.append(r.to_dict())
     if args.out:
@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine(e)
     e.set_defaults(func=cmd_embed)
 
-    ev = parser("evaluate", "LightGBM with stratified K-fold CV on feature tables",
+    ev = parser("evaluate", "LightGBM (or a linear probe) with stratified K-fold CV on feature tables",
                 "example: ptls-meles evaluate --features embeddings.parquet handcrafted:store --targets targets.csv --target-col gender")
     ev.add_argument("--features", nargs="+", required=True, metavar="TABLE",
                     help="tables with a client_id column, e.g. embeddings.parquet; 'handcrafted:STORE' builds the baseline from a store")
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--jobs", type=int, default=2, metavar="N", help="LightGBM threads (default 2)")
     ev.add_argument("--early-stopping-rounds", type=int, metavar="N",
                     help="stop each fold's LightGBM after N rounds without a better validation-part loss, e.g. 50 (default off)")
+    ev.add_argument("--model", choices=("lightgbm", "linear"), default="lightgbm",
+                    help="lightgbm (default) or linear: a linear probe, standardised logistic regression with its "
+                         "strength picked by an inner CV on each fold's training clients")
     ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)

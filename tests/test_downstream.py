@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from ptls_meles.downstream.evaluate import (
+    LINEAR_CS,
     EvaluationError,
     evaluate,
     interval_half_width,
@@ -235,6 +236,42 @@ def test_evaluate_join_report_counts_every_left_out_client(caplog):
     assert "3 labelled clients have no features" in caplog.text
 
 
+def dense_signal(n: int = 400, width: int = 64, seed: int = 0, n_classes: int = 2):
+    """A label carried by a direction over ``width`` dense columns, each column weak alone
+    (the shape of a self-supervised embedding); a few values missing or infinite."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, width))
+    score = x @ rng.normal(size=width) / np.sqrt(width)
+    y = np.digitize(score, np.quantile(score, np.linspace(0, 1, n_classes + 1)[1:-1]))
+    x[rng.random(x.shape) < 0.01] = np.nan
+    x[0, 0], x[1, 1] = np.inf, -np.inf
+    feats = pd.DataFrame(x, columns=[f"emb_{i:03d}" for i in range(width)]).assign(client_id=np.arange(n))
+    return feats, pd.DataFrame({"client_id": np.arange(n), "label": y})
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_evaluate_linear_probe_reads_a_dense_direction(n_classes):
+    feats, targets = dense_signal(n_classes=n_classes)
+    trees = evaluate(feats, targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1)
+    probe = evaluate(feats, targets, "label", n_jobs=1, model="linear")
+    assert probe.model == "linear_probe" and probe.metric == trees.metric
+    # the same clients in the same parts as LightGBM's rows
+    assert (probe.n_train, probe.n_test, probe.n_features) == (trees.n_train, trees.n_test, 64)
+    assert len(probe.test_scores) == 5 and np.isfinite(probe.test_scores).all()
+    assert set(probe.params["C_per_fold"]) <= set(LINEAR_CS) and len(probe.params["C_per_fold"]) == 5
+    # what each column holds alone is too little for the trees; the probe reads the whole direction
+    assert probe.test_mean > trees.test_mean + 0.1, (probe.summary(), trees.summary())
+    assert probe.test_mean > (0.9 if n_classes == 2 else 0.75)
+
+
+def test_evaluate_linear_probe_arguments():
+    feats, targets = dense_signal(n=60, width=4)
+    with pytest.raises(EvaluationError, match=r"model must be one of \('lightgbm', 'linear'\), got 'svm'"):
+        evaluate(feats, targets, "label", model="svm")
+    with pytest.raises(EvaluationError, match="LightGBM only"):
+        evaluate(feats, targets, "label", model="linear", early_stopping_rounds=10)
+
+
 def test_evaluate_errors():
     feats, targets = separable(n=60)
     with pytest.raises(EvaluationError, match=r"'age'.*\['client_id', 'label'\]"):
@@ -313,3 +350,15 @@ def test_cli_evaluate_early_stopping_rounds(tmp_path):
     assert plain["best_epochs"] == [] and plain["model"] == "lightgbm" and "early_stopping_rounds" not in plain["params"]
     assert len(early["best_epochs"]) == 2 and all(1 <= b < 1000 for b in early["best_epochs"])
     assert early["params"]["early_stopping_rounds"] == 5
+
+
+def test_cli_evaluate_linear_probe(tmp_path):
+    from ptls_meles.cli import main
+
+    feats, targets = dense_signal(n=200, width=16, seed=4)
+    feats.to_parquet(tmp_path / "f.parquet")
+    targets.to_csv(tmp_path / "t.csv", index=False)
+    main(["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col",
+          "label", "--folds", "3", "--jobs", "1", "-q", "--model", "linear", "--out", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())[0]
+    assert r["model"] == "linear_probe" and len(r["params"]["C_per_fold"]) == 3 and r["test_mean"] > 0.8

@@ -143,6 +143,16 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, mon
     assert 0.0 <= paper["scores_both_shares"]["label"]["test"] <= 1.0
     assert paper["scores_both_shares"] != paper["scores_both"]  # other features beside the embeddings
     assert "| paper | hand-crafted + shares + embeddings |" in (tmp_path / "report" / "shares.md").read_text()
+    # --linear-probe: every feature table also read by a linear probe, from the cached run
+    main(argv[:-2] + ["--configs", "paper", "--hand-shares", "--linear-probe", "--report", str(tmp_path / "report" / "lin")])
+    assert sorted(p.name for p in (tmp_path / "work" / "runs").iterdir()) == runs_before
+    lin = {r["name"]: r for r in json.loads((tmp_path / "report" / "lin.json").read_text())}
+    assert lin["paper"]["scores"] == rows[1]["scores"] and lin["hand-crafted"]["scores"] == rows[0]["scores"]
+    for name in ("hand-crafted", "hand-crafted + shares of every value", "paper"):
+        probe = lin[name]["scores_linear"]["label"]
+        assert 0.0 <= probe["test"] <= 1.0 and probe != lin[name]["scores"]["label"]
+    text = (tmp_path / "report" / "lin.md").read_text()
+    assert "| paper | embeddings, linear probe |" in text and "| hand-crafted | linear probe |" in text
 
 
 def test_an_earlier_supervised_row_under_a_dated_name_stays_a_supervised_row(tmp_path):

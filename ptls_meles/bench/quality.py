@@ -87,6 +87,9 @@ HAND, SUPERVISED = "hand-crafted", "supervised encoder"
 #: stronger yardstick.
 HAND_SHARES = "hand-crafted + shares of every value"
 BOTH_SHARES = "hand-crafted + shares + embeddings"
+#: --linear-probe: every feature table (hand-crafted ones too) also scored by a linear probe
+#: (:func:`~ptls_meles.downstream.evaluate.evaluate` with ``model="linear"``), in ``scores_linear``
+LINEAR = "linear probe"
 
 
 def parse_define(text: str) -> tuple[str, dict]:
@@ -132,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hand-shares", action="store_true",
                     help="also score the hand-crafted features plus each client's share of every category value, "
                          "alone and beside each configuration's embeddings")
+    ap.add_argument("--linear-probe", action="store_true",
+                    help="also score every feature table (hand-crafted, embeddings) with a linear probe: standardised "
+                         "logistic regression, its strength picked by an inner CV")
     ap.add_argument("--fractions", default="", help="labelled shares to score, e.g. 0.05,0.1,0.25,0.5")
     ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
@@ -267,6 +273,14 @@ class QualityBench:
                                     labelled_fraction=fraction, early_stopping_rounds=self.a.early_stopping_rounds))
                 for t in self.target_list}
 
+    def linear_scores(self, tables: list[pd.DataFrame]) -> dict:
+        return {t: _scores(evaluate(tables, self.targets, t, n_jobs=self.a.threads, model="linear"))
+                for t in self.target_list}
+
+    def fill_linear(self, file: Path, row: dict, tables: Callable[[], list[pd.DataFrame]]) -> None:
+        if self.a.linear_probe:
+            self.fill(file, row, "scores_linear", lambda: self.linear_scores(tables()))
+
     def neural_scores(self, config: MeLESConfig, pretrained) -> dict:
         """Supervised (``pretrained=None``) or fine-tuned scores on :func:`evaluate`'s folds."""
         from ..downstream.finetune import supervised_eval
@@ -296,6 +310,7 @@ class QualityBench:
         file = rows_dir / f"_handcrafted-{_digest(self.data_key)}.json"
         row = json.loads(file.read_text()) if file.exists() else {"name": HAND, "n_features": self.hand.shape[1] - 1}
         self.fill(file, row, "scores", lambda: self.lgbm_scores([self.hand]))
+        self.fill_linear(file, row, lambda: [self.hand])
         self.fill_fractions(file, row, lambda: [self.hand])
         return row
 
@@ -308,6 +323,7 @@ class QualityBench:
             return self.lgbm_scores([self.hand_shares])
 
         self.fill(file, row, "scores", scores)
+        self.fill_linear(file, row, lambda: [self.hand_shares])
         return row
 
     def supervised_row(self, rows_dir: Path, common: dict) -> dict:
@@ -345,6 +361,7 @@ class QualityBench:
         self.fill(file, row, "scores_both", lambda: self.lgbm_scores([self.hand, emb()]))
         if a.hand_shares:
             self.fill(file, row, "scores_both_shares", lambda: self.lgbm_scores([self.hand_shares, emb()]))
+        self.fill_linear(file, row, lambda: [emb()])
         if a.neural in ("both", "finetuned") and row.get("finetune") != self.finetune_key:
             row.pop("scores_finetuned", None)
             row["finetune"] = self.finetune_key
@@ -395,8 +412,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, overrides in configs.items():
         row = bench.config_row(rows_dir, name, overrides)
         rows.append(row)
-        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s%s", name, row["train_minutes"], row["epochs"],
+        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s%s%s", name, row["train_minutes"], row["epochs"],
                  _brief(row["scores"]), _brief(row["scores_both"]),
+                 f" | emb, {LINEAR} {_brief(row['scores_linear'])}" if "scores_linear" in row else "",
                  f" | shares + emb {_brief(row['scores_both_shares'])}" if "scores_both_shares" in row else "",
                  f" | fine-tuned {_brief(row['scores_finetuned'])}" if "scores_finetuned" in row else "")
     if a.report:
@@ -421,7 +439,7 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
     for row in found:
         if not all(t in row.get("scores", {}) for t in target_list):
             continue
-        for key in ("scores", "scores_both", "scores_both_shares", "scores_finetuned"):
+        for key in ("scores", "scores_both", "scores_both_shares", "scores_linear", "scores_finetuned"):
             if key in row:
                 row[key] = {t: row[key][t] for t in target_list}
         for f, scores in row.get("fractions", {}).items():
@@ -477,10 +495,14 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
                           for t in target_list)
 
     lines.append(f"| {HAND} | {rows[0]['n_features']} aggregates | {cells(hand)} | – | – | – | – |")
+    if "scores_linear" in rows[0]:
+        lines.append(f"| {HAND} | {LINEAR} | {cells(rows[0]['scores_linear'])} | – | – | – | – |")
     trained = [r for r in rows[1:] if "train_minutes" in r]
     for r in rows[1:]:
         if r["name"] == HAND_SHARES:
             lines.append(f"| {HAND_SHARES} | {r['n_features']} aggregates | {cells(r['scores'])} | – | – | – | – |")
+            if "scores_linear" in r:
+                lines.append(f"| {HAND_SHARES} | {LINEAR} | {cells(r['scores_linear'])} | – | – | – | – |")
             continue
         if r["name"].startswith(SUPERVISED):
             lines.append(f"| {r['name']} | sequences | {cells(r['scores'])} | – | – | {_fold_epochs(r['scores'])} | – |")
@@ -489,6 +511,8 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
         vr = f"{r['val_recall']:.3f}" if r.get("val_recall") is not None else "–"
         lines.append(f"| {r['name']} | embeddings | {cells(r['scores'])} | {r['budget_min']:g} | {r['train_minutes']:.1f} "
                      f"| {best} | {vr} |")
+        if "scores_linear" in r:
+            lines.append(f"| {r['name']} | embeddings, {LINEAR} | {cells(r['scores_linear'])} | | | | |")
         lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | | |")
         if "scores_both_shares" in r:
             lines.append(f"| {r['name']} | {BOTH_SHARES} | {cells(r['scores_both_shares'])} | | | | |")
