@@ -41,7 +41,7 @@ import pandas as pd
 import torch
 
 from ..config import MeLESConfig, parse_settings
-from ..downstream.evaluate import PAPER_LGBM_PARAMS, evaluate
+from ..downstream.evaluate import LINEAR_CS, PAPER_LGBM_PARAMS, evaluate
 from ..downstream.features import handcrafted_features
 from ..io_utils import write_json
 from ..store import SequenceStore
@@ -279,6 +279,9 @@ class QualityBench:
 
     def fill_linear(self, file: Path, row: dict, tables: Callable[[], list[pd.DataFrame]]) -> None:
         if self.a.linear_probe:
+            if row.get("linear_Cs") != list(LINEAR_CS):  # scored with another grid: score again
+                row.pop("scores_linear", None)
+                row["linear_Cs"] = list(LINEAR_CS)
             self.fill(file, row, "scores_linear", lambda: self.linear_scores(tables()))
 
     def neural_scores(self, config: MeLESConfig, pretrained) -> dict:

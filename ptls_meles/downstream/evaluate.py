@@ -30,7 +30,7 @@ PAPER_LGBM_PARAMS: dict = {
 #: The downstream models :func:`evaluate` fits on a feature table.
 MODELS = ("lightgbm", "linear")
 #: The linear probe's inverse regularisation strengths; each fold picks one by an inner CV.
-LINEAR_CS: tuple[float, ...] = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+LINEAR_CS: tuple[float, ...] = (1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 LINEAR_INNER_FOLDS = 3
 
 
