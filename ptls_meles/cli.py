@@ -286,9 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--jobs", type=int, default=2, metavar="N", help="LightGBM threads (default 2)")
     ev.add_argument("--early-stopping-rounds", type=int, metavar="N",
                     help="stop each fold's LightGBM after N rounds without a better validation-part loss, e.g. 50 (default off)")
-    ev.add_argument("--model", choices=("lightgbm", "linear"), default="lightgbm",
-                    help="lightgbm (default) or linear: a linear probe, standardised logistic regression with its "
-                         "strength picked by an inner CV on each fold's training clients")
+    ev.add_argument("--model", choices=("lightgbm", "linear", "stacked"), default="lightgbm",
+                    help="lightgbm (default); linear: a linear probe, standardised logistic regression with its "
+                         "strength picked by an inner CV on each fold's training clients; stacked: LightGBM on every "
+                         "table but the last plus the last table's out-of-fold probe probabilities "
+                         "(e.g. --features handcrafted:STORE embeddings.parquet)")
     ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)

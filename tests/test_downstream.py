@@ -264,12 +264,48 @@ def test_evaluate_linear_probe_reads_a_dense_direction(n_classes):
     assert probe.test_mean > (0.9 if n_classes == 2 else 0.75)
 
 
+def test_evaluate_stacked_reads_aggregates_by_trees_and_the_embedding_by_a_probe():
+    """A label made of a threshold on one aggregate (what trees read) and a dense direction
+    of an embedding (what a probe reads): the stacked row beats LightGBM on both tables."""
+    rng = np.random.default_rng(2)
+    n, width = 800, 128
+    x = rng.normal(size=(n, width))
+    agg = rng.normal(size=n)
+    score = 2 * x @ rng.normal(size=width) / np.sqrt(width) + 2.0 * (np.abs(agg) > 1.0)
+    targets = pd.DataFrame({"client_id": np.arange(n), "label": (score > np.median(score)).astype(int)})
+    emb = pd.DataFrame(x, columns=[f"emb_{i:03d}" for i in range(width)]).assign(client_id=np.arange(n))
+    hand = pd.DataFrame({"client_id": np.arange(n), "agg": agg, "noise": rng.normal(size=n)})
+    kw = {"lgbm_params": SMALL_LGBM, "n_jobs": 1, "test_size": 0.2}
+    both = evaluate([hand, emb], targets, "label", **kw)
+    stacked = evaluate([hand, emb], targets, "label", model="stacked", **kw)
+    assert stacked.model == "stacked" and (stacked.n_train, stacked.n_test) == (both.n_train, both.n_test)
+    assert len(stacked.params["probe"]["C_per_fold"]) == 5 and stacked.params["num_leaves"] == 8
+    assert stacked.test_mean > both.test_mean + 0.05 and stacked.cv_mean > both.cv_mean + 0.05, \
+        (stacked.summary(), both.summary())
+
+
+def test_evaluate_stacked_probe_scores_its_training_clients_out_of_fold():
+    """A noise embedding as wide as the fold is small: in-sample probe scores would fit the
+    training labels and the trees would trust them; out of fold they carry nothing."""
+    rng = np.random.default_rng(4)
+    n = 240
+    hand = pd.DataFrame({"client_id": np.arange(n), "agg": rng.normal(size=n)})
+    targets = pd.DataFrame({"client_id": np.arange(n), "label": (hand["agg"] + rng.normal(0, 0.7, n) > 0).astype(int)})
+    noise = pd.DataFrame(rng.normal(size=(n, 300)), columns=[f"e{i}" for i in range(300)]).assign(client_id=np.arange(n))
+    alone = evaluate(hand, targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1)
+    stacked = evaluate([hand, noise], targets, "label", lgbm_params=SMALL_LGBM, n_jobs=1, model="stacked")
+    assert stacked.test_mean > alone.test_mean - 0.05, (stacked.summary(), alone.summary())
+
+
 def test_evaluate_linear_probe_arguments():
     feats, targets = dense_signal(n=60, width=4)
-    with pytest.raises(EvaluationError, match=r"model must be one of \('lightgbm', 'linear'\), got 'svm'"):
+    with pytest.raises(EvaluationError, match=r"model must be one of \('lightgbm', 'linear', 'stacked'\), got 'svm'"):
         evaluate(feats, targets, "label", model="svm")
-    with pytest.raises(EvaluationError, match="LightGBM only"):
-        evaluate(feats, targets, "label", model="linear", early_stopping_rounds=10)
+    for model in ("linear", "stacked"):
+        with pytest.raises(EvaluationError, match=f"model='lightgbm' only, not to model='{model}'"):
+            evaluate([feats, feats[["client_id"]]], targets, "label", model=model, early_stopping_rounds=10)
+    with pytest.raises(EvaluationError, match=r"model='stacked' needs two or more feature tables"):
+        evaluate(feats, targets, "label", model="stacked")
 
 
 def test_evaluate_errors():
@@ -362,3 +398,16 @@ def test_cli_evaluate_linear_probe(tmp_path):
           "label", "--folds", "3", "--jobs", "1", "-q", "--model", "linear", "--out", str(tmp_path / "r.json")])
     r = json.loads((tmp_path / "r.json").read_text())[0]
     assert r["model"] == "linear_probe" and len(r["params"]["C_per_fold"]) == 3 and r["test_mean"] > 0.8
+
+
+def test_cli_evaluate_stacked(tmp_path):
+    from ptls_meles.cli import main
+
+    emb, targets = dense_signal(n=200, width=16, seed=5)
+    emb.to_parquet(tmp_path / "e.parquet")
+    pd.DataFrame({"client_id": emb["client_id"], "agg": np.random.default_rng(6).normal(size=200)}).to_parquet(tmp_path / "h.parquet")
+    targets.to_csv(tmp_path / "t.csv", index=False)
+    main(["evaluate", "--features", str(tmp_path / "h.parquet"), str(tmp_path / "e.parquet"), "--targets", str(tmp_path / "t.csv"),
+          "--target-col", "label", "--folds", "3", "--jobs", "1", "-q", "--model", "stacked", "--out", str(tmp_path / "r.json")])
+    r = json.loads((tmp_path / "r.json").read_text())[0]
+    assert r["model"] == "stacked" and r["n_features"] == 17 and r["test_mean"] > 0.8

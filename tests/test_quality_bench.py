@@ -153,13 +153,18 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, mon
         assert 0.0 <= probe["test"] <= 1.0 and probe != lin[name]["scores"]["label"]
     text = (tmp_path / "report" / "lin.md").read_text()
     assert "| paper | embeddings, linear probe |" in text and "| hand-crafted | linear probe |" in text
+    stacked = lin["paper"]["scores_stacked"]["label"]
+    assert 0.0 <= stacked["test"] <= 1.0 and stacked != lin["paper"]["scores_both_shares"]["label"]
+    assert "| paper | hand-crafted + shares, stacked with the embeddings' probe |" in text
     # a row scored with another strength grid is scored again, the others are reused
     paper_file = next((tmp_path / "work" / "rows").glob("paper-*.json"))
     stale = json.loads(paper_file.read_text())
-    paper_file.write_text(json.dumps(dict(stale, linear_Cs=[1.0], scores_linear={"label": {"test": -1.0}})))
+    paper_file.write_text(json.dumps(dict(stale, linear_Cs=[1.0], scores_linear={"label": {"test": -1.0}},
+                                          scores_stacked={"label": {"test": -1.0}})))
     main(argv[:-2] + ["--configs", "paper", "--hand-shares", "--linear-probe", "--report", str(tmp_path / "report" / "lin2")])
     lin2 = {r["name"]: r for r in json.loads((tmp_path / "report" / "lin2.json").read_text())}
     assert lin2["paper"]["scores_linear"] == lin["paper"]["scores_linear"] and lin2["hand-crafted"] == lin["hand-crafted"]
+    assert lin2["paper"]["scores_stacked"] == lin["paper"]["scores_stacked"]
 
 
 def test_an_earlier_supervised_row_under_a_dated_name_stays_a_supervised_row(tmp_path):

@@ -88,8 +88,11 @@ HAND, SUPERVISED = "hand-crafted", "supervised encoder"
 HAND_SHARES = "hand-crafted + shares of every value"
 BOTH_SHARES = "hand-crafted + shares + embeddings"
 #: --linear-probe: every feature table (hand-crafted ones too) also scored by a linear probe
-#: (:func:`~ptls_meles.downstream.evaluate.evaluate` with ``model="linear"``), in ``scores_linear``
+#: (:func:`~ptls_meles.downstream.evaluate.evaluate` with ``model="linear"``), in ``scores_linear``;
+#: with --hand-shares each trained row also gets ``scores_stacked``: LightGBM on hand-crafted + shares
+#: plus the embeddings' out-of-fold probe probabilities (``model="stacked"``)
 LINEAR = "linear probe"
+STACKED = "hand-crafted + shares, stacked with the embeddings' probe"
 
 
 def parse_define(text: str) -> tuple[str, dict]:
@@ -273,16 +276,22 @@ class QualityBench:
                                     labelled_fraction=fraction, early_stopping_rounds=self.a.early_stopping_rounds))
                 for t in self.target_list}
 
-    def linear_scores(self, tables: list[pd.DataFrame]) -> dict:
-        return {t: _scores(evaluate(tables, self.targets, t, n_jobs=self.a.threads, model="linear"))
+    def probe_scores(self, tables: list[pd.DataFrame], model: str) -> dict:
+        return {t: _scores(evaluate(tables, self.targets, t, lgbm_params=self.lgbm, n_jobs=self.a.threads, model=model))
                 for t in self.target_list}
 
-    def fill_linear(self, file: Path, row: dict, tables: Callable[[], list[pd.DataFrame]]) -> None:
-        if self.a.linear_probe:
-            if row.get("linear_Cs") != list(LINEAR_CS):  # scored with another grid: score again
-                row.pop("scores_linear", None)
-                row["linear_Cs"] = list(LINEAR_CS)
-            self.fill(file, row, "scores_linear", lambda: self.linear_scores(tables()))
+    def fill_linear(self, file: Path, row: dict, tables: Callable[[], list[pd.DataFrame]],
+                    stacked: Callable[[], list[pd.DataFrame]] | None = None) -> None:
+        """``scores_linear`` (and ``scores_stacked`` where ``stacked`` gives its tables) under --linear-probe."""
+        if not self.a.linear_probe:
+            return
+        if row.get("linear_Cs") != list(LINEAR_CS):  # scored with another grid: score again
+            row.pop("scores_linear", None)
+            row.pop("scores_stacked", None)
+            row["linear_Cs"] = list(LINEAR_CS)
+        self.fill(file, row, "scores_linear", lambda: self.probe_scores(tables(), "linear"))
+        if stacked is not None:
+            self.fill(file, row, "scores_stacked", lambda: self.probe_scores(stacked(), "stacked"))
 
     def neural_scores(self, config: MeLESConfig, pretrained) -> dict:
         """Supervised (``pretrained=None``) or fine-tuned scores on :func:`evaluate`'s folds."""
@@ -364,7 +373,7 @@ class QualityBench:
         self.fill(file, row, "scores_both", lambda: self.lgbm_scores([self.hand, emb()]))
         if a.hand_shares:
             self.fill(file, row, "scores_both_shares", lambda: self.lgbm_scores([self.hand_shares, emb()]))
-        self.fill_linear(file, row, lambda: [emb()])
+        self.fill_linear(file, row, lambda: [emb()], (lambda: [self.hand_shares, emb()]) if a.hand_shares else None)
         if a.neural in ("both", "finetuned") and row.get("finetune") != self.finetune_key:
             row.pop("scores_finetuned", None)
             row["finetune"] = self.finetune_key
@@ -415,9 +424,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, overrides in configs.items():
         row = bench.config_row(rows_dir, name, overrides)
         rows.append(row)
-        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s%s%s", name, row["train_minutes"], row["epochs"],
+        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s%s%s%s", name, row["train_minutes"], row["epochs"],
                  _brief(row["scores"]), _brief(row["scores_both"]),
                  f" | emb, {LINEAR} {_brief(row['scores_linear'])}" if "scores_linear" in row else "",
+                 f" | stacked {_brief(row['scores_stacked'])}" if "scores_stacked" in row else "",
                  f" | shares + emb {_brief(row['scores_both_shares'])}" if "scores_both_shares" in row else "",
                  f" | fine-tuned {_brief(row['scores_finetuned'])}" if "scores_finetuned" in row else "")
     if a.report:
@@ -442,7 +452,7 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
     for row in found:
         if not all(t in row.get("scores", {}) for t in target_list):
             continue
-        for key in ("scores", "scores_both", "scores_both_shares", "scores_linear", "scores_finetuned"):
+        for key in ("scores", "scores_both", "scores_both_shares", "scores_linear", "scores_stacked", "scores_finetuned"):
             if key in row:
                 row[key] = {t: row[key][t] for t in target_list}
         for f, scores in row.get("fractions", {}).items():
@@ -519,6 +529,8 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
         lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | | |")
         if "scores_both_shares" in r:
             lines.append(f"| {r['name']} | {BOTH_SHARES} | {cells(r['scores_both_shares'])} | | | | |")
+        if "scores_stacked" in r:
+            lines.append(f"| {r['name']} | {STACKED} | {cells(r['scores_stacked'])} | | | | |")
         if "scores_finetuned" in r:
             lines.append(f"| {r['name']} | fine-tuned | {cells(r['scores_finetuned'])} | | | "
                          f"{_fold_epochs(r['scores_finetuned'])} | |")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ PAPER_LGBM_PARAMS: dict = {
 }
 
 #: The downstream models :func:`evaluate` fits on a feature table.
-MODELS = ("lightgbm", "linear")
+MODELS = ("lightgbm", "linear", "stacked")
 #: The linear probe's inverse regularisation strengths; each fold picks one by an inner CV.
 LINEAR_CS: tuple[float, ...] = (1e-4, 3e-4, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 LINEAR_INNER_FOLDS = 3
@@ -69,74 +70,147 @@ def evaluate(
     stratified inner CV on its training clients (the chosen values are in ``params``).
     Dense embeddings spread what they know over every column, which trees read one split
     at a time; a linear read-out sees the whole direction at once.
+
+    ``model="stacked"`` (two or more tables): LightGBM on every table but the last, plus the
+    last table's linear-probe class probabilities — out of fold for the fold's training
+    clients (an inner CV at the strength the probe chose), from the probe fitted on all of
+    them for the others. Each table is read the way it is read best: aggregates by trees, a
+    dense embedding by one direction per class, so a "both" row does not drown a few
+    aggregates among hundreds of embedding columns.
     """
     if model not in MODELS:
         raise EvaluationError(f"model must be one of {MODELS}, got {model!r}")
     if early_stopping_rounds is not None and early_stopping_rounds < 1:
         raise EvaluationError(f"early_stopping_rounds must be >= 1 or None, got {early_stopping_rounds}")
-    X, y_raw, report = join_features_and_targets(features, targets, target_col, id_col)
+    if early_stopping_rounds is not None and model != "lightgbm":
+        raise EvaluationError(f"early_stopping_rounds applies to model='lightgbm' only, not to model={model!r}")
+    tables = [features] if isinstance(features, pd.DataFrame) else list(features)
+    if model == "stacked" and len(tables) < 2:
+        raise EvaluationError("model='stacked' needs two or more feature tables: LightGBM reads all but the last, "
+                              "a linear probe the last (e.g. [handcrafted, embeddings])")
+    X, y_raw, report = join_features_and_targets(tables, targets, target_col, id_col)
     plan = plan_cv(y_raw, report, target_col, task, n_folds, test_size, seed, labelled_fraction)
+    lgbm = {**PAPER_LGBM_PARAMS, "random_state": seed, "n_jobs": n_jobs, **(lgbm_params or {})}
     if model == "linear":
-        if early_stopping_rounds is not None:
-            raise EvaluationError("early_stopping_rounds applies to LightGBM only, not to model='linear'")
-        return _evaluate_linear(X, plan, seed, n_jobs)
-    import lightgbm as lgb
+        folds, name = _LinearFolds(_probe_values(X), plan, seed, n_jobs), "linear_probe"
+    elif model == "stacked":
+        probed = [c for c in tables[-1].columns if c != id_col]
+        folds, name = _StackedFolds(X.drop(columns=probed), _probe_values(X[probed]), plan, lgbm, seed, n_jobs), "stacked"
+    else:
+        folds, name = _LightGBMFolds(X, plan, lgbm, early_stopping_rounds), "lightgbm"
+    if model != "linear":
+        _warn_small_folds(min(len(fit_rows) for fit_rows, _ in plan.folds), lgbm, target_col)
 
-    params = {**PAPER_LGBM_PARAMS, "random_state": seed, "n_jobs": n_jobs, **(lgbm_params or {})}
-    _warn_small_folds(min(len(fit_rows) for fit_rows, _ in plan.folds), params, target_col)
-    # plain arrays: LightGBM rejects some characters that category values bring into column names
-    values = X.to_numpy(dtype=np.float32, na_value=np.nan)
-    y = plan.y
-
-    cv_scores, test_scores, best_rounds = [], [], []
+    cv_scores, test_scores = [], []
     for fold, (fit_rows, val_rows) in enumerate(plan.folds):
-        model = lgb.LGBMClassifier(**params)
-        if early_stopping_rounds is None:
-            model.fit(values[fit_rows], y[fit_rows])
-        else:
-            model.fit(values[fit_rows], y[fit_rows], eval_set=[(values[val_rows], y[val_rows])],
-                      callbacks=[lgb.early_stopping(early_stopping_rounds, verbose=False)])
-            best_rounds.append(int(model.best_iteration_))
-        cv_scores.append(plan.score(val_rows, model.predict_proba(values[val_rows])))
+        predict = folds.fit(fit_rows, val_rows)
+        cv_scores.append(plan.score(val_rows, predict(val_rows)))
         if len(plan.test_idx):
-            test_scores.append(plan.score(plan.test_idx, model.predict_proba(values[plan.test_idx])))
-        logger.info("%s fold %d/%d: cv %.4f%s", target_col, fold + 1, n_folds, cv_scores[-1],
+            test_scores.append(plan.score(plan.test_idx, predict(plan.test_idx)))
+        logger.info("%s fold %d/%d (%s): cv %.4f%s", target_col, fold + 1, n_folds, name, cv_scores[-1],
                     f", test {test_scores[-1]:.4f}" if test_scores else "")
-    if early_stopping_rounds is not None:
-        params = {**params, "early_stopping_rounds": early_stopping_rounds}
-    return plan.result(cv_scores, test_scores, X.shape[1], "lightgbm", params, best_rounds)
+    return plan.result(cv_scores, test_scores, X.shape[1], name, folds.params, folds.best_rounds)
 
 
-def _evaluate_linear(X: pd.DataFrame, plan, seed: int, n_jobs: int) -> EvalResult:
-    """The linear probe on ``plan``'s folds (see :func:`evaluate`)."""
+Predict = Callable[[np.ndarray], np.ndarray]  # rows of the joined clients -> class probabilities
+
+
+class _LightGBMFolds:
+    """Per fold: LightGBM on every column (early stopping on the validation fold, if asked)."""
+
+    def __init__(self, X: pd.DataFrame, plan, params: dict, early_stopping_rounds: int | None) -> None:
+        # plain arrays: LightGBM rejects some characters that category values bring into column names
+        self.values, self.y, self.early = X.to_numpy(dtype=np.float32, na_value=np.nan), plan.y, early_stopping_rounds
+        self.params = params if early_stopping_rounds is None else {**params, "early_stopping_rounds": early_stopping_rounds}
+        self.fit_params = params
+        self.best_rounds: list[int] = []
+
+    def fit(self, fit_rows: np.ndarray, val_rows: np.ndarray) -> Predict:
+        import lightgbm as lgb
+
+        model = lgb.LGBMClassifier(**self.fit_params)
+        if self.early is None:
+            model.fit(self.values[fit_rows], self.y[fit_rows])
+        else:
+            model.fit(self.values[fit_rows], self.y[fit_rows], eval_set=[(self.values[val_rows], self.y[val_rows])],
+                      callbacks=[lgb.early_stopping(self.early, verbose=False)])
+            self.best_rounds.append(int(model.best_iteration_))
+        return lambda rows: model.predict_proba(self.values[rows])
+
+
+def _probe_values(X: pd.DataFrame) -> np.ndarray:
+    values = np.array(X.to_numpy(dtype=np.float64, na_value=np.nan))  # a writable copy
+    values[~np.isfinite(values)] = np.nan  # ±inf imputed like a missing value
+    return values
+
+
+def _linear_probe(C: float | None, task: str, seed: int, n_jobs: int):
+    """Median imputation, standardisation, logistic regression: at strength ``C``, or (None)
+    at the strength of :data:`LINEAR_CS` a stratified inner CV scores best."""
     from sklearn.impute import SimpleImputer
-    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    values = np.array(X.to_numpy(dtype=np.float64, na_value=np.nan))  # a writable copy
-    values[~np.isfinite(values)] = np.nan  # ±inf imputed like a missing value
-    y = plan.y
-    scoring = "roc_auc" if plan.task == "binary" else "accuracy"
-    cv_scores, test_scores, chosen = [], [], []
-    for fold, (fit_rows, val_rows) in enumerate(plan.folds):
+    if C is None:
         inner = StratifiedKFold(LINEAR_INNER_FOLDS, shuffle=True, random_state=seed)
-        probe = make_pipeline(
-            SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(),
-            LogisticRegressionCV(Cs=list(LINEAR_CS), cv=inner, scoring=scoring, max_iter=2000, n_jobs=n_jobs),
-        )
-        with warnings.catch_warnings():  # scikit-learn 1.8+ announces renamed attributes; C_ reads the same
+        scoring = "roc_auc" if task == "binary" else "accuracy"
+        head = LogisticRegressionCV(Cs=list(LINEAR_CS), cv=inner, scoring=scoring, max_iter=2000, n_jobs=n_jobs)
+    else:
+        head = LogisticRegression(C=C, max_iter=2000)
+    return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(), head)
+
+
+def _fit_quietly(estimator, X: np.ndarray, y: np.ndarray):
+    with warnings.catch_warnings():  # scikit-learn 1.8+ announces renamed attributes; C_ reads the same
+        warnings.simplefilter("ignore", FutureWarning)
+        return estimator.fit(X, y)
+
+
+class _LinearFolds:
+    """Per fold: the linear probe, its strength picked on the fold's training clients."""
+
+    def __init__(self, values: np.ndarray, plan, seed: int, n_jobs: int) -> None:
+        self.values, self.plan, self.seed, self.n_jobs = values, plan, seed, n_jobs
+        self.best_rounds: list[int] = []  # no rounds: nothing stops early
+        self.params = {"Cs": list(LINEAR_CS), "inner_folds": LINEAR_INNER_FOLDS, "C_per_fold": []}
+
+    def fit_probe(self, rows: np.ndarray):
+        probe = _fit_quietly(_linear_probe(None, self.plan.task, self.seed, self.n_jobs), self.values[rows], self.plan.y[rows])
+        self.params["C_per_fold"].append(float(np.atleast_1d(probe[-1].C_)[0]))
+        return probe
+
+    def fit(self, fit_rows: np.ndarray, val_rows: np.ndarray) -> Predict:
+        probe = self.fit_probe(fit_rows)
+        return lambda rows: probe.predict_proba(self.values[rows])
+
+
+class _StackedFolds:
+    """Per fold: LightGBM on the aggregates plus the embedding's linear-probe probabilities."""
+
+    def __init__(self, trees: pd.DataFrame, probed: np.ndarray, plan, lgbm: dict, seed: int, n_jobs: int) -> None:
+        self.best_rounds: list[int] = []
+        self.trees = trees.to_numpy(dtype=np.float32, na_value=np.nan)
+        self.probe = _LinearFolds(probed, plan, seed, n_jobs)
+        self.plan, self.lgbm, self.seed = plan, lgbm, seed
+        self.params = {**lgbm, "probe": self.probe.params}
+
+    def fit(self, fit_rows: np.ndarray, val_rows: np.ndarray) -> Predict:
+        import lightgbm as lgb
+        from sklearn.model_selection import StratifiedKFold, cross_val_predict
+
+        y, values = self.plan.y, self.probe.values
+        probe = self.probe.fit_probe(fit_rows)
+        proba = probe.predict_proba(values)
+        inner = StratifiedKFold(LINEAR_INNER_FOLDS, shuffle=True, random_state=self.seed)
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            probe.fit(values[fit_rows], y[fit_rows])
-        chosen.append(float(np.atleast_1d(probe[-1].C_)[0]))
-        cv_scores.append(plan.score(val_rows, probe.predict_proba(values[val_rows])))
-        if len(plan.test_idx):
-            test_scores.append(plan.score(plan.test_idx, probe.predict_proba(values[plan.test_idx])))
-        logger.info("%s fold %d/%d (linear, C=%g): cv %.4f", plan.target, fold + 1, len(plan.folds), chosen[-1],
-                    cv_scores[-1])
-    params = {"Cs": list(LINEAR_CS), "inner_folds": LINEAR_INNER_FOLDS, "C_per_fold": chosen, "scoring": scoring}
-    return plan.result(cv_scores, test_scores, X.shape[1], "linear_probe", params)
+            proba[fit_rows] = cross_val_predict(_linear_probe(self.probe.params["C_per_fold"][-1], self.plan.task, self.seed, 1),
+                                                values[fit_rows], y[fit_rows], cv=inner, method="predict_proba")
+        stacked = np.hstack([self.trees, (proba[:, 1:] if proba.shape[1] == 2 else proba).astype(np.float32)])
+        model = lgb.LGBMClassifier(**self.lgbm).fit(stacked[fit_rows], y[fit_rows])
+        return lambda rows: model.predict_proba(stacked[rows])
 
 
 def load_feature_table(path: str | os.PathLike, id_col: str = "client_id") -> pd.DataFrame:
