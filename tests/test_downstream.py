@@ -306,6 +306,8 @@ def test_evaluate_linear_probe_arguments():
             evaluate([feats, feats[["client_id"]]], targets, "label", model=model, early_stopping_rounds=10)
     with pytest.raises(EvaluationError, match=r"model='stacked' needs two or more feature tables"):
         evaluate(feats, targets, "label", model="stacked")
+    with pytest.raises(EvaluationError, match=r"the last feature table .* has no column besides 'client_id'"):
+        evaluate([feats, feats[["client_id"]]], targets, "label", model="stacked")
 
 
 def test_evaluate_errors():
@@ -411,3 +413,12 @@ def test_cli_evaluate_stacked(tmp_path):
           "--target-col", "label", "--folds", "3", "--jobs", "1", "-q", "--model", "stacked", "--out", str(tmp_path / "r.json")])
     r = json.loads((tmp_path / "r.json").read_text())[0]
     assert r["model"] == "stacked" and r["n_features"] == 17 and r["test_mean"] > 0.8
+
+
+
+def test_cli_evaluate_offers_every_downstream_model():
+    from ptls_meles.cli import build_parser
+    from ptls_meles.downstream.evaluate import MODELS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a.choices, dict)).choices["evaluate"]
+    assert tuple(next(a for a in sub._actions if a.dest == "model").choices) == MODELS

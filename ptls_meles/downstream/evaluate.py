@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 from typing import Callable
 
 import numpy as np
@@ -95,6 +96,9 @@ def evaluate(
         folds, name = _LinearFolds(_probe_values(X), plan, seed, n_jobs), "linear_probe"
     elif model == "stacked":
         probed = [c for c in tables[-1].columns if c != id_col]
+        if not probed:
+            raise EvaluationError(f"model='stacked': the last feature table (the one the probe reads) has no column "
+                                  f"besides {id_col!r}; pass e.g. [handcrafted, embeddings]")
         folds, name = _StackedFolds(X.drop(columns=probed), _probe_values(X[probed]), plan, lgbm, seed, n_jobs), "stacked"
     else:
         folds, name = _LightGBMFolds(X, plan, lgbm, early_stopping_rounds), "lightgbm"
@@ -162,10 +166,13 @@ def _linear_probe(C: float | None, task: str, seed: int, n_jobs: int):
     return make_pipeline(SimpleImputer(strategy="median", keep_empty_features=True), StandardScaler(), head)
 
 
-def _fit_quietly(estimator, X: np.ndarray, y: np.ndarray):
-    with warnings.catch_warnings():  # scikit-learn 1.8+ announces renamed attributes; C_ reads the same
+@contextmanager
+def _without_sklearn_renaming_notices():
+    """scikit-learn 1.8+ announces renamed logistic-regression attributes and defaults on every
+    fit; what the probe reads (``C_``, probabilities) is the same under both names."""
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        return estimator.fit(X, y)
+        yield
 
 
 class _LinearFolds:
@@ -177,7 +184,8 @@ class _LinearFolds:
         self.params = {"Cs": list(LINEAR_CS), "inner_folds": LINEAR_INNER_FOLDS, "C_per_fold": []}
 
     def fit_probe(self, rows: np.ndarray):
-        probe = _fit_quietly(_linear_probe(None, self.plan.task, self.seed, self.n_jobs), self.values[rows], self.plan.y[rows])
+        with _without_sklearn_renaming_notices():
+            probe = _linear_probe(None, self.plan.task, self.seed, self.n_jobs).fit(self.values[rows], self.plan.y[rows])
         self.params["C_per_fold"].append(float(np.atleast_1d(probe[-1].C_)[0]))
         return probe
 
@@ -204,8 +212,7 @@ class _StackedFolds:
         probe = self.probe.fit_probe(fit_rows)
         proba = probe.predict_proba(values)
         inner = StratifiedKFold(LINEAR_INNER_FOLDS, shuffle=True, random_state=self.seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
+        with _without_sklearn_renaming_notices():
             proba[fit_rows] = cross_val_predict(_linear_probe(self.probe.params["C_per_fold"][-1], self.plan.task, self.seed, 1),
                                                 values[fit_rows], y[fit_rows], cv=inner, method="predict_proba")
         stacked = np.hstack([self.trees, (proba[:, 1:] if proba.shape[1] == 2 else proba).astype(np.float32)])
