@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import events_frame
-from ptls_meles.bench.quality import main, parse_define, parse_vary
+from ptls_meles.bench.quality import READOUTS, chosen_on_cv, main, parse_define, parse_vary
 from ptls_meles.bench.report import markdown_table
 from ptls_meles.prepare import prepare
 from ptls_meles.schema import EventSchema
@@ -165,6 +165,26 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, mon
     lin2 = {r["name"]: r for r in json.loads((tmp_path / "report" / "lin2.json").read_text())}
     assert lin2["paper"]["scores_linear"] == lin["paper"]["scores_linear"] and lin2["hand-crafted"] == lin["hand-crafted"]
     assert lin2["paper"]["scores_stacked"] == lin["paper"]["scores_stacked"]
+    # the summary credits each table with the read-out its CV prefers
+    summary = text.split("The test part never chooses.")[1].split("Configurations")[0]
+    for readouts, key in ((READOUTS["alone"], "scores"), (READOUTS["with hand-crafted + shares"], "scores_both_shares")):
+        label, s = chosen_on_cv(lin["paper"], readouts, ["label"])["label"]
+        other = next(k for k, _ in readouts if k != key)
+        assert s["cv"] == max(lin["paper"][key]["label"]["cv"], lin["paper"][other]["label"]["cv"])
+        assert f"{s['test']:.3f} ± {s['test_interval']:.3f} ({label})" in summary
+    assert "| hand-crafted + shares of every value | aggregates |" in summary
+
+
+def test_chosen_on_cv_picks_by_the_cv_mean_never_the_test_part():
+    def score(cv, test):
+        return {"cv": cv, "test": test, "test_interval": 0.01, "metric": "auroc"}
+
+    row = {"scores": {"a": score(0.70, 0.90), "b": score(0.80, 0.80)},
+           "scores_linear": {"a": score(0.75, 0.60), "b": score(0.80, 0.99)}}
+    chosen = chosen_on_cv(row, READOUTS["alone"], ["a", "b"])
+    assert chosen["a"] == ("linear probe", row["scores_linear"]["a"])  # higher CV, lower test
+    assert chosen["b"] == ("LightGBM", row["scores"]["b"])  # a tie keeps the first read-out
+    assert chosen_on_cv({"scores": row["scores"]}, READOUTS["alone"], ["a"]) == {}  # nothing to choose
 
 
 def test_an_earlier_supervised_row_under_a_dated_name_stays_a_supervised_row(tmp_path):

@@ -93,6 +93,12 @@ BOTH_SHARES = "hand-crafted + shares + embeddings"
 #: plus the embeddings' out-of-fold probe probabilities (``model="stacked"``)
 LINEAR = "linear probe"
 STACKED = "hand-crafted + shares, stacked with the embeddings' probe"
+#: the read-outs of one table that the summary chooses between: (row key, label). The choice is made per
+#: target on the CV mean, never on the test part, so a table is credited with its better read-out fairly
+READOUTS = {
+    "alone": (("scores", "LightGBM"), ("scores_linear", LINEAR)),
+    "with hand-crafted + shares": (("scores_both_shares", "LightGBM"), ("scores_stacked", "stacked")),
+}
 
 
 def parse_define(text: str) -> tuple[str, dict]:
@@ -470,6 +476,42 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
     return [hand] + hand_shares + supervised + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
 
 
+def chosen_on_cv(row: dict, readouts: tuple[tuple[str, str], ...], target_list: list[str]) -> dict[str, tuple[str, dict]]:
+    """Per target, the read-out of ``row`` (among ``readouts`` it has) with the higher CV mean, as
+    (label, scores); the first listed wins a tie. Empty when the row has fewer than two of them:
+    there is nothing to choose."""
+    present = [(key, label) for key, label in readouts if key in row]
+    if len(present) < 2:
+        return {}
+    out = {}
+    for t in target_list:
+        key, label = max(present, key=lambda kl: row[kl[0]][t]["cv"])  # max keeps the first on a tie
+        out[t] = (label, row[key][t])
+    return out
+
+
+def _chosen_section(rows: list[dict], target_list: list[str]) -> list[str]:
+    """The summary table: each table under its read-out chosen on CV (rows with a linear probe)."""
+    lines = []
+    for r in rows:
+        for what, readouts in READOUTS.items():
+            if r["name"] in (HAND, HAND_SHARES) and what != "alone":
+                continue
+            chosen = chosen_on_cv(r, readouts, target_list)
+            if chosen:
+                table = "aggregates" if r["name"] in (HAND, HAND_SHARES) else f"embeddings {what}"
+                lines.append(f"| {r['name']} | {table} | " + " | ".join(
+                    f"{s['test']:.3f} ± {s['test_interval']:.3f} ({label})" for label, s in
+                    (chosen[t] for t in target_list)) + " |")
+    if not lines:
+        return []
+    head = "| configuration | table | " + " | ".join(target_list) + " |"
+    return ["", "Each table read the way its CV prefers: per target, LightGBM or the linear probe (for the "
+            "embeddings beside hand-crafted + shares: LightGBM on both tables or the stacked probe), whichever has "
+            "the higher CV mean; the cell is that read-out's test mean ± 95% interval. The test part never chooses.",
+            "", head, "|" + "---|" * (head.count("|") - 1), *lines]
+
+
 def _machine() -> str:
     from .speed import _machine as machine
 
@@ -545,6 +587,7 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
                     s = r["fractions"][f]
                     lines.append(f"| {float(f):g} | {r['name']} | " + " | ".join(
                         f"{s[t]['test']:.3f} ± {s[t]['test_interval']:.3f}" for t in target_list) + " |")
+    lines += _chosen_section(rows, target_list)
     lines += ["", "Configurations (overrides of `MeLESConfig` defaults):", ""]
     lines += [f"- `{r['name']}`: `{json.dumps(r['overrides'])}`" for r in trained]
     prefix.with_suffix(".md").write_text("\n".join(lines) + "\n")
