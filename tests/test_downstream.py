@@ -415,7 +415,6 @@ def test_cli_evaluate_stacked(tmp_path):
     assert r["model"] == "stacked" and r["n_features"] == 17 and r["test_mean"] > 0.8
 
 
-
 def test_cli_evaluate_offers_every_downstream_model():
     from ptls_meles.cli import build_parser
     from ptls_meles.downstream.evaluate import MODELS

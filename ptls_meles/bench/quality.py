@@ -478,8 +478,8 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
 
 def chosen_on_cv(row: dict, readouts: tuple[tuple[str, str], ...], target_list: list[str]) -> dict[str, tuple[str, dict]]:
     """Per target, the read-out of ``row`` (among ``readouts`` it has) with the higher CV mean, as
-    (label, scores); the first listed wins a tie. Empty when the row has fewer than two of them:
-    there is nothing to choose."""
+    (label, scores); the first listed wins a tie (both metrics, AUROC and accuracy, grow with quality).
+    Empty when the row has fewer than two of them: there is nothing to choose."""
     present = [(key, label) for key, label in readouts if key in row]
     if len(present) < 2:
         return {}
@@ -494,9 +494,7 @@ def _chosen_section(rows: list[dict], target_list: list[str]) -> list[str]:
     """The summary table: each table under its read-out chosen on CV (rows with a linear probe)."""
     lines = []
     for r in rows:
-        for what, readouts in READOUTS.items():
-            if r["name"] in (HAND, HAND_SHARES) and what != "alone":
-                continue
+        for what, readouts in READOUTS.items():  # hand-crafted rows hold only the read-outs of "alone"
             chosen = chosen_on_cv(r, readouts, target_list)
             if chosen:
                 table = "aggregates" if r["name"] in (HAND, HAND_SHARES) else f"embeddings {what}"
