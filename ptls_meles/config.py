@@ -44,6 +44,8 @@ PRESETS: dict[str, dict] = {
         projection_head=0,
         encoder="gru",
         precision="32",
+        cnt_min=25,
+        cnt_max=200,
     ),
 }
 
@@ -63,7 +65,7 @@ class MeLESConfig:
     quality_*.md): numbers also read within their event's category, time gaps / elapsed /
     absolute time as inputs, three causal dilated convolution layers pooled last + mean +
     max, and a 128-wide projection head for the loss; the MeLES paper's contrastive loss
-    with hard negatives and its slices."""
+    with hard negatives on random slices, shorter than the paper's (15-100 events, not 25-200)."""
 
     preset: str | None = None
 
@@ -81,8 +83,8 @@ class MeLESConfig:
     # pair generation
     split: str = "slices"
     split_count: int = 5
-    cnt_min: int = 25
-    cnt_max: int = 200
+    cnt_min: int = 15  # views are slices of 15-100 events (the paper: 25-200); shorter views are
+    cnt_max: int = 100  # harder to match and made better features on both datasets, two seeds
     # loss and mining
     loss: str = "contrastive"
     miner: str = "hard"

@@ -56,6 +56,14 @@ def test_paper_preset_fills_settings_and_explicit_ones_win():
     assert MeLESConfig(preset="paper").encoder == "gru"
 
 
+def test_paper_preset_keeps_the_papers_view_lengths_while_the_defaults_are_shorter():
+    assert (MeLESConfig().cnt_min, MeLESConfig().cnt_max) == (15, 100)
+    assert (MeLESConfig(preset="paper").cnt_min, MeLESConfig(preset="paper").cnt_max) == (25, 200)
+    # a saved paper-preset model round-trips with its own lengths, not today's defaults
+    saved = MeLESConfig(preset="paper").to_dict()
+    assert (MeLESConfig.from_dict(saved).cnt_min, MeLESConfig.from_dict(saved).cnt_max) == (25, 200)
+
+
 def test_choices_table_is_the_one_the_factories_read():
     from ptls_meles.losses import LOSSES, MINERS
     from ptls_meles.nn.embedder import ENCODERS
