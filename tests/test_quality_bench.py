@@ -51,6 +51,21 @@ def toy_store_with_labels(store_dir, n_clients: int, seed: int):
     return store
 
 
+def test_train_only_trains_without_scoring_and_a_later_run_scores_that_training(tmp_path):
+    store_dir = tmp_path / "store"
+    toy_store_with_labels(store_dir, n_clients=120, seed=5)
+    argv = ["--dataset", str(store_dir), "--out", str(tmp_path / "work"), "--configs", "", "--define",
+            "tiny:hidden_size=8;batch_size=16;cnt_min=2;cnt_max=10;num_workers=0", "--epochs", "1", "--lgbm", "fast"]
+    main(argv + ["--train-only"])
+    assert not list((tmp_path / "work" / "rows").glob("*.json"))  # nothing scored, not even hand-crafted
+    ckpt = next((tmp_path / "work" / "runs").glob("tiny-*/checkpoints/best.ckpt"))
+    ckpt_time = ckpt.stat().st_mtime
+    main(argv + ["--report", str(tmp_path / "q")])
+    assert ckpt.stat().st_mtime == ckpt_time and len(list((tmp_path / "work" / "runs").iterdir())) == 1
+    row = next(r for r in json.loads((tmp_path / "q.json").read_text()) if r["name"] == "tiny")
+    assert row["epochs"] == 1 and 0.0 <= row["scores"]["label"]["test"] <= 1.0
+
+
 def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, monkeypatch):
     store_dir = tmp_path / "store"
     toy_store_with_labels(store_dir, n_clients=150, seed=4)

@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--report-only: also the rows of an earlier report whose names the cache lacks")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: report every cached row in OUT/rows that scored all the targets")
+    ap.add_argument("--train-only", action="store_true",
+                    help="train the configurations and stop, scoring nothing (e.g. on a GPU machine); the same "
+                         "command without it scores them once OUT/runs is back under the same absolute OUT "
+                         "(the cache key holds the store's path)")
     return ap
 
 
@@ -416,6 +420,12 @@ def main(argv: list[str] | None = None) -> None:
         if not a.report:
             raise ValueError("--report-only needs --report PREFIX")
         write_report(cached_rows(rows_dir, target_list, a.include_rows), target_list, Path(a.report), a, argv)
+        return
+    if a.train_only:
+        for name, overrides in configs.items():
+            run_dir = _run_dir(name, overrides, work, a, data_key)
+            _trained_model(overrides, store, run_dir, a)
+            log.info("%s trained: %s in %s", name, _run_record(run_dir), run_dir)
         return
 
     bench = QualityBench(a, store, targets, target_list, data_key, work)
