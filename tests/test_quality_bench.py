@@ -56,6 +56,8 @@ def test_train_only_trains_without_scoring_and_a_later_run_scores_that_training(
     toy_store_with_labels(store_dir, n_clients=120, seed=5)
     argv = ["--dataset", str(store_dir), "--out", str(tmp_path / "work"), "--configs", "", "--define",
             "tiny:hidden_size=8;batch_size=16;cnt_min=2;cnt_max=10;num_workers=0", "--epochs", "1", "--lgbm", "fast"]
+    with pytest.raises(SystemExit):  # argparse refuses the pair: each would stop before the other's work
+        main(argv + ["--train-only", "--report-only"])
     main(argv + ["--train-only"])
     assert not list((tmp_path / "work" / "rows").glob("*.json"))  # nothing scored, not even hand-crafted
     ckpt = next((tmp_path / "work" / "runs").glob("tiny-*/checkpoints/best.ckpt"))

@@ -152,12 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--report", help="path prefix for NAME.md / NAME.json / NAME.png, e.g. docs/results/quality_physionet")
     ap.add_argument("--include-rows", action="append", default=[], metavar="REPORT.json",
                     help="--report-only: also the rows of an earlier report whose names the cache lacks")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: report every cached row in OUT/rows that scored all the targets")
-    ap.add_argument("--train-only", action="store_true",
-                    help="train the configurations and stop, scoring nothing (e.g. on a GPU machine); the same "
-                         "command without it scores them once OUT/runs is back under the same absolute OUT "
-                         "(the cache key holds the store's path)")
+    only = ap.add_mutually_exclusive_group()  # each stops before the other's work
+    only.add_argument("--report-only", action="store_true",
+                      help="train nothing: report every cached row in OUT/rows that scored all the targets")
+    only.add_argument("--train-only", action="store_true",
+                      help="train the configurations and stop, scoring nothing (e.g. on a GPU machine); the same "
+                           "command without it scores them once OUT/runs is back under the same absolute OUT "
+                           "(the cache key holds the store's path)")
     return ap
 
 
