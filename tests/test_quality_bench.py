@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from conftest import events_frame
-from ptls_meles.bench.quality import READOUTS, chosen_on_cv, main, parse_define, parse_vary
+from ptls_meles.bench.quality import READOUTS, chosen_on_cv, main, parse_define, parse_vary, store_fingerprint
 from ptls_meles.bench.report import markdown_table
 from ptls_meles.prepare import prepare
 from ptls_meles.schema import EventSchema
@@ -60,12 +60,28 @@ def test_train_only_trains_without_scoring_and_a_later_run_scores_that_training(
         main(argv + ["--train-only", "--report-only"])
     main(argv + ["--train-only"])
     assert not list((tmp_path / "work" / "rows").glob("*.json"))  # nothing scored, not even hand-crafted
-    ckpt = next((tmp_path / "work" / "runs").glob("tiny-*/checkpoints/best.ckpt"))
+    # scored elsewhere: the store and OUT both move (trained on one machine, scored on another)
+    (tmp_path / "here").mkdir()
+    store_dir = store_dir.rename(tmp_path / "here" / "store")
+    work = (tmp_path / "work").rename(tmp_path / "here" / "work")
+    argv[1], argv[3] = str(store_dir), str(work)
+    ckpt = next((work / "runs").glob("tiny-*/checkpoints/best.ckpt"))
     ckpt_time = ckpt.stat().st_mtime
     main(argv + ["--report", str(tmp_path / "q")])
-    assert ckpt.stat().st_mtime == ckpt_time and len(list((tmp_path / "work" / "runs").iterdir())) == 1
+    assert ckpt.stat().st_mtime == ckpt_time and len(list((work / "runs").iterdir())) == 1
     row = next(r for r in json.loads((tmp_path / "q.json").read_text()) if r["name"] == "tiny")
     assert row["epochs"] == 1 and 0.0 <= row["scores"]["label"]["test"] <= 1.0
+
+
+def test_the_store_fingerprint_follows_the_data_not_its_path(tmp_path):
+    store = toy_store_with_labels(tmp_path / "a", n_clients=40, seed=3)
+    targets = pd.read_parquet(tmp_path / "a" / "targets.parquet")
+    same = toy_store_with_labels(tmp_path / "b", n_clients=40, seed=3)
+    assert store_fingerprint(store, targets) == store_fingerprint(same, targets)
+    relabelled = targets.assign(label=1 - targets["label"])
+    assert store_fingerprint(store, relabelled) != store_fingerprint(store, targets)
+    other = toy_store_with_labels(tmp_path / "c", n_clients=40, seed=4)
+    assert store_fingerprint(other, targets) != store_fingerprint(store, targets)
 
 
 def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -157,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train nothing: report every cached row in OUT/rows that scored all the targets")
     only.add_argument("--train-only", action="store_true",
                       help="train the configurations and stop, scoring nothing (e.g. on a GPU machine); the same "
-                           "command without it scores them once OUT/runs is back under the same absolute OUT "
-                           "(the cache key holds the store's path)")
+                           "command without it scores them once OUT/runs is back (the cache key is the data's "
+                           "fingerprint, not its path, so OUT may move)")
     return ap
 
 
@@ -221,6 +222,21 @@ def _fractions(text: str) -> list[float]:
 
 def _digest(obj) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def store_fingerprint(store: SequenceStore, targets: pd.DataFrame) -> str:
+    """What the data is, not where it lies: the encoding (vocabularies, scalings), every
+    client's id and length, and the targets. Cached rows and runs then follow the store when
+    OUT moves (e.g. trained on a GPU machine, scored here)."""
+    lengths = np.diff(store.offsets)
+    parts = [json.dumps(store.encoding.to_dict(), sort_keys=True, default=str),
+             pd.util.hash_pandas_object(pd.Series(store.client_ids), index=False).values.tobytes(),
+             lengths.tobytes(),
+             pd.util.hash_pandas_object(targets.sort_index(axis=1), index=False).values.tobytes()]
+    h = hashlib.sha1()
+    for part in parts:
+        h.update(part.encode() if isinstance(part, str) else part)
+    return h.hexdigest()[:16]
 
 
 def _scores(result) -> dict:
@@ -411,7 +427,7 @@ def main(argv: list[str] | None = None) -> None:
     target_list = _target_list(a, targets, dataset)
     configs = _configs(a)
     _fractions(a.fractions)
-    data_key = {"store": str(store_dir.resolve()), "n_clients": store.n_clients, "n_events": store.n_events,
+    data_key = {"store": store_fingerprint(store, targets), "n_clients": store.n_clients, "n_events": store.n_events,
                 "targets": target_list, "lgbm": a.lgbm}
     if a.early_stopping_rounds:
         data_key["early_stopping_rounds"] = a.early_stopping_rounds
