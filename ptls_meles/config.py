@@ -93,6 +93,10 @@ class MeLESConfig:
     temperature: float = 0.1  # infonce only
     aux_objective: str = ""  # set of next_event (causal encoders: gru, lstm, conv) | view_stats ("" = none)
     aux_weight: float = 1.0
+    # True: each auxiliary loss is divided by its mean over the first training steps, so aux_weight
+    # is a share of the pair loss's scale whatever the vocabulary (raw view_stats losses start
+    # ~2.5x higher with 200 categories than with 42)
+    aux_relative: bool = False
     # 0: the loss reads the embedding itself; N: it reads an MLP head's N outputs (SimCLR), so the
     # embedding (what embed writes) need not drop what the views of one client do not share
     projection_head: int = 128

@@ -63,6 +63,12 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
     )
 
 
+#: the auxiliary losses training_step may add, in a fixed order (``aux_reference``'s slots)
+AUX_LOSSES = ("next_event_loss", "view_stats_loss")
+#: training steps whose mean auxiliary loss becomes its reference (``aux_relative``)
+AUX_REFERENCE_STEPS = 100
+
+
 class MeLESModule(pl.LightningModule):
     """Step logic only: embed views, L2-normalise them, mine pairs, compute the loss;
     validation recall@(k−1). The embedder itself stays raw (what ``embed`` writes)."""
@@ -96,6 +102,10 @@ class MeLESModule(pl.LightningModule):
                 self.embedder.output_size, {c: v.size for c, v in self.encoding.categorical.items()},
                 list(self.encoding.numeric), use_time=bool(self.config.parts("time_features")),
             )
+        if self.config.aux_relative and (self.next_event is not None or self.view_stats is not None):
+            # each auxiliary loss's mean over its first AUX_REFERENCE_STEPS steps (saved with the weights)
+            self.register_buffer("aux_reference", torch.zeros(len(AUX_LOSSES)))
+            self.register_buffer("aux_reference_steps", torch.zeros((), dtype=torch.long))
         self.projection = None
         if self.config.projection_head:
             width = self.embedder.output_size
@@ -142,11 +152,25 @@ class MeLESModule(pl.LightningModule):
         if self.view_stats is not None:
             # the embedding itself (not the head's output), on the unit sphere
             aux["view_stats_loss"] = self.view_stats(normalize(raw.float(), dim=-1), padded, labels)
-        for name, value in aux.items():
+        for name, value in self.relative_to_start(aux).items():
             loss = loss + self.config.aux_weight * value
-            self.log(name, value, on_step=False, on_epoch=True, batch_size=n_clients)
+            self.log(name, aux[name], on_step=False, on_epoch=True, batch_size=n_clients)
         self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=n_clients)
         return loss
+
+    def relative_to_start(self, aux: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """With ``aux_relative``: each auxiliary loss over its running mean of the first
+        ``AUX_REFERENCE_STEPS`` training steps (then frozen), so its size starts at 1
+        whatever the data's vocabulary; otherwise the losses as they are."""
+        if not self.config.aux_relative:
+            return aux
+        steps = int(self.aux_reference_steps)
+        if steps < AUX_REFERENCE_STEPS:
+            for name, value in aux.items():
+                i = AUX_LOSSES.index(name)
+                self.aux_reference[i] += (value.detach().float() - self.aux_reference[i]) / (steps + 1)
+            self.aux_reference_steps += 1
+        return {name: value / self.aux_reference[AUX_LOSSES.index(name)].clamp(min=1e-8) for name, value in aux.items()}
 
     def validation_step(self, batch, batch_idx):
         padded, labels = batch

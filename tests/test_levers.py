@@ -209,13 +209,14 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
                          cnt_max=10, patience=None, numeric_encoding="scalar,by_category,periodic",
                          time_features="gap,elapsed,absolute", pooling="last,mean,max", loss="infonce",
                          lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01,
-                         aux_objective="next_event,view_stats")
+                         aux_objective="next_event,view_stats", aux_relative=True)
     module = fit(store, config, out_dir=tmp_path, show_progress=False)
     moments = module.embedder.event_encoder.value_mean
     assert moments.abs().sum() > 0  # fitted from the store, not left at zero
     loaded = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.equal(loaded.embedder.event_encoder.value_mean, moments)
     assert torch.equal(loaded.view_stats.value_mean, module.view_stats.value_mean)
+    assert (loaded.aux_reference > 0).all() and int(loaded.aux_reference_steps) > 0  # both losses, saved
     logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
     assert logged["view_stats_loss"].notna().any() and logged["next_event_loss"].notna().any()
     assert isinstance(loaded.config, MeLESConfig) and loaded.config.pooling == "last,mean,max"
@@ -339,6 +340,31 @@ def test_view_stats_objective_learns_the_other_views_mix_and_trains_the_encoder(
         opt.step()
     assert loss.item() < 0.5 * first.item()
     MeLESConfig(encoder="transformer", aux_objective="view_stats")  # no future to peek at: allowed
+
+
+def test_relative_aux_losses_are_divided_by_their_mean_over_the_first_steps_then_frozen():
+    from ptls_meles.encoding import CategoryVocab
+    from ptls_meles.train import AUX_REFERENCE_STEPS
+
+    enc = Encoding("c", "t", "number", numeric={"x": None})
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
+    plain = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats"), enc)
+    assert plain.relative_to_start({"view_stats_loss": torch.tensor(3.0)})["view_stats_loss"].item() == 3.0
+    assert "aux_reference" not in plain.state_dict()  # models saved before the option load unchanged
+    module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats", aux_relative=True), enc)
+    first = module.relative_to_start({"view_stats_loss": torch.tensor(4.0, requires_grad=True)})["view_stats_loss"]
+    assert first.item() == pytest.approx(1.0) and first.requires_grad  # the gradient still flows, scaled by 1/4
+    second = module.relative_to_start({"view_stats_loss": torch.tensor(2.0)})["view_stats_loss"]
+    assert second.item() == pytest.approx(2.0 / 3.0)  # reference: the mean of 4 and 2
+    for _ in range(AUX_REFERENCE_STEPS):
+        module.relative_to_start({"view_stats_loss": torch.tensor(3.0)})
+    reference = module.aux_reference.clone()
+    module.relative_to_start({"view_stats_loss": torch.tensor(100.0)})  # after the first steps: frozen
+    assert torch.equal(module.aux_reference, reference) and int(module.aux_reference_steps) == AUX_REFERENCE_STEPS
+    assert reference[1].item() == pytest.approx((4 + 2 + 3 * (AUX_REFERENCE_STEPS - 2)) / AUX_REFERENCE_STEPS)
+    restored = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats", aux_relative=True), enc)
+    restored.load_state_dict(module.state_dict())  # the reference travels with the weights
+    assert torch.equal(restored.aux_reference, reference)
 
 
 def test_a_missing_value_is_not_counted_in_its_category_mean():
