@@ -184,13 +184,18 @@ class MeLESConfig:
         return self.cat_embedding_dims.get(column, self.cat_embedding_dim)
 
 
+_FLAG_WORDS = {"true": True, "false": False, "yes": True, "no": False, "1": True, "0": False}
+
+
 def parse_settings(pairs: list[str] | None) -> dict:
     """``KEY=VALUE`` strings (``--set``, ``--define``) -> settings; values are Python
     literals when they parse (``8``, ``None``, ``True``), else strings (``last,mean``);
-    a text setting stays text (``precision=32`` is ``"32"``)."""
+    a text setting stays text (``precision=32`` is ``"32"``), a yes/no setting also reads
+    ``true`` / ``false``."""
     import ast
 
     text_settings = {f.name for f in fields(MeLESConfig) if f.type in ("str", str)}
+    flag_settings = {f.name for f in fields(MeLESConfig) if f.type in ("bool", bool)}
     out = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
@@ -198,6 +203,9 @@ def parse_settings(pairs: list[str] | None) -> dict:
             raise ValueError(f"expected KEY=VALUE, e.g. hidden_size=128, got {pair!r}")
         if key.strip() in text_settings:
             out[key.strip()] = value
+            continue
+        if key.strip() in flag_settings and value.strip().lower() in _FLAG_WORDS:  # a shell user types true
+            out[key.strip()] = _FLAG_WORDS[value.strip().lower()]
             continue
         try:
             out[key.strip()] = ast.literal_eval(value)

@@ -17,6 +17,11 @@ def test_precision_setting_is_checked_and_the_paper_preset_pins_float32():
     # on the command line (--set, --define) a text setting stays text: precision=32 is "32", not 32
     assert parse_settings(["precision=32", "hidden_size=8", "pooling=last,mean"]) == {
         "precision": "32", "hidden_size": 8, "pooling": "last,mean"}
+    # a yes/no setting reads the shell's words too; other words still reach the config's check
+    assert parse_settings(["aux_relative=true", "hidden_size=8"]) == {"aux_relative": True, "hidden_size": 8}
+    assert parse_settings(["aux_relative=False"]) == {"aux_relative": False}
+    with pytest.raises(ValueError, match="aux_relative"):
+        MeLESConfig.from_dict(parse_settings(["aux_relative=maybe"]))
 
 
 @pytest.mark.parametrize("native", [True, False])
