@@ -94,8 +94,8 @@ class MeLESConfig:
     aux_objective: str = ""  # set of next_event (causal encoders: gru, lstm, conv) | view_stats ("" = none)
     aux_weight: float = 1.0
     # True: each auxiliary loss is divided by its mean over the first training steps, so aux_weight
-    # is a share of the pair loss's scale whatever the vocabulary (raw view_stats losses start
-    # ~2.5x higher with 200 categories than with 42)
+    # weighs a loss that starts at 1 whatever the vocabulary (raw view_stats losses start ~2.5x
+    # higher with 200 categories than with 42)
     aux_relative: bool = False
     # 0: the loss reads the embedding itself; N: it reads an MLP head's N outputs (SimCLR), so the
     # embedding (what embed writes) need not drop what the views of one client do not share
@@ -151,6 +151,9 @@ class MeLESConfig:
         if "next_event" in self.parts("aux_objective") and self.encoder not in ("gru", "lstm", "conv"):
             raise ValueError(f"aux_objective 'next_event' needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
                              "its per-event states must summarise the history")
+        if self.aux_relative and not self.parts("aux_objective"):
+            raise ValueError("aux_relative=True scales an auxiliary loss, but aux_objective is empty: set one, "
+                             "e.g. aux_objective=view_stats, or leave aux_relative=False")
         if self.embed_chunk is not None and self.embed_chunk < 1:
             raise ValueError(f"embed_chunk must be >= 1 events (or None for the whole window), got {self.embed_chunk}")
         if self.projection_head < 0:

@@ -365,6 +365,8 @@ def test_relative_aux_losses_are_divided_by_their_mean_over_the_first_steps_then
     restored = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats", aux_relative=True), enc)
     restored.load_state_dict(module.state_dict())  # the reference travels with the weights
     assert torch.equal(restored.aux_reference, reference)
+    with pytest.raises(ValueError, match="aux_relative=True scales an auxiliary loss, but aux_objective is empty"):
+        MeLESConfig(aux_relative=True)
 
 
 def test_a_missing_value_is_not_counted_in_its_category_mean():
