@@ -82,6 +82,10 @@ def test_the_store_fingerprint_follows_the_data_not_its_path(tmp_path):
     assert store_fingerprint(store, relabelled) != store_fingerprint(store, targets)
     other = toy_store_with_labels(tmp_path / "c", n_clients=40, seed=4)
     assert store_fingerprint(other, targets) != store_fingerprint(store, targets)
+    name = store.numeric[0]
+    store.columns[name] = store.columns[name].copy()
+    store.columns[name][0] += 1.0  # one event value differs: the cached rows must not be reused
+    assert store_fingerprint(store, targets) != store_fingerprint(same, targets)
 
 
 def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, monkeypatch):

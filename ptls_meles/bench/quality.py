@@ -226,12 +226,14 @@ def _digest(obj) -> str:
 
 def store_fingerprint(store: SequenceStore, targets: pd.DataFrame) -> str:
     """What the data is, not where it lies: the encoding (vocabularies, scalings), every
-    client's id and length, and the targets. Cached rows and runs then follow the store when
-    OUT moves (e.g. trained on a GPU machine, scored here)."""
-    lengths = np.diff(store.offsets)
+    client's id and length, every event value and the targets. Cached rows and runs then
+    follow the store when OUT moves (e.g. trained on a GPU machine, scored here), and a store
+    prepared again with other values never reuses them."""
     parts = [json.dumps(store.encoding.to_dict(), sort_keys=True, default=str),
              pd.util.hash_pandas_object(pd.Series(store.client_ids), index=False).values.tobytes(),
-             lengths.tobytes(),
+             store.lengths.tobytes(),
+             *(name + str(store.columns[name].dtype) for name in sorted(store.columns)),
+             *(np.ascontiguousarray(store.columns[name]).tobytes() for name in sorted(store.columns)),
              pd.util.hash_pandas_object(targets.sort_index(axis=1), index=False).values.tobytes()]
     h = hashlib.sha1()
     for part in parts:
