@@ -26,6 +26,7 @@ SET_CHOICES: dict[str, tuple[str, ...]] = {
     "time_features": ("gap", "elapsed", "absolute", "daytime"),
     "pooling": ("last", "mean", "max", "attention"),
     "aux_objective": ("next_event", "view_stats"),
+    "view_statistics": ("shares", "values", "rate", "gaps"),
 }
 _SETS_THAT_MAY_BE_EMPTY = ("time_features", "aux_objective")
 
@@ -93,6 +94,9 @@ class MeLESConfig:
     temperature: float = 0.1  # infonce only
     aux_objective: str = ""  # set of next_event (causal encoders: gru, lstm, conv) | view_stats ("" = none)
     aux_weight: float = 1.0
+    # what view_stats predicts of the other views: category shares, per-category mean values,
+    # mean log gap, and "gaps" (log-gap bin shares, mean log gap per category: timing)
+    view_statistics: str = "shares,values,rate"
     # True: each auxiliary loss is divided by its mean over the first training steps, so aux_weight
     # weighs a loss that starts at 1 whatever the vocabulary (raw view_stats losses start ~2.5x
     # higher with 200 categories than with 42)
@@ -154,6 +158,9 @@ class MeLESConfig:
         if self.aux_relative and not self.parts("aux_objective"):
             raise ValueError("aux_relative=True scales an auxiliary loss, but aux_objective is empty: set one, "
                              "e.g. aux_objective=view_stats, or leave aux_relative=False")
+        if "gaps" in self.parts("view_statistics") and not self.parts("time_features"):
+            raise ValueError("view_statistics 'gaps' reads the event times, which time_features='' leaves out: "
+                             "set time_features (e.g. gap) or drop gaps")
         if self.embed_chunk is not None and self.embed_chunk < 1:
             raise ValueError(f"embed_chunk must be >= 1 events (or None for the whole window), got {self.embed_chunk}")
         if self.projection_head < 0:

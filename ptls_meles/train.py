@@ -101,6 +101,7 @@ class MeLESModule(pl.LightningModule):
             self.view_stats = ViewStatsHead(
                 self.embedder.output_size, {c: v.size for c, v in self.encoding.categorical.items()},
                 list(self.encoding.numeric), use_time=bool(self.config.parts("time_features")),
+                statistics=self.config.parts("view_statistics"),
             )
         if self.config.aux_relative and (self.next_event is not None or self.view_stats is not None):
             # each auxiliary loss's mean over its first AUX_REFERENCE_STEPS steps (saved with the weights)
@@ -299,7 +300,7 @@ def fit(
     module = MeLESModule(config, store.encoding)
     module.embedder.event_encoder.fit_value_moments(store.columns)  # no labels: all clients may inform the scale
     if module.view_stats is not None:
-        module.view_stats.fit_value_moments(store.columns)
+        module.view_stats.fit_value_moments(store.columns, store.offsets)
     has_val = len(dm.val_clients) >= 2
     callbacks: list[pl.Callback] = [StopOnNonFiniteLoss()]
     ckpt_cb = None

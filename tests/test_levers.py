@@ -209,13 +209,17 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
                          cnt_max=10, patience=None, numeric_encoding="scalar,by_category,periodic",
                          time_features="gap,elapsed,absolute", pooling="last,mean,max", loss="infonce",
                          lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01,
-                         aux_objective="next_event,view_stats", aux_relative=True)
+                         aux_objective="next_event,view_stats", aux_relative=True,
+                         view_statistics="shares,values,rate,gaps")
     module = fit(store, config, out_dir=tmp_path, show_progress=False)
     moments = module.embedder.event_encoder.value_mean
     assert moments.abs().sum() > 0  # fitted from the store, not left at zero
     loaded = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.equal(loaded.embedder.event_encoder.value_mean, moments)
     assert torch.equal(loaded.view_stats.value_mean, module.view_stats.value_mean)
+    assert module.view_stats.gap_edges.diff().ge(0).all() and module.view_stats.gap_edges[-1] > 0  # fitted quantiles
+    assert torch.equal(loaded.view_stats.gap_edges, module.view_stats.gap_edges)
+    assert torch.equal(loaded.view_stats.gap_mean, module.view_stats.gap_mean)
     assert (loaded.aux_reference > 0).all() and int(loaded.aux_reference_steps) > 0  # both losses, saved
     logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
     assert logged["view_stats_loss"].notna().any() and logged["next_event_loss"].notna().any()
@@ -301,6 +305,42 @@ def test_view_statistics_are_shares_per_category_means_and_mean_log_gap_counted_
     assert ratio[0, 4:8].tolist() == pytest.approx([0, 2.0, 10.0, 0])  # mean x per id (moments 0 / 1)
     assert counts[0, 4:8].tolist() == [0, 2, 1, 0]  # padding (id 0, x 0) is never counted
     assert ratio[0, 8].item() == pytest.approx((math.log(2) + math.log(3)) / 2)  # gaps 1, 2 days
+
+
+def test_gap_statistics_are_log_gap_bin_shares_and_mean_log_gap_per_category_counted_by_hand():
+    from ptls_meles.nn.view_stats import GAP_BINS, ViewStatsHead
+
+    batch, _ = _view_stats_batch()
+    head = ViewStatsHead(4, {"p": 4}, ["x"], use_time=True, statistics=("gaps",))
+    head.gap_edges.copy_(torch.tensor([math.log1p(1.5)] + [100.0] * (GAP_BINS - 2)))
+    sums, counts = head.view_statistics(batch)
+    assert sums.shape == (4, GAP_BINS + 4)  # no shares, values or rate: bins, then a mean per id
+    ratio = sums / counts.clamp(min=1e-6)
+    # view 0: times 0, 1, 3 (ids 1, 1, 2): gaps of 1 and 2 days, one in each of the first two bins
+    assert ratio[0, :3].tolist() == pytest.approx([0.5, 0.5, 0.0])
+    assert ratio[0, GAP_BINS:].tolist() == pytest.approx([0, math.log(2), math.log(3), 0])  # moments 0 / 1
+    assert counts[0, GAP_BINS:].tolist() == [0, 1, 1, 0]  # the view's first event has no gap
+    # view 2: gaps of 1 day before three id-3 events
+    assert ratio[2, :2].tolist() == pytest.approx([1.0, 0.0]) and counts[2, GAP_BINS + 3].item() == 3
+
+
+def test_gap_moments_and_bin_edges_are_fitted_per_client_from_the_store():
+    from ptls_meles.nn.view_stats import ViewStatsHead, flat_log_gaps
+
+    times, offsets = np.array([0.0, 1.0, 3.0, 5.0, 6.0]), np.array([0, 3, 5])
+    gaps = flat_log_gaps(times, offsets)
+    assert np.isnan(gaps[[0, 3]]).all()  # each client's first event: no gap across clients
+    assert gaps[[1, 2, 4]].tolist() == pytest.approx([math.log(2), math.log(3), math.log(2)])
+    head = ViewStatsHead(4, {"p": 4}, ["x"], use_time=True, statistics=("shares", "gaps"))
+    head.fit_value_moments({"p": np.array([1, 1, 2, 3, 3]), "x": np.ones(5), "event_time": times}, offsets)
+    assert head.gap_mean[1:4].tolist() == pytest.approx([math.log(2), math.log(3), math.log(2)])
+    assert head.gap_edges.min().item() >= math.log(2) - 1e-6 and head.gap_edges.max().item() <= math.log(3) + 1e-6
+    with pytest.raises(ValueError, match="need the store's offsets"):
+        head.fit_value_moments({"p": np.array([1]), "event_time": np.array([0.0])})
+    with pytest.raises(ValueError, match="view_statistics 'gaps' reads the event times"):
+        MeLESConfig(aux_objective="view_stats", time_features="", view_statistics="shares,gaps")
+    with pytest.raises(ValueError, match="unknown"):
+        ViewStatsHead(4, {"p": 4}, [], use_time=True, statistics=("order",))
 
 
 def test_view_targets_come_from_the_clients_other_views_only():

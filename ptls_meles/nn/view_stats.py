@@ -5,15 +5,24 @@ keep *what* the client does. Predicting the other views' category shares, per-ca
 mean values and event rate (never the own view's: that would reward copying) makes the
 embedding carry the client's stable habits, learned from the sequence — the information
 hand-crafted aggregates hold — while the pair loss keeps what aggregates miss.
+
+``statistics`` chooses what is predicted: ``shares`` (of each categorical field's values),
+``values`` (mean standardised number per category of the first field), ``rate`` (mean log
+gap) and ``gaps`` (how the gaps are spread: shares of log-gap bins, and the mean
+standardised log gap before each category's events) — the timing that value levels miss.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ptls_meles.batch import PaddedBatch
 from ptls_meles.nn.event_encoder import TIME_FIELD, category_value_moments, time_deltas
+
+STATISTICS = ("shares", "values", "rate", "gaps")
+GAP_BINS = 16  # log-gap bins (edges: quantiles of the training data's gaps)
 
 
 def other_views(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,64 +36,116 @@ def other_views(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor) 
     return torch.where(known, other_s / other_c.clamp(min=1e-6), torch.zeros_like(other_s)), known
 
 
+def flat_log_gaps(times: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``log1p`` of each event's gap to the previous event of its client over flat store
+    columns; NaN for each client's first event (it has no gap)."""
+    t = np.asarray(times, dtype=np.float64)
+    gaps = np.full(len(t), np.nan)
+    if len(t) > 1:
+        gaps[1:] = np.log1p(np.clip(np.diff(t), 0, None))
+    starts = np.asarray(offsets[:-1], dtype=np.int64)
+    gaps[starts[starts < len(t)]] = np.nan
+    return gaps
+
+
 class ViewStatsHead(nn.Module):
     """``forward(embeddings, batch, labels) -> loss``.
 
     ``vocab_sizes``: categorical field -> vocabulary size (shares are predicted for each);
-    the per-category means of ``numeric_fields`` use the first field's categories. A view's
-    targets average the client's *other* views in the batch (views with one view are skipped).
+    the per-category means of ``numeric_fields`` (and of gaps) use the first field's
+    categories. A view's targets average the client's *other* views in the batch (views
+    with one view are skipped). Share blocks are scored by KL divergence, means by squared
+    error where the other views saw the category.
     """
 
-    def __init__(self, embedding_size: int, vocab_sizes: dict[str, int], numeric_fields: list[str], use_time: bool):
+    def __init__(self, embedding_size: int, vocab_sizes: dict[str, int], numeric_fields: list[str], use_time: bool,
+                 statistics: tuple[str, ...] = ("shares", "values", "rate")):
         super().__init__()
-        self.vocab_sizes = dict(vocab_sizes)
-        self.numeric_fields = list(numeric_fields)
-        self.mean_field = next(iter(self.vocab_sizes), None) if self.numeric_fields else None
-        self.use_time = use_time
-        n_means = len(self.numeric_fields) * self.vocab_sizes[self.mean_field] if self.mean_field else 0
-        n_out = sum(self.vocab_sizes.values()) + n_means + int(use_time)
+        unknown = sorted(set(statistics) - set(STATISTICS))
+        if unknown:
+            raise ValueError(f"view statistics {unknown} unknown; choose from {', '.join(STATISTICS)}")
+        self.vocab_sizes = dict(vocab_sizes) if "shares" in statistics else {}
+        self.mean_field = next(iter(vocab_sizes), None)
+        self.numeric_fields = list(numeric_fields) if "values" in statistics and self.mean_field else []
+        self.rate = use_time and "rate" in statistics
+        self.gaps = use_time and "gaps" in statistics
+        self.mean_vocab = mean_vocab = vocab_sizes[self.mean_field] if self.mean_field else 0
+        n_gap_means = mean_vocab if self.gaps else 0  # the mean log gap before each category's events
+        self.share_sizes = list(self.vocab_sizes.values()) + ([GAP_BINS] if self.gaps else [])
+        n_out = sum(self.share_sizes) + len(self.numeric_fields) * mean_vocab + n_gap_means + int(self.rate)
         if not n_out:
             raise ValueError("aux_objective 'view_stats' needs a categorical field, or a numeric field with one, or time")
         self.body = nn.Sequential(nn.Linear(embedding_size, embedding_size), nn.ReLU())
         self.out = nn.Linear(embedding_size, n_out)
         # per-category value moments (fit_value_moments): values are compared within their
         # category, as hand-crafted features would
-        means_vocab = self.vocab_sizes[self.mean_field] if self.mean_field else 0
-        self.register_buffer("value_mean", torch.zeros(len(self.numeric_fields), means_vocab))
-        self.register_buffer("value_std", torch.ones(len(self.numeric_fields), means_vocab))
+        value_shape = (len(self.numeric_fields), mean_vocab if self.numeric_fields else 0)
+        self.register_buffer("value_mean", torch.zeros(value_shape))
+        self.register_buffer("value_std", torch.ones(value_shape))
+        if self.gaps:
+            self.register_buffer("gap_edges", torch.zeros(GAP_BINS - 1))
+            self.register_buffer("gap_mean", torch.zeros(n_gap_means))
+            self.register_buffer("gap_std", torch.ones(n_gap_means))
 
-    def fit_value_moments(self, columns: dict) -> None:
-        if self.mean_field is not None:
+    def fit_value_moments(self, columns: dict, offsets: np.ndarray | None = None) -> None:
+        """Per-category moments of the numbers (and, with ``gaps``, of the log gaps and the
+        log-gap bin edges, which need the store's ``offsets``) over flat store columns."""
+        if self.numeric_fields:
             mean, std = category_value_moments(columns, self.mean_field, self.numeric_fields, self.value_mean.shape[1])
             self.value_mean.copy_(mean)
             self.value_std.copy_(std)
+        if self.gaps:
+            if offsets is None:
+                raise ValueError("view statistics 'gaps' need the store's offsets to find each client's first event")
+            gaps = flat_log_gaps(columns[TIME_FIELD], offsets)
+            seen = gaps[np.isfinite(gaps)]
+            if len(seen):
+                self.gap_edges.copy_(torch.from_numpy(np.quantile(seen, np.arange(1, GAP_BINS) / GAP_BINS)))
+            if len(self.gap_mean):
+                mean, std = category_value_moments({self.mean_field: columns[self.mean_field], "gap": gaps},
+                                                   self.mean_field, ["gap"], len(self.gap_mean))
+                self.gap_mean.copy_(mean[0])
+                self.gap_std.copy_(std[0])
 
     def view_statistics(self, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per view: ``sums [N, K]`` and ``counts [N, K]`` whose ratio is each statistic
-        (share of each category, mean standardised value per category, mean log gap)."""
+        """Per view: ``sums [N, K]`` and ``counts [N, K]`` whose ratio is each statistic, in
+        the order share blocks (fields, then gap bins), then means (values per category,
+        gaps per category, mean log gap)."""
         mask = batch.mask()
         n = mask.shape[0]
+        weight = mask.to(torch.float32)
         length = batch.lengths.to(torch.float32).clamp(min=1)
         sums, counts = [], []
         for name, vocab in self.vocab_sizes.items():
             ids = batch.payload[name].masked_fill(~mask, 0)
-            hist = torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, mask.to(torch.float32))
-            sums.append(hist)
+            sums.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, weight))
             counts.append(length[:, None].expand(n, vocab))
-        if self.mean_field is not None:
-            ids = batch.payload[self.mean_field].masked_fill(~mask, 0)
-            vocab = self.vocab_sizes[self.mean_field]
-            for i, name in enumerate(self.numeric_fields):
-                x = batch.payload[name].to(torch.float32)
-                z = ((x - self.value_mean[i][ids]) / self.value_std[i][ids]).clamp(-10, 10)
-                seen = mask & torch.isfinite(z)  # a missing value is not counted as a zero
-                z = torch.where(seen, z, torch.zeros_like(z))
-                sums.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, z))
-                counts.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, seen.to(torch.float32)))
-        if self.use_time:
+        if self.gaps or self.rate:
             gaps = time_deltas(batch.payload[TIME_FIELD], mask)  # log1p gaps, 0 for the first event
+            has_gap = mask.clone()
+            has_gap[:, 0] = False  # a view's first event has no gap inside the view
+            n_gaps = (batch.lengths - 1).clamp(min=0).to(torch.float32)[:, None]
+        if self.gaps:
+            bins = torch.bucketize(gaps, self.gap_edges).masked_fill(~has_gap, 0)
+            sums.append(torch.zeros(n, GAP_BINS, device=mask.device).scatter_add_(1, bins, has_gap.to(torch.float32)))
+            counts.append(n_gaps.expand(n, GAP_BINS))
+        if self.mean_field is not None and (self.numeric_fields or self.gaps):
+            ids = batch.payload[self.mean_field].masked_fill(~mask, 0)
+            vocab = self.mean_vocab
+        for i, name in enumerate(self.numeric_fields):
+            x = batch.payload[name].to(torch.float32)
+            z = ((x - self.value_mean[i][ids]) / self.value_std[i][ids]).clamp(-10, 10)
+            seen = mask & torch.isfinite(z)  # a missing value is not counted as a zero
+            z = torch.where(seen, z, torch.zeros_like(z))
+            sums.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, z))
+            counts.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, seen.to(torch.float32)))
+        if self.gaps and len(self.gap_mean):
+            z = ((gaps - self.gap_mean[ids]) / self.gap_std[ids]).clamp(-10, 10) * has_gap
+            sums.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, z))
+            counts.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, has_gap.to(torch.float32)))
+        if self.rate:
             sums.append((gaps * mask).sum(1, keepdim=True))
-            counts.append((batch.lengths - 1).clamp(min=0).to(torch.float32)[:, None])
+            counts.append(n_gaps)
         return torch.cat(sums, 1), torch.cat(counts, 1)
 
     def forward(self, embeddings: torch.Tensor, batch: PaddedBatch, labels: torch.Tensor) -> torch.Tensor:
@@ -92,11 +153,11 @@ class ViewStatsHead(nn.Module):
         pred = self.out(self.body(embeddings))
         loss = embeddings.new_zeros(())
         start = 0
-        for vocab in self.vocab_sizes.values():  # shares: cross-entropy against the other views' mix
-            p, t, k = pred[:, start:start + vocab], target[:, start:start + vocab], known[:, start]
+        for size in self.share_sizes:  # shares: cross-entropy against the other views' mix
+            p, t, k = pred[:, start:start + size], target[:, start:start + size], known[:, start]
             if bool(k.any()):
                 loss = loss + F.kl_div(F.log_softmax(p[k], -1), t[k], reduction="batchmean")
-            start += vocab
+            start += size
         rest_p, rest_t, rest_k = pred[:, start:], target[:, start:], known[:, start:]
         if rest_p.shape[1] and bool(rest_k.any()):  # means: squared error where the other views saw the category
             loss = loss + F.mse_loss(rest_p[rest_k], rest_t[rest_k])
