@@ -334,7 +334,13 @@ def test_gap_moments_and_bin_edges_are_fitted_per_client_from_the_store():
     head = ViewStatsHead(4, {"p": 4}, ["x"], use_time=True, statistics=("shares", "gaps"))
     head.fit_value_moments({"p": np.array([1, 1, 2, 3, 3]), "x": np.ones(5), "event_time": times}, offsets)
     assert head.gap_mean[1:4].tolist() == pytest.approx([math.log(2), math.log(3), math.log(2)])
-    assert head.gap_edges.min().item() >= math.log(2) - 1e-6 and head.gap_edges.max().item() <= math.log(3) + 1e-6
+    assert head.gap_edges[0].item() == 0 and head.gap_edges[1].item() == pytest.approx(math.log(2))
+    assert head.gap_edges.max().item() <= math.log(3) + 1e-6
+    # most gaps 0 (measurements stamped together): 0 keeps its own bin, the rest spread over the others
+    from ptls_meles.nn.view_stats import gap_bin_edges
+
+    edges = gap_bin_edges(np.concatenate([np.zeros(900), np.log1p(np.arange(1, 101)), [np.nan]]))
+    assert edges[0] == 0 and len(np.unique(edges)) == len(edges) and edges[-1] < math.log1p(100)
     with pytest.raises(ValueError, match="need the store's offsets"):
         head.fit_value_moments({"p": np.array([1]), "event_time": np.array([0.0])})
     with pytest.raises(ValueError, match="view_statistics 'gaps' reads the event times"):

@@ -22,7 +22,7 @@ from ptls_meles.batch import PaddedBatch
 from ptls_meles.nn.event_encoder import TIME_FIELD, category_value_moments, time_deltas
 
 STATISTICS = ("shares", "values", "rate", "gaps")
-GAP_BINS = 16  # log-gap bins (edges: quantiles of the training data's gaps)
+GAP_BINS = 16  # log-gap bins: gaps of 0, then 15 quantile bins of the training data's positive gaps
 
 
 def other_views(sums: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,6 +46,16 @@ def flat_log_gaps(times: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     starts = np.asarray(offsets[:-1], dtype=np.int64)
     gaps[starts[starts < len(t)]] = np.nan
     return gaps
+
+
+def gap_bin_edges(log_gaps: np.ndarray) -> np.ndarray:
+    """``GAP_BINS - 1`` edges: 0 (its own bin for events at the same time as the previous one,
+    e.g. several measurements stamped together), then quantiles of the positive gaps, so the
+    bins spread over the gaps that differ even where most gaps are 0."""
+    positive = log_gaps[np.isfinite(log_gaps) & (log_gaps > 0)]
+    if not len(positive):
+        return np.zeros(GAP_BINS - 1)
+    return np.concatenate([[0.0], np.quantile(positive, np.arange(1, GAP_BINS - 1) / (GAP_BINS - 1))])
 
 
 class ViewStatsHead(nn.Module):
@@ -98,9 +108,7 @@ class ViewStatsHead(nn.Module):
             if offsets is None:
                 raise ValueError("view statistics 'gaps' need the store's offsets to find each client's first event")
             gaps = flat_log_gaps(columns[TIME_FIELD], offsets)
-            seen = gaps[np.isfinite(gaps)]
-            if len(seen):
-                self.gap_edges.copy_(torch.from_numpy(np.quantile(seen, np.arange(1, GAP_BINS) / GAP_BINS)))
+            self.gap_edges.copy_(torch.from_numpy(gap_bin_edges(gaps)))
             if len(self.gap_mean):
                 mean, std = category_value_moments({self.mean_field: columns[self.mean_field], "gap": gaps},
                                                    self.mean_field, ["gap"], len(self.gap_mean))
