@@ -124,7 +124,14 @@ class ViewStatsHead(nn.Module):
         weight = mask.to(torch.float32)
         length = batch.lengths.to(torch.float32).clamp(min=1)
         sums, counts = [], []
-        for name, vocab in self.vocab_sizes.items():
+
+        def add_per_id(ids: torch.Tensor, values: torch.Tensor, seen: torch.Tensor, size: int) -> None:
+            """Sum of ``values`` and count of ``seen`` events per id, for each view."""
+            seen = seen.to(torch.float32)
+            sums.append(torch.zeros(n, size, device=ids.device).scatter_add_(1, ids, values * seen))
+            counts.append(torch.zeros(n, size, device=ids.device).scatter_add_(1, ids, seen))
+
+        for name, vocab in self.vocab_sizes.items():  # shares: count per id over the view's length
             ids = batch.payload[name].masked_fill(~mask, 0)
             sums.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, weight))
             counts.append(length[:, None].expand(n, vocab))
@@ -133,24 +140,19 @@ class ViewStatsHead(nn.Module):
             has_gap = mask.clone()
             has_gap[:, 0] = False  # a view's first event has no gap inside the view
             n_gaps = (batch.lengths - 1).clamp(min=0).to(torch.float32)[:, None]
-        if self.gaps:
+        if self.gaps:  # shares of the gap bins over the view's gaps
             bins = torch.bucketize(gaps, self.gap_edges).masked_fill(~has_gap, 0)
             sums.append(torch.zeros(n, GAP_BINS, device=mask.device).scatter_add_(1, bins, has_gap.to(torch.float32)))
             counts.append(n_gaps.expand(n, GAP_BINS))
         if self.mean_field is not None and (self.numeric_fields or self.gaps):
             ids = batch.payload[self.mean_field].masked_fill(~mask, 0)
-            vocab = self.mean_vocab
         for i, name in enumerate(self.numeric_fields):
             x = batch.payload[name].to(torch.float32)
             z = ((x - self.value_mean[i][ids]) / self.value_std[i][ids]).clamp(-10, 10)
             seen = mask & torch.isfinite(z)  # a missing value is not counted as a zero
-            z = torch.where(seen, z, torch.zeros_like(z))
-            sums.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, z))
-            counts.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, seen.to(torch.float32)))
+            add_per_id(ids, torch.where(seen, z, torch.zeros_like(z)), seen, self.mean_vocab)
         if self.gaps and len(self.gap_mean):
-            z = ((gaps - self.gap_mean[ids]) / self.gap_std[ids]).clamp(-10, 10) * has_gap
-            sums.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, z))
-            counts.append(torch.zeros(n, vocab, device=ids.device).scatter_add_(1, ids, has_gap.to(torch.float32)))
+            add_per_id(ids, ((gaps - self.gap_mean[ids]) / self.gap_std[ids]).clamp(-10, 10), has_gap, self.mean_vocab)
         if self.rate:
             sums.append((gaps * mask).sum(1, keepdim=True))
             counts.append(n_gaps)
