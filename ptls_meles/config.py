@@ -158,7 +158,8 @@ class MeLESConfig:
         if self.aux_relative and not self.parts("aux_objective"):
             raise ValueError("aux_relative=True scales an auxiliary loss, but aux_objective is empty: set one, "
                              "e.g. aux_objective=view_stats, or leave aux_relative=False")
-        if "gaps" in self.parts("view_statistics") and not self.parts("time_features"):
+        if ("view_stats" in self.parts("aux_objective") and "gaps" in self.parts("view_statistics")
+                and not self.parts("time_features")):
             raise ValueError("view_statistics 'gaps' reads the event times, which time_features='' leaves out: "
                              "set time_features (e.g. gap) or drop gaps")
         if self.embed_chunk is not None and self.embed_chunk < 1:

@@ -345,6 +345,8 @@ def test_gap_moments_and_bin_edges_are_fitted_per_client_from_the_store():
         head.fit_value_moments({"p": np.array([1]), "event_time": np.array([0.0])})
     with pytest.raises(ValueError, match="view_statistics 'gaps' reads the event times"):
         MeLESConfig(aux_objective="view_stats", time_features="", view_statistics="shares,gaps")
+    # without the objective the statistics are not read, so a preset without time features stays valid
+    assert MeLESConfig(preset="paper", view_statistics="shares,gaps").time_features == ""
     with pytest.raises(ValueError, match="unknown"):
         ViewStatsHead(4, {"p": 4}, [], use_time=True, statistics=("order",))
 
