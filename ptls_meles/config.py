@@ -26,7 +26,7 @@ SET_CHOICES: dict[str, tuple[str, ...]] = {
     "time_features": ("gap", "elapsed", "absolute", "daytime"),
     "pooling": ("last", "mean", "max", "attention"),
     "aux_objective": ("next_event", "view_stats"),
-    "view_statistics": ("shares", "values", "rate", "gaps"),
+    "view_statistics": ("shares", "values", "deviations", "rate", "gaps"),
 }
 _SETS_THAT_MAY_BE_EMPTY = ("time_features", "aux_objective")
 
@@ -95,7 +95,8 @@ class MeLESConfig:
     aux_objective: str = ""  # set of next_event (causal encoders: gru, lstm, conv) | view_stats ("" = none)
     aux_weight: float = 1.0
     # what view_stats predicts of the other views: category shares, per-category mean values,
-    # mean log gap, and "gaps" (log-gap bin shares, mean log gap per category: timing)
+    # "deviations" (per-category mean absolute standardised value), mean log gap, and "gaps"
+    # (log-gap bin shares, mean log gap per category: timing)
     view_statistics: str = "shares,values,rate"
     # True: each auxiliary loss is divided by its mean over the first training steps, so aux_weight
     # weighs a loss that starts at 1 whatever the vocabulary (raw view_stats losses start ~2.5x

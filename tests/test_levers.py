@@ -210,7 +210,7 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
                          time_features="gap,elapsed,absolute", pooling="last,mean,max", loss="infonce",
                          lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01,
                          aux_objective="next_event,view_stats", aux_relative=True,
-                         view_statistics="shares,values,rate,gaps")
+                         view_statistics="shares,values,deviations,rate,gaps")
     module = fit(store, config, out_dir=tmp_path, show_progress=False)
     moments = module.embedder.event_encoder.value_mean
     assert moments.abs().sum() > 0  # fitted from the store, not left at zero
@@ -305,6 +305,27 @@ def test_view_statistics_are_shares_per_category_means_and_mean_log_gap_counted_
     assert ratio[0, 4:8].tolist() == pytest.approx([0, 2.0, 10.0, 0])  # mean x per id (moments 0 / 1)
     assert counts[0, 4:8].tolist() == [0, 2, 1, 0]  # padding (id 0, x 0) is never counted
     assert ratio[0, 8].item() == pytest.approx((math.log(2) + math.log(3)) / 2)  # gaps 1, 2 days
+
+
+def test_deviations_are_the_mean_absolute_standardised_value_per_category_counted_by_hand():
+    from ptls_meles.nn.view_stats import ViewStatsHead
+
+    batch, _ = _view_stats_batch()
+    head = ViewStatsHead(4, {"p": 4}, ["x"], use_time=False, statistics=("values", "deviations"))
+    head.value_mean.copy_(torch.tensor([[0.0, 4.0, 0.0, 5.0]]))
+    head.value_std.copy_(torch.tensor([[1.0, 2.0, 1.0, 1.0]]))
+    sums, counts = head.view_statistics(batch)
+    assert sums.shape == (4, 8)  # values per id, then deviations per id
+    ratio = sums / counts.clamp(min=1e-6)
+    # view 0: id 1 values 1 and 3 standardise to -1.5 and -0.5; id 2 value 10 to 10
+    assert ratio[0, :4].tolist() == pytest.approx([0, -1.0, 10.0, 0])
+    assert ratio[0, 4:].tolist() == pytest.approx([0, 1.0, 10.0, 0])
+    # view 2: id 3 values 4, 6, 8, 2 standardise to -1, 1, 3, -3: highs and lows cancel in the mean, not here
+    assert ratio[2, 3].item() == pytest.approx(0.0) and ratio[2, 7].item() == pytest.approx(2.0)
+    only = ViewStatsHead(4, {"p": 4}, ["x"], use_time=False, statistics=("deviations",))
+    only.value_mean.copy_(head.value_mean)
+    only.value_std.copy_(head.value_std)
+    assert torch.equal(only.view_statistics(batch)[0], sums[:, 4:])  # deviations alone: the same block
 
 
 def test_gap_statistics_are_log_gap_bin_shares_and_mean_log_gap_per_category_counted_by_hand():

@@ -7,9 +7,12 @@ embedding carry the client's stable habits, learned from the sequence — the in
 hand-crafted aggregates hold — while the pair loss keeps what aggregates miss.
 
 ``statistics`` chooses what is predicted: ``shares`` (of each categorical field's values),
-``values`` (mean standardised number per category of the first field), ``rate`` (mean log
-gap) and ``gaps`` (how the gaps are spread: shares of log-gap bins, and the mean
-standardised log gap before each category's events) — the timing that value levels miss.
+``values`` (mean standardised number per category of the first field), ``deviations`` (mean
+*absolute* standardised number per category: how far from typical a client's values lie in
+either direction, which a mean of highs and lows cancels — abnormal lab values are abnormal
+whether low or high), ``rate`` (mean log gap) and ``gaps`` (how the gaps are spread: shares
+of log-gap bins, and the mean standardised log gap before each category's events) — the
+timing that value levels miss.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from torch.nn import functional as F
 from ptls_meles.batch import PaddedBatch
 from ptls_meles.nn.event_encoder import TIME_FIELD, category_value_moments, time_deltas
 
-STATISTICS = ("shares", "values", "rate", "gaps")
+STATISTICS = ("shares", "values", "deviations", "rate", "gaps")
 GAP_BINS = 16  # log-gap bins: gaps of 0, then 15 quantile bins of the training data's positive gaps
 
 
@@ -76,13 +79,16 @@ class ViewStatsHead(nn.Module):
             raise ValueError(f"view statistics {unknown} unknown; choose from {', '.join(STATISTICS)}")
         self.vocab_sizes = dict(vocab_sizes) if "shares" in statistics else {}
         self.mean_field = next(iter(vocab_sizes), None)
-        self.numeric_fields = list(numeric_fields) if "values" in statistics and self.mean_field else []
+        # fields whose per-category moments are fitted: read by values and by deviations
+        self.values, self.deviations = "values" in statistics, "deviations" in statistics
+        self.numeric_fields = list(numeric_fields) if (self.values or self.deviations) and self.mean_field else []
         self.rate = use_time and "rate" in statistics
         self.gaps = use_time and "gaps" in statistics
         self.mean_vocab = mean_vocab = vocab_sizes[self.mean_field] if self.mean_field else 0
         n_gap_means = mean_vocab if self.gaps else 0  # the mean log gap before each category's events
         self.share_sizes = list(self.vocab_sizes.values()) + ([GAP_BINS] if self.gaps else [])
-        n_out = sum(self.share_sizes) + len(self.numeric_fields) * mean_vocab + n_gap_means + int(self.rate)
+        n_value_means = len(self.numeric_fields) * mean_vocab * (int(self.values) + int(self.deviations))
+        n_out = sum(self.share_sizes) + n_value_means + n_gap_means + int(self.rate)
         if not n_out:
             raise ValueError("aux_objective 'view_stats' needs a categorical field, or a numeric field with one, or time")
         self.body = nn.Sequential(nn.Linear(embedding_size, embedding_size), nn.ReLU())
@@ -117,8 +123,8 @@ class ViewStatsHead(nn.Module):
 
     def view_statistics(self, batch: PaddedBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Per view: ``sums [N, K]`` and ``counts [N, K]`` whose ratio is each statistic, in
-        the order share blocks (fields, then gap bins), then means (values per category,
-        gaps per category, mean log gap)."""
+        the order share blocks (fields, then gap bins), then means (per numeric field its values
+        then its deviations per category, gaps per category, mean log gap)."""
         mask = batch.mask()
         n = mask.shape[0]
         weight = mask.to(torch.float32)
@@ -150,7 +156,11 @@ class ViewStatsHead(nn.Module):
             x = batch.payload[name].to(torch.float32)
             z = ((x - self.value_mean[i][ids]) / self.value_std[i][ids]).clamp(-10, 10)
             seen = mask & torch.isfinite(z)  # a missing value is not counted as a zero
-            add_per_id(ids, torch.where(seen, z, torch.zeros_like(z)), seen, self.mean_vocab)
+            z = torch.where(seen, z, torch.zeros_like(z))
+            if self.values:
+                add_per_id(ids, z, seen, self.mean_vocab)
+            if self.deviations:
+                add_per_id(ids, z.abs(), seen, self.mean_vocab)
         if self.gaps and len(self.gap_mean):
             add_per_id(ids, ((gaps - self.gap_mean[ids]) / self.gap_std[ids]).clamp(-10, 10), has_gap, self.mean_vocab)
         if self.rate:
