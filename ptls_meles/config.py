@@ -42,6 +42,9 @@ PRESETS: dict[str, dict] = {
         lr_schedule="step",
         grad_clip=None,
         aux_objective="",
+        aux_weight=1.0,
+        aux_relative=False,
+        view_statistics="shares,values,rate",
         projection_head=0,
         encoder="gru",
         precision="32",
@@ -54,7 +57,9 @@ PRESETS: dict[str, dict] = {
 #: what the lever settings meant for configs saved before the levers existed (those
 #: models were built this way; today's defaults would not fit their weights)
 SAVED_BEFORE_LEVERS: dict = dict(numeric_encoding="scalar", time_features="", pooling="last", aux_objective="",
-                                 lr_schedule="step", grad_clip=None, projection_head=0)
+                                 lr_schedule="step", grad_clip=None, projection_head=0, aux_relative=False)
+#: settings added after the levers, with the value that every model saved before them was trained with
+SAVED_BEFORE_ADDED: dict = dict(aux_relative=False, view_statistics="shares,values,rate")
 
 
 @dataclass
@@ -66,7 +71,9 @@ class MeLESConfig:
     quality_*.md): numbers also read within their event's category, time gaps / elapsed /
     absolute time as inputs, three causal dilated convolution layers pooled last + mean +
     max, and a 128-wide projection head for the loss; the MeLES paper's contrastive loss
-    with hard negatives on random slices, shorter than the paper's (15-100 events, not 25-200)."""
+    with hard negatives on random slices, shorter than the paper's (15-100 events, not 25-200),
+    plus the view-statistics objective at weight 0.3 of its starting loss: each view's
+    embedding predicts its client's other views' category shares, value levels and timing."""
 
     preset: str | None = None
 
@@ -92,16 +99,19 @@ class MeLESConfig:
     margin: float | None = None  # None: the loss's own default (contrastive 0.5, triplet/margin 0.2)
     neg_count: int = 5
     temperature: float = 0.1  # infonce only
-    aux_objective: str = ""  # set of next_event (causal encoders: gru, lstm, conv) | view_stats ("" = none)
-    aux_weight: float = 1.0
+    # set of next_event (causal encoders: gru, lstm, conv) | view_stats ("" = none): view_stats asks the
+    # embedding of each view for its client's other views' category mix, value levels and timing
+    aux_objective: str = "view_stats"
+    aux_weight: float = 0.3
     # what view_stats predicts of the other views: category shares, per-category mean values,
     # "deviations" (per-category mean absolute standardised value), mean log gap, and "gaps"
-    # (log-gap bin shares, mean log gap per category: timing)
-    view_statistics: str = "shares,values,rate"
+    # (log-gap bin shares, mean log gap per category: timing; dropped from the default, not
+    # refused, when time_features is empty)
+    view_statistics: str = "shares,values,rate,gaps"
     # True: each auxiliary loss is divided by its mean over the first training steps, so aux_weight
     # weighs a loss that starts at 1 whatever the vocabulary (raw view_stats losses start ~2.5x
-    # higher with 200 categories than with 42)
-    aux_relative: bool = False
+    # higher with 200 categories than with 42); no effect, and off, without an aux_objective
+    aux_relative: bool = True
     # 0: the loss reads the embedding itself; N: it reads an MLP head's N outputs (SimCLR), so the
     # embedding (what embed writes) need not drop what the views of one client do not share
     projection_head: int = 128
@@ -156,9 +166,15 @@ class MeLESConfig:
         if "next_event" in self.parts("aux_objective") and self.encoder not in ("gru", "lstm", "conv"):
             raise ValueError(f"aux_objective 'next_event' needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
                              "its per-event states must summarise the history")
+        if self.aux_relative and not self.parts("aux_objective") and "aux_relative" not in getattr(self, "_given", ()):
+            self.aux_relative = False  # the default scales an auxiliary loss; with none there is nothing to scale
         if self.aux_relative and not self.parts("aux_objective"):
             raise ValueError("aux_relative=True scales an auxiliary loss, but aux_objective is empty: set one, "
                              "e.g. aux_objective=view_stats, or leave aux_relative=False")
+        if ("gaps" in self.parts("view_statistics") and not self.parts("time_features")
+                and "view_statistics" not in getattr(self, "_given", ())):
+            # the default reads the event times; without time features it keeps the other statistics
+            self.view_statistics = ",".join(p for p in self.parts("view_statistics") if p != "gaps")
         if ("view_stats" in self.parts("aux_objective") and "gaps" in self.parts("view_statistics")
                 and not self.parts("time_features")):
             raise ValueError("view_statistics 'gaps' reads the event times, which time_features='' leaves out: "
@@ -190,6 +206,8 @@ class MeLESConfig:
             raise ValueError(f"unknown MeLES setting(s) {unknown}; known settings: {sorted(known)}")
         if saved and "numeric_encoding" not in d:  # saved before the quality levers: their settings then
             d = {**SAVED_BEFORE_LEVERS, **d}
+        if saved:
+            d = {**SAVED_BEFORE_ADDED, **d}
         return cls(**d)
 
     def embedding_dim_of(self, column: str) -> int:

@@ -417,7 +417,7 @@ def test_relative_aux_losses_are_divided_by_their_mean_over_the_first_steps_then
 
     enc = Encoding("c", "t", "number", numeric={"x": None})
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
-    plain = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats"), enc)
+    plain = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats", aux_relative=False), enc)
     assert plain.relative_to_start({"view_stats_loss": torch.tensor(3.0)})["view_stats_loss"].item() == 3.0
     assert "aux_reference" not in plain.state_dict()  # models saved before the option load unchanged
     module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats", aux_relative=True), enc)
@@ -435,7 +435,30 @@ def test_relative_aux_losses_are_divided_by_their_mean_over_the_first_steps_then
     restored.load_state_dict(module.state_dict())  # the reference travels with the weights
     assert torch.equal(restored.aux_reference, reference)
     with pytest.raises(ValueError, match="aux_relative=True scales an auxiliary loss, but aux_objective is empty"):
-        MeLESConfig(aux_relative=True)
+        MeLESConfig(aux_objective="", aux_relative=True)
+
+
+def test_default_objective_is_relative_view_stats_with_timing_and_turning_it_off_needs_one_setting():
+    c = MeLESConfig()
+    assert (c.aux_objective, c.aux_weight, c.aux_relative) == ("view_stats", 0.3, True)
+    assert c.parts("view_statistics") == ("shares", "values", "rate", "gaps")
+    # no time features: the default drops the timing statistics it cannot read; asked for, they are refused
+    assert MeLESConfig(time_features="").parts("view_statistics") == ("shares", "values", "rate")
+    with pytest.raises(ValueError, match="view_statistics 'gaps' reads the event times"):
+        MeLESConfig(time_features="", view_statistics="shares,values,rate,gaps")
+    assert MeLESConfig(preset="paper", aux_objective="view_stats").parts("view_statistics") == ("shares", "values", "rate")
+    # no objective: the relative default has nothing to scale and is off, not an error
+    assert MeLESConfig(aux_objective="").aux_relative is False
+    assert MeLESConfig.from_dict({"aux_objective": ""}).aux_relative is False
+    paper = MeLESConfig(preset="paper")
+    assert (paper.aux_objective, paper.aux_weight, paper.aux_relative) == ("", 1.0, False)
+    # a model saved before aux_relative existed trained the raw loss: it loads without the reference buffers
+    saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "aux_relative"}
+    assert MeLESConfig.from_dict(saved, saved=True).aux_relative is False
+    assert MeLESConfig.from_dict(MeLESConfig().to_dict(), saved=True).aux_relative is True
+    # ... and one saved before view_statistics existed predicted shares, values and rate
+    saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "view_statistics"}
+    assert MeLESConfig.from_dict(saved, saved=True).view_statistics == "shares,values,rate"
 
 
 def test_a_missing_value_is_not_counted_in_its_category_mean():
@@ -456,7 +479,8 @@ def test_projection_head_trains_the_loss_on_its_output_and_embeds_without_it():
         MeLESConfig(projection_head=-1)
     paper = MeLESConfig(preset="paper")
     assert (paper.projection_head, paper.encoder) == (0, "gru")  # the paper's recipe whatever the defaults
-    module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, projection_head=5, time_features="gap", pooling="last"), enc)
+    module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, projection_head=5, time_features="gap", pooling="last",
+                                     aux_objective=""), enc)
     rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
                          "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))

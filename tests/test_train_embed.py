@@ -101,6 +101,7 @@ def test_training_head_normalises_and_the_table_stays_raw(fitted, store, monkeyp
 
     from ptls_meles.batch import pad_segments
     from ptls_meles.datamodule import ViewBatches
+    from ptls_meles.train import AUX_REFERENCE_STEPS
 
     module = fitted[0].module_
     padded, labels = ViewBatches(store, np.arange(16), module.config)[(0, 0)]
@@ -114,10 +115,16 @@ def test_training_head_normalises_and_the_table_stays_raw(fitted, store, monkeyp
         space = module.metric_space(raw)  # the projection head's output where there is one, else unit
         np.testing.assert_allclose(space.norm(dim=1).numpy(), 1.0, atol=1e-5)
         expected = module.loss_fn(space, labels)
+        if module.config.aux_relative:  # the reference frozen, so the expected step reads the same one
+            steps = module.aux_reference_steps.clone()
+            module.aux_reference_steps.fill_(AUX_REFERENCE_STEPS)
         if module.view_stats is not None:
-            expected = expected + module.config.aux_weight * module.view_stats(unit, padded, labels)
+            stats = module.relative_to_start({"view_stats_loss": module.view_stats(unit, padded, labels)})
+            expected = expected + module.config.aux_weight * stats["view_stats_loss"]
         monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no Trainer attached
         assert torch.allclose(module.training_step((padded, labels), 0), expected)
+        if module.config.aux_relative:
+            module.aux_reference_steps.copy_(steps)
     table = embed_frame(module.embedder, store.take(np.arange(16)), show_progress=False)
     one = store.take(np.array([3]))
     with torch.no_grad():
