@@ -394,7 +394,8 @@ def test_view_stats_objective_learns_the_other_views_mix_and_trains_the_encoder(
     batch, labels = _view_stats_batch()
     enc = Encoding("c", "t", "number", numeric={"x": None})
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
-    module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats", time_features="gap"), enc)
+    module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="view_stats", time_features="gap",
+                                     view_statistics="shares,values,rate"), enc)
     module.view_stats.fit_value_moments({"p": np.array([1, 1, 2, 3, 3]), "x": np.array([1.0, 3.0, 5.0, 2.0, 4.0])})
     assert module.view_stats.value_mean[0, 1:4].tolist() == pytest.approx([2.0, 5.0, 3.0])
     emb = module.embedder(batch)
