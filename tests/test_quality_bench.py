@@ -88,6 +88,28 @@ def test_the_store_fingerprint_follows_the_data_not_its_path(tmp_path):
     assert store_fingerprint(store, targets) != store_fingerprint(same, targets)
 
 
+def test_cached_runs_are_keyed_by_the_resolved_settings_so_a_defaults_change_retrains(tmp_path, monkeypatch):
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    from ptls_meles.bench import quality
+    from ptls_meles.config import MeLESConfig
+
+    a = SimpleNamespace(budget_min=30.0, epochs=100)
+    today = quality._run_dir("defaults", {}, tmp_path, a, {"data": 1})
+    # spelling a default out is the same training; an inference-only setting shares the run
+    assert quality._run_dir("defaults", {"hidden_size": MeLESConfig().hidden_size}, tmp_path, a, {"data": 1}) == today
+    assert quality._run_dir("defaults", {"embed_chunk": 100}, tmp_path, a, {"data": 1}) == today
+    assert quality._run_dir("defaults", {"hidden_size": 7}, tmp_path, a, {"data": 1}) != today
+
+    @dataclass
+    class NewDefaults(MeLESConfig):
+        hidden_size: int = 7
+
+    monkeypatch.setattr(quality, "MeLESConfig", NewDefaults)  # the library's defaults change
+    assert quality._run_dir("defaults", {}, tmp_path, a, {"data": 1}) != today
+
+
 def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, monkeypatch):
     store_dir = tmp_path / "store"
     toy_store_with_labels(store_dir, n_clients=150, seed=4)

@@ -246,9 +246,17 @@ def _scores(result) -> dict:
             "cv_interval": result.cv_interval, "metric": result.metric, "best_epochs": result.best_epochs}
 
 
+def resolved_settings(overrides: dict, training_only: bool = False) -> dict:
+    """Every setting a row runs with, the library's defaults filled in. Cache keys are made of
+    these, not of the overrides alone: a cached run keyed by ``{}`` would otherwise hand back a
+    model trained with last month's defaults after the defaults change."""
+    settings = MeLESConfig.from_dict(overrides).to_dict()
+    return {k: v for k, v in settings.items() if not (training_only and k in INFERENCE_ONLY)}
+
+
 def _run_dir(name: str, overrides: dict, work: Path, a, data_key: dict) -> Path:
     """One directory per training (inference-only variants share it; other budgets never mix in)."""
-    training = {k: v for k, v in overrides.items() if k not in INFERENCE_ONLY}
+    training = resolved_settings(overrides, training_only=True)
     key = _digest({"data": data_key, "config": training, "budget": a.budget_min, "epochs": a.epochs})
     return work / "runs" / f"{name.split('@')[0]}-{key}"
 
@@ -368,7 +376,8 @@ class QualityBench:
         return row
 
     def supervised_row(self, rows_dir: Path, common: dict) -> dict:
-        file = rows_dir / f"_supervised-{_digest({'data': self.data_key, 'config': common, **self.neural_key})}.json"
+        key = _digest({"data": self.data_key, "config": resolved_settings(common), **self.neural_key})
+        file = rows_dir / f"_supervised-{key}.json"
         row = json.loads(file.read_text()) if file.exists() else {"name": SUPERVISED, "overrides": common, **self.neural_key}
         self.fill(file, row, "scores", lambda: self.neural_scores(MeLESConfig.from_dict(common), None))
         return row
@@ -377,7 +386,8 @@ class QualityBench:
         from ..embed import embed_frame
 
         a = self.a
-        key = _digest({"data": self.data_key, "config": overrides, "budget": a.budget_min, "epochs": a.epochs})
+        key = _digest({"data": self.data_key, "config": resolved_settings(overrides), "budget": a.budget_min,
+                       "epochs": a.epochs})
         file = rows_dir / f"{name}-{key}.json"
         run_dir = _run_dir(name, overrides, self.work, a, self.data_key)
         row = json.loads(file.read_text()) if file.exists() else {}
