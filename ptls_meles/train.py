@@ -301,6 +301,8 @@ def fit(
     module.embedder.event_encoder.fit_value_moments(store.columns)  # no labels: all clients may inform the scale
     if module.view_stats is not None:
         module.view_stats.fit_value_moments(store.columns, store.offsets)
+    if module.next_event is not None:
+        module.next_event.fit_value_moments(store.columns)
     has_val = len(dm.val_clients) >= 2
     callbacks: list[pl.Callback] = [StopOnNonFiniteLoss()]
     ckpt_cb = None

@@ -197,7 +197,7 @@ def test_infonce_matches_the_formula_and_rewards_closer_positives():
 
 
 # --------------------------------------------------------------------------- end to end
-def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_state(tmp_path):
+def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_state(tmp_path, monkeypatch):
     from conftest import events_frame
     from ptls_meles.prepare import prepare
     from ptls_meles.schema import EventSchema
@@ -211,12 +211,23 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
                          lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01,
                          aux_objective="next_event,view_stats", aux_relative=True,
                          view_statistics="shares,values,deviations,rate,gaps")
+    from ptls_meles.nn.next_event import NextEventHead
+
+    next_event_fitted = []  # the training module's moments (the returned best model reloads without them)
+    fit_next = NextEventHead.fit_value_moments
+
+    def spy(head, columns):
+        fit_next(head, columns)
+        next_event_fitted.append(head.value_mean.clone())
+
+    monkeypatch.setattr(NextEventHead, "fit_value_moments", spy)
     module = fit(store, config, out_dir=tmp_path, show_progress=False)
     moments = module.embedder.event_encoder.value_mean
     assert moments.abs().sum() > 0  # fitted from the store, not left at zero
     loaded = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.equal(loaded.embedder.event_encoder.value_mean, moments)
     assert torch.equal(loaded.view_stats.value_mean, module.view_stats.value_mean)
+    assert next_event_fitted and next_event_fitted[0].abs().sum() > 0  # fitted at the training start
     assert module.view_stats.gap_edges.diff().ge(0).all() and module.view_stats.gap_edges[-1] > 0  # fitted quantiles
     assert torch.equal(loaded.view_stats.gap_edges, module.view_stats.gap_edges)
     assert torch.equal(loaded.view_stats.gap_mean, module.view_stats.gap_mean)
@@ -228,11 +239,13 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
 
 
 # --------------------------------------------------------------------------- next-event objective
-def test_next_event_head_scores_only_events_with_a_successor():
+def test_next_event_head_scores_only_events_with_a_successor_and_numbers_within_their_category():
     from ptls_meles.nn.next_event import NextEventHead
 
     torch.manual_seed(0)
     head = NextEventHead(4, "p", 6, ["v"], predict_gap=False)
+    # category 2: values 1, 3, 5 (mean 3, std 2); category 3: 10, 30 (mean 20, std 14.14)
+    head.fit_value_moments({"p": np.array([2, 2, 2, 3, 3]), "v": np.array([1.0, 3.0, 5.0, 10.0, 30.0], np.float32)})
     with torch.no_grad():
         head.category.weight.zero_()
         head.category.bias.copy_(torch.tensor([0.0, 0.0, 5.0, 0.0, 0.0, 0.0]))  # always predicts category 2
@@ -241,10 +254,18 @@ def test_next_event_head_scores_only_events_with_a_successor():
     seq = torch.randn(2, 3, 4)
     good = _batch([[2, 2, 2], [2, 2, 9]], [[1.0, 3.0, 0.0], [1.0, 3.0, 0.0]], [[0.0] * 3] * 2, [3, 2])
     bad = _batch([[2, 3, 3], [2, 2, 9]], [[1.0, 3.0, 0.0], [1.0, 3.0, 0.0]], [[0.0] * 3] * 2, [3, 2])
-    # three successors: values (3, 0, 3) standardise to (0.707, -1.414, 0.707) → MSE 1 against 0
     ce_right = F.cross_entropy(torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0, 0.0]]), torch.tensor([2])).item()
-    assert head(seq, good).item() == pytest.approx(ce_right + 1.0, rel=1e-4)  # the padded 9 is never a target
-    assert head(seq, bad).item() > head(seq, good).item()
+    # successors (3, 0, 3), all of category 2: standardised (0, -1.5, 0) → MSE 0.75 against 0
+    assert head(seq, good).item() == pytest.approx(ce_right + 0.75, rel=1e-4)  # the padded 9 is never a target
+    # a missing number is left out: (0, NaN, 0) → MSE 0
+    gap = _batch([[2, 2, 2], [2, 2, 9]], [[1.0, 3.0, float("nan")], [1.0, 3.0, 0.0]], [[0.0] * 3] * 2, [3, 2])
+    assert head(seq, gap).item() == pytest.approx(ce_right, rel=1e-4)
+    # category 3's numbers are read against category 3's moments: (3 - 20) / 14.14, (0 - 20) / 14.14
+    wrong = F.cross_entropy(torch.tensor([[0.0, 0.0, 5.0, 0.0, 0.0, 0.0]] * 3), torch.tensor([3, 3, 2])).item()
+    z = torch.tensor([(3.0 - 20.0) / 200 ** 0.5, (0.0 - 20.0) / 200 ** 0.5, 0.0])
+    assert head(seq, bad).item() == pytest.approx(wrong + float((z ** 2).mean()), rel=1e-4)
+    # the moments are refitted at every training start, so checkpoints do not carry them
+    assert not any(k.startswith("value_") for k in head.state_dict())
 
 
 def test_next_event_objective_trains_and_is_refused_for_a_transformer():
