@@ -87,6 +87,9 @@ class MeLESConfig:
     hidden_size: int = 256
     num_layers: int | None = None  # None: the encoder's own depth (gru/lstm 1, bag 2, transformer 2, conv 3)
     pooling: str = "last,mean,max"  # set of last | mean | max | attention
+    # N > 0: also pool apart the states of the N most frequent values of the first categorical field
+    # (and of the others together): the mean and the last of an 8-wide projection each (causal encoders)
+    category_pooling: int = 0
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"nhead": 4}
     # pair generation
     split: str = "slices"
@@ -166,6 +169,11 @@ class MeLESConfig:
         if "next_event" in self.parts("aux_objective") and self.encoder not in ("gru", "lstm", "conv"):
             raise ValueError(f"aux_objective 'next_event' needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
                              "its per-event states must summarise the history")
+        if self.category_pooling < 0:
+            raise ValueError(f"category_pooling must be 0 (off) or the number of categories pooled apart, got {self.category_pooling}")
+        if self.category_pooling and self.encoder not in ("gru", "lstm", "conv"):
+            raise ValueError(f"category_pooling needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
+                             "it pools the per-event states those encoders return")
         if self.aux_relative and not self.parts("aux_objective") and "aux_relative" not in getattr(self, "_given", ()):
             self.aux_relative = False  # the default scales an auxiliary loss; with none there is nothing to scale
         if self.aux_relative and not self.parts("aux_objective"):

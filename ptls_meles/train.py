@@ -59,6 +59,7 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
         config.hidden_size,
         time_features=config.parts("time_features"),
         numeric_encoding=config.parts("numeric_encoding"),
+        category_pooling=config.category_pooling,
         **kwargs,
     )
 

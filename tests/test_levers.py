@@ -176,6 +176,49 @@ def test_gru_with_pooled_states_gives_the_same_vector_alone_or_in_a_batch():
         assert torch.allclose(alone[0], together[i], atol=1e-5)
 
 
+def test_category_pooling_by_hand_with_garbage_in_padding():
+    from ptls_meles.nn.category_pooling import CategoryPooling
+
+    pool = CategoryPooling(state_size=2, n_categories=2, width=2)
+    with torch.no_grad():
+        pool.project.weight.copy_(torch.eye(2))
+        pool.project.bias.zero_()
+    # ids 2, 3 are the two frequent categories (slots 0, 1); 9 and the unseen 1 go to "any other" (slot 2)
+    states = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [3.0, 0.0], [5.0, 5.0], [float("nan"), 9.0]],
+                           [[2.0, 4.0], [1.0, 1.0], [7.0, 7.0], [8.0, 8.0], [6.0, 6.0]]], requires_grad=True)
+    ids = torch.tensor([[2, 3, 2, 9, 0], [2, 1, 2, 9, 3]])
+    got = pool(states, ids, torch.tensor([4, 2]))
+    assert pool.output_size == 12 and got.shape == (2, 12)
+    # per slot its mean, then per slot its last event's state; row 2 has no event of slot 1 inside its length
+    assert torch.equal(got[0], torch.tensor([2.0, 0.0, 0.0, 1.0, 5.0, 5.0, 3.0, 0.0, 0.0, 1.0, 5.0, 5.0]))
+    assert torch.equal(got[1], torch.tensor([2.0, 4.0, 0.0, 0.0, 1.0, 1.0, 2.0, 4.0, 0.0, 0.0, 1.0, 1.0]))
+    got.sum().backward()
+    assert torch.isfinite(states.grad).all() and states.grad[0, 4].abs().sum() == 0 and states.grad[1, 2:].abs().sum() == 0
+
+
+def test_category_pooling_extends_the_embedding_and_ignores_padding():
+    from ptls_meles.encoding import CategoryVocab
+
+    enc = Encoding("c", "t", "number", numeric={})
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c", "d"])}
+    torch.manual_seed(0)
+    emb = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2), enc).eval()
+    assert emb.output_size == 24 + 2 * 3 * 8
+    big = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=8, time_features="", category_pooling=50), enc)
+    assert big.output_size == 8 * 3 + 2 * 5 * 8  # at most the vocabulary's four values, plus "any other"
+    rows = [torch.randint(2, 6, (n,)) for n in (3, 7, 5)]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([3, 7, 5]))
+    together = emb(batch)
+    for i, r in enumerate(rows):
+        alone = emb(PaddedBatch({"p": r[None]}, torch.tensor([len(r)])))
+        assert torch.allclose(alone[0], together[i], atol=1e-5)
+    for encoder in ("transformer", "bag"):
+        with pytest.raises(ValueError, match="category_pooling needs a causal encoder"):
+            MeLESConfig(encoder=encoder, category_pooling=4)
+    with pytest.raises(ValueError, match="category_pooling must be 0"):
+        MeLESConfig(category_pooling=-1)
+
+
 # --------------------------------------------------------------------------- InfoNCE
 def test_infonce_matches_the_formula_and_rewards_closer_positives():
     emb = F.normalize(torch.tensor([[1.0, 0.1], [0.9, 0.2], [-1.0, 0.3], [-0.8, -0.4]]), dim=1)
@@ -210,7 +253,7 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
                          time_features="gap,elapsed,absolute", pooling="last,mean,max", loss="infonce",
                          lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01,
                          aux_objective="next_event,view_stats", aux_relative=True,
-                         view_statistics="shares,values,deviations,rate,gaps")
+                         view_statistics="shares,values,deviations,rate,gaps", category_pooling=3)
     from ptls_meles.nn.next_event import NextEventHead
 
     next_event_fitted = []  # the training module's moments (the returned best model reloads without them)
@@ -235,7 +278,7 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
     assert logged["view_stats_loss"].notna().any() and logged["next_event_loss"].notna().any()
     assert isinstance(loaded.config, MeLESConfig) and loaded.config.pooling == "last,mean,max"
-    assert module.embedder.output_size == 24
+    assert module.embedder.output_size == 24 + 2 * 4 * 8  # last, mean, max of 8; 3 categories and the others
 
 
 # --------------------------------------------------------------------------- next-event objective

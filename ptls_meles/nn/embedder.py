@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ptls_meles.batch import PaddedBatch
+from ptls_meles.nn.category_pooling import CategoryPooling
 from ptls_meles.nn.event_encoder import TIME_FIELD, EventEncoder
 from ptls_meles.nn.seq_encoder import BagSeqEncoder, ConvSeqEncoder, RnnSeqEncoder, TransformerSeqEncoder
 
@@ -18,22 +20,31 @@ class Embedder(nn.Module):
     """``forward(batch) -> [B, D]``, raw (not L2-normalised): downstream models get the full
     information; the metric-learning head (``MeLESModule``) normalises where it needs to."""
 
-    def __init__(self, event_encoder: EventEncoder, seq_encoder: nn.Module):
+    def __init__(self, event_encoder: EventEncoder, seq_encoder: nn.Module,
+                 category_pooling: CategoryPooling | None = None, category_field: str | None = None):
         super().__init__()
         self.event_encoder = event_encoder
         self.seq_encoder = seq_encoder
+        self.category_pooling = category_pooling  # appended after the sequence encoder's pooling
+        self.category_field = category_field
 
     @property
     def output_size(self) -> int:
-        return self.seq_encoder.output_size
+        extra = self.category_pooling.output_size if self.category_pooling is not None else 0
+        return self.seq_encoder.output_size + extra
 
     def forward(self, batch: PaddedBatch, return_sequence: bool = False):
         """``[B, D]``; with ``return_sequence`` (causal encoders: gru, lstm, conv) also ``[B, T, H]`` per-event states."""
         events = self.event_encoder(batch)
         time = batch.payload.get(TIME_FIELD)
-        if return_sequence:
-            return self.seq_encoder(events, batch.lengths, time, return_sequence=True)
-        return self.seq_encoder(events, batch.lengths, time)
+        if self.category_pooling is None:
+            if return_sequence:
+                return self.seq_encoder(events, batch.lengths, time, return_sequence=True)
+            return self.seq_encoder(events, batch.lengths, time)
+        pooled, states = self.seq_encoder(events, batch.lengths, time, return_sequence=True)
+        by_category = self.category_pooling(states, batch.payload[self.category_field], batch.lengths.to(states.device))
+        out = torch.cat([pooled, by_category.to(pooled.dtype)], dim=-1)
+        return (out, states) if return_sequence else out
 
 
 def build_embedder(
@@ -43,13 +54,16 @@ def build_embedder(
     hidden_size: int = 256,
     time_features: bool | tuple[str, ...] = (),
     numeric_encoding: tuple[str, ...] = ("scalar",),
+    category_pooling: int = 0,
     **encoder_kwargs: Any,
 ) -> Embedder:
     """Event encoder + ``encoder`` in ("gru", "lstm", "transformer", "bag", "conv").
 
     ``hidden_size`` is the RNN hidden size, the Transformer's ``d_model``, the bag's MLP width or
     the convolutions' channels; other keyword
-    arguments go to the sequence encoder (e.g. ``pooling``).
+    arguments go to the sequence encoder (e.g. ``pooling``). ``category_pooling`` > 0 also
+    pools the states of that many most frequent values of the first categorical field apart
+    (:class:`CategoryPooling`; causal encoders only).
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}, e.g. 'gru'")
@@ -64,4 +78,11 @@ def build_embedder(
         )
     else:
         seq_encoder = RnnSeqEncoder(event_encoder.output_size, hidden_size, kind=encoder, **encoder_kwargs)
-    return Embedder(event_encoder, seq_encoder)
+    if not category_pooling:
+        return Embedder(event_encoder, seq_encoder)
+    if not categorical:
+        raise ValueError("category_pooling pools the events of each category of the first categorical field, "
+                         "and this data has no categorical field: set category_pooling=0")
+    first = next(iter(categorical))
+    n_categories = min(category_pooling, categorical[first][0] - 2)  # a vocabulary's size counts padding and unseen
+    return Embedder(event_encoder, seq_encoder, CategoryPooling(seq_encoder.state_size, max(n_categories, 1)), first)
