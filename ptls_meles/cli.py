@@ -6,7 +6,7 @@
     ptls-meles embed STORE|RAW --model RUN --out TABLE.parquet
     ptls-meles evaluate --features TABLE [TABLE|handcrafted:STORE ...] --targets FILE --target-col COL
     ptls-meles demo --out DIR
-    ptls-meles bench speed|profile|quality|memory|spark ...
+    ptls-meles bench speed|profile|quality|parts|memory|spark ...
 """
 from __future__ import annotations
 
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(dm, threads=True)
     dm.set_defaults(func=cmd_demo)
 
-    b = parser("bench", "benchmarks: speed | profile | quality (the downstream comparison: configurations, baselines, ablations) | memory | spark",
+    b = parser("bench", "benchmarks: speed | profile | quality (the downstream comparison: configurations, baselines, ablations) | parts (each pooling part of a trained embedding scored alone) | memory | spark",
                "example: ptls-meles bench speed -- --help")
     b.add_argument("name", choices=BENCHES, help="the benchmark")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="options of the benchmark (see `ptls-meles bench NAME -- --help`)")

@@ -559,3 +559,25 @@ def test_projection_head_trains_the_loss_on_its_output_and_embeds_without_it():
     loss.backward()
     assert module.projection[0].weight.grad.abs().sum() > 0
     assert module.embedder.seq_encoder.rnn.weight_ih_l0.grad.abs().sum() > 0
+
+
+def test_embedding_parts_tile_the_embedding_in_pooling_order():
+    from ptls_meles.bench.parts import embedding_parts
+    from ptls_meles.encoding import CategoryVocab
+
+    enc = Encoding("c", "t", "number", numeric={})
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c", "d"])}
+    emb = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2), enc)
+    parts = embedding_parts(emb)
+    assert list(parts) == ["last", "mean", "max", "category means", "category last states"]
+    assert [(s.start, s.stop) for s in parts.values()] == [(0, 8), (8, 16), (16, 24), (24, 48), (48, 72)]
+    # the columns a part names are the values that pooling part computes
+    rows = [torch.tensor([2, 3, 5, 2]), torch.tensor([4, 2])]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([4, 2]))
+    with torch.no_grad():
+        out = emb.eval()(batch)
+        _, states = emb.seq_encoder(emb.event_encoder(batch), batch.lengths, None, return_sequence=True)
+    assert torch.allclose(out[0, parts["last"]], states[0, 3]) and torch.allclose(out[1, parts["last"]], states[1, 1])
+    assert torch.allclose(out[1, parts["mean"]], states[1, :2].mean(0), atol=1e-6)
+    assert embedding_parts(embedder_from_config(MeLESConfig(encoder="gru", hidden_size=4, pooling="mean", time_features=""),
+                                                enc)) == {"mean": slice(0, 4)}

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from importlib import import_module
 
-BENCHES = ("speed", "profile", "quality", "memory", "spark")
+BENCHES = ("speed", "profile", "quality", "parts", "memory", "spark")
 
 
 def run_bench(name: str, argv: list[str]) -> None:
