@@ -88,8 +88,10 @@ class MeLESConfig:
     num_layers: int | None = None  # None: the encoder's own depth (gru/lstm 1, bag 2, transformer 2, conv 3)
     pooling: str = "last,mean,max"  # set of last | mean | max | attention
     # N > 0: also pool apart the states of the N most frequent values of the first categorical field
-    # (and of the others together): the mean and the last of an 8-wide projection each (causal encoders)
+    # (and of the others together): the mean and the last of a category_width-wide projection each
+    # (causal encoders)
     category_pooling: int = 0
+    category_width: int = 8
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"nhead": 4}
     # pair generation
     split: str = "slices"
@@ -171,6 +173,8 @@ class MeLESConfig:
                              "its per-event states must summarise the history")
         if self.category_pooling < 0:
             raise ValueError(f"category_pooling must be 0 (off) or the number of categories pooled apart, got {self.category_pooling}")
+        if self.category_width < 1:
+            raise ValueError(f"category_width is the per-category projection's width and must be >= 1, got {self.category_width}")
         if self.category_pooling and self.encoder not in ("gru", "lstm", "conv"):
             raise ValueError(f"category_pooling needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
                              "it pools the per-event states those encoders return")

@@ -60,6 +60,7 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
         time_features=config.parts("time_features"),
         numeric_encoding=config.parts("numeric_encoding"),
         category_pooling=config.category_pooling,
+        category_width=config.category_width,
         **kwargs,
     )
 

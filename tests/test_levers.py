@@ -206,6 +206,8 @@ def test_category_pooling_extends_the_embedding_and_ignores_padding():
     assert emb.output_size == 24 + 2 * 3 * 8
     big = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=8, time_features="", category_pooling=50), enc)
     assert big.output_size == 8 * 3 + 2 * 5 * 8  # at most the vocabulary's four values, plus "any other"
+    wide = embedder_from_config(MeLESConfig(hidden_size=8, time_features="", category_pooling=2, category_width=5), enc)
+    assert wide.output_size == 24 + 2 * 3 * 5
     rows = [torch.randint(2, 6, (n,)) for n in (3, 7, 5)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([3, 7, 5]))
     together = emb(batch)
@@ -217,6 +219,8 @@ def test_category_pooling_extends_the_embedding_and_ignores_padding():
             MeLESConfig(encoder=encoder, category_pooling=4)
     with pytest.raises(ValueError, match="category_pooling must be 0"):
         MeLESConfig(category_pooling=-1)
+    with pytest.raises(ValueError, match="category_width .* must be >= 1"):
+        MeLESConfig(category_pooling=2, category_width=0)
 
 
 # --------------------------------------------------------------------------- InfoNCE

@@ -55,6 +55,7 @@ def build_embedder(
     time_features: bool | tuple[str, ...] = (),
     numeric_encoding: tuple[str, ...] = ("scalar",),
     category_pooling: int = 0,
+    category_width: int = 8,
     **encoder_kwargs: Any,
 ) -> Embedder:
     """Event encoder + ``encoder`` in ("gru", "lstm", "transformer", "bag", "conv").
@@ -62,8 +63,8 @@ def build_embedder(
     ``hidden_size`` is the RNN hidden size, the Transformer's ``d_model``, the bag's MLP width or
     the convolutions' channels; other keyword
     arguments go to the sequence encoder (e.g. ``pooling``). ``category_pooling`` > 0 also
-    pools the states of that many most frequent values of the first categorical field apart
-    (:class:`CategoryPooling`; causal encoders only).
+    pools the states of that many most frequent values of the first categorical field apart,
+    each projected to ``category_width`` dimensions (:class:`CategoryPooling`; causal encoders only).
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}, e.g. 'gru'")
@@ -85,4 +86,5 @@ def build_embedder(
                          "and this data has no categorical field: set category_pooling=0")
     first = next(iter(categorical))
     n_categories = min(category_pooling, categorical[first][0] - 2)  # a vocabulary's size counts padding and unseen
-    return Embedder(event_encoder, seq_encoder, CategoryPooling(seq_encoder.state_size, max(n_categories, 1)), first)
+    return Embedder(event_encoder, seq_encoder, CategoryPooling(seq_encoder.state_size, max(n_categories, 1), category_width),
+                    first)
