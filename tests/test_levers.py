@@ -214,6 +214,14 @@ def test_category_pooling_extends_the_embedding_and_ignores_padding():
     for i, r in enumerate(rows):
         alone = emb(PaddedBatch({"p": r[None]}, torch.tensor([len(r)])))
         assert torch.allclose(alone[0], together[i], atol=1e-5)
+    # a batch big enough to run in length groups gives each row what one padded call gives it
+    rows = [torch.randint(2, 6, (n,)) for n in torch.randint(1, 40, (200,)).tolist()]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)},
+                        torch.tensor([len(r) for r in rows]))
+    assert emb.seq_encoder.length_groups(batch.lengths) is not None
+    grouped = emb(batch)
+    emb.seq_encoder.length_buckets = 1
+    assert torch.allclose(grouped, emb(batch), atol=1e-5)
     for encoder in ("transformer", "bag"):
         with pytest.raises(ValueError, match="category_pooling needs a causal encoder"):
             MeLESConfig(encoder=encoder, category_pooling=4)

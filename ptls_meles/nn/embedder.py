@@ -41,10 +41,24 @@ class Embedder(nn.Module):
             if return_sequence:
                 return self.seq_encoder(events, batch.lengths, time, return_sequence=True)
             return self.seq_encoder(events, batch.lengths, time)
-        pooled, states = self.seq_encoder(events, batch.lengths, time, return_sequence=True)
-        by_category = self.category_pooling(states, batch.payload[self.category_field], batch.lengths.to(states.device))
-        out = torch.cat([pooled, by_category.to(pooled.dtype)], dim=-1)
-        return (out, states) if return_sequence else out
+        ids = batch.payload[self.category_field]
+        bucketed = hasattr(self.seq_encoder, "length_groups") and not return_sequence
+        groups = self.seq_encoder.length_groups(batch.lengths.clamp(min=1)) if bucketed else None
+        if groups is None:
+            pooled, states = self.seq_encoder(events, batch.lengths, time, return_sequence=True)
+            out = torch.cat([pooled, self._by_category(states, ids, batch.lengths, pooled.dtype)], dim=-1)
+            return (out, states) if return_sequence else out
+        # one group of similar lengths at a time: each group's states are pooled where they are
+        # made, instead of being copied into one batch-long padded tensor first
+        parts = []
+        for idx in groups:
+            pooled, states = self.seq_encoder(events[idx], batch.lengths[idx], None if time is None else time[idx],
+                                              return_sequence=True)
+            parts.append(torch.cat([pooled, self._by_category(states, ids[idx], batch.lengths[idx], pooled.dtype)], dim=-1))
+        return torch.cat(parts)[torch.argsort(torch.cat(groups))]
+
+    def _by_category(self, states: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.category_pooling(states, ids, lengths.to(states.device)).to(dtype)
 
 
 def build_embedder(
