@@ -48,8 +48,8 @@ def test_pooling_values_and_gradients_match_the_formulas_with_garbage_in_padding
     assert (grad_got[torch.arange(7)[None, :] >= lengths[:, None]] == 0).all()  # no gradient into padding
 
 
-@pytest.mark.parametrize("encoder", ["gru", "bag", "conv"])
-def test_profile_stages_give_the_gradients_of_the_plain_step(encoder):
+@pytest.mark.parametrize("encoder,category_pooling", [("gru", 0), ("bag", 0), ("conv", 0), ("conv", 4)])
+def test_profile_stages_give_the_gradients_of_the_plain_step(encoder, category_pooling):
     """The profile cuts a step at module boundaries; its gradients must be training's."""
     from ptls_meles.bench.profile import _Timers, _staged_step, plain_loss
     from ptls_meles.config import MeLESConfig
@@ -63,7 +63,8 @@ def test_profile_stages_give_the_gradients_of_the_plain_step(encoder):
     store, _ = prepare(events, EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number"),
                        show_progress=False)
     config = MeLESConfig(hidden_size=8, batch_size=26, cnt_min=3, cnt_max=30, encoder=encoder,
-                         num_layers=1 if encoder == "gru" else 2)  # 130 views: 2 length groups
+                         num_layers=1 if encoder == "gru" else 2,  # 130 views: 2 length groups
+                         category_pooling=category_pooling)
     module = MeLESModule(config, store.encoding)
     module.embedder.event_encoder.fit_value_moments(store.columns)
     module.train()
@@ -85,6 +86,7 @@ def test_profile_stages_give_the_gradients_of_the_plain_step(encoder):
     _staged_step(module, padded, labels, KeepGradients(), timers)
     staged = {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
     assert staged.keys() == plain.keys() and len(plain) > 5
+    assert bool(category_pooling) == any(name.startswith("embedder.category_pooling") for name in plain)
     for name, grad in plain.items():
         assert torch.allclose(staged[name], grad, atol=1e-6, rtol=1e-4), name
     core = {"gru": "GRU", "bag": "bag MLP", "conv": "convolutions"}[encoder]
