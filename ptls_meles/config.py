@@ -42,6 +42,7 @@ PRESETS: dict[str, dict] = {
         lr_schedule="step",
         grad_clip=None,
         aux_objective="",
+        category_pooling=0,
         aux_weight=1.0,
         aux_relative=False,
         view_statistics="shares,values,rate",
@@ -59,7 +60,7 @@ PRESETS: dict[str, dict] = {
 SAVED_BEFORE_LEVERS: dict = dict(numeric_encoding="scalar", time_features="", pooling="last", aux_objective="",
                                  lr_schedule="step", grad_clip=None, projection_head=0, aux_relative=False)
 #: settings added after the levers, with the value that every model saved before them was trained with
-SAVED_BEFORE_ADDED: dict = dict(aux_relative=False, view_statistics="shares,values,rate")
+SAVED_BEFORE_ADDED: dict = dict(aux_relative=False, view_statistics="shares,values,rate", category_pooling=0)
 
 
 @dataclass
@@ -70,7 +71,8 @@ class MeLESConfig:
     Defaults (chosen on PhysioNet 2012 and the synthetic banking data, docs/results/
     quality_*.md): numbers also read within their event's category, time gaps / elapsed /
     absolute time as inputs, three causal dilated convolution layers pooled last + mean +
-    max, and a 128-wide projection head for the loss; the MeLES paper's contrastive loss
+    max and, apart, per each of the 32 most frequent categories of the first categorical
+    field, and a 128-wide projection head for the loss; the MeLES paper's contrastive loss
     with hard negatives on random slices, shorter than the paper's (15-100 events, not 25-200),
     plus the view-statistics objective at weight 0.3 of its starting loss: each view's
     embedding predicts its client's other views' category shares, value levels and timing."""
@@ -88,9 +90,10 @@ class MeLESConfig:
     num_layers: int | None = None  # None: the encoder's own depth (gru/lstm 1, bag 2, transformer 2, conv 3)
     pooling: str = "last,mean,max"  # set of last | mean | max | attention
     # N > 0: also pool apart the states of the N most frequent values of the first categorical field
-    # (and of the others together): the mean and the last of a category_width-wide projection each
-    # (causal encoders)
-    category_pooling: int = 0
+    # (and of the others together): the mean and the last of a category_width-wide projection each.
+    # Causal encoders (gru, lstm, conv): left at the default, it is off for the others; off for data
+    # without a categorical field
+    category_pooling: int = 32
     category_width: int = 8
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"nhead": 4}
     # pair generation
@@ -175,6 +178,9 @@ class MeLESConfig:
             raise ValueError(f"category_pooling must be 0 (off) or the number of categories pooled apart, got {self.category_pooling}")
         if self.category_width < 1:
             raise ValueError(f"category_width is the per-category projection's width and must be >= 1, got {self.category_width}")
+        if (self.category_pooling and self.encoder not in ("gru", "lstm", "conv")
+                and "category_pooling" not in getattr(self, "_given", ())):
+            self.category_pooling = 0  # the default pools the per-event states that only causal encoders return
         if self.category_pooling and self.encoder not in ("gru", "lstm", "conv"):
             raise ValueError(f"category_pooling needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
                              "it pools the per-event states those encoders return")

@@ -14,7 +14,7 @@ from ptls_meles.downstream.finetune import SequenceClassifier, labelled_clients,
 from ptls_meles.downstream.protocol import EvaluationError, plan_cv
 from ptls_meles.encoding import CategoryVocab, Encoding, NumericTransform
 from ptls_meles.store import SequenceStore
-from ptls_meles.train import MeLESModule
+from ptls_meles.train import MeLESModule, embedder_from_config
 
 N_GROUPS = 3
 VALUES = [f"m{i}" for i in range(2 * N_GROUPS + 2)]
@@ -73,7 +73,7 @@ def test_supervised_binary_learns_well_above_chance(data):
     assert r.test_mean > 0.85 and r.cv_mean > 0.85, r.summary()
     assert all(0 <= s <= 1 for s in r.cv_scores + r.test_scores)
     assert r.n_test == 48 and r.n_train == 192 and r.join.n_used == 240
-    assert r.classes == [0, 1] and r.n_features == CONFIG.hidden_size * len(CONFIG.parts("pooling"))
+    assert r.classes == [0, 1] and r.n_features == embedder_from_config(CONFIG, store.encoding).output_size
     assert r.model == "supervised_encoder" and r.to_dict()["model"] == "supervised_encoder"
     assert r.params["encoder_lr"] == r.params["lr"] == 0.01 and r.params["max_epochs"] == 3
     assert len(r.best_epochs) == 2 and all(1 <= e <= 3 for e in r.best_epochs)

@@ -166,7 +166,8 @@ def test_gru_with_pooled_states_gives_the_same_vector_alone_or_in_a_batch():
 
     enc.categorical["p"] = CategoryVocab(values=["a", "b", "c"])
     torch.manual_seed(0)
-    emb = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=8, pooling="last,mean,max,attention", time_features=""), enc).eval()
+    emb = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=8, pooling="last,mean,max,attention", time_features="",
+                                           category_pooling=0), enc).eval()
     assert emb.output_size == 32
     rows = [torch.randint(2, 5, (n,)) for n in (3, 7, 5)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([3, 7, 5]))
@@ -194,6 +195,29 @@ def test_category_pooling_by_hand_with_garbage_in_padding():
     assert torch.equal(got[1], torch.tensor([2.0, 4.0, 0.0, 0.0, 1.0, 1.0, 2.0, 4.0, 0.0, 0.0, 1.0, 1.0]))
     got.sum().backward()
     assert torch.isfinite(states.grad).all() and states.grad[0, 4].abs().sum() == 0 and states.grad[1, 2:].abs().sum() == 0
+
+
+def test_category_pooling_is_on_by_default_where_it_applies():
+    from ptls_meles.encoding import CategoryVocab
+
+    assert (MeLESConfig().category_pooling, MeLESConfig().category_width) == (32, 8)
+    # the default is off where it cannot apply; asked for there, it is refused
+    assert MeLESConfig(encoder="transformer").category_pooling == 0 == MeLESConfig(encoder="bag").category_pooling
+    with pytest.raises(ValueError, match="category_pooling needs a causal encoder"):
+        MeLESConfig(encoder="transformer", category_pooling=32)
+    assert MeLESConfig(preset="paper").category_pooling == 0
+    # a model saved before category pooling existed was trained without it
+    saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "category_pooling"}
+    assert MeLESConfig.from_dict(saved, saved=True).category_pooling == 0
+    assert MeLESConfig.from_dict(MeLESConfig().to_dict(), saved=True).category_pooling == 32
+    # data without a categorical field has no categories to pool apart
+    numbers_only = Encoding("c", "t", "number", numeric={})
+    plain = embedder_from_config(MeLESConfig(hidden_size=8, time_features="gap"), numbers_only)
+    assert plain.category_pooling is None and plain.output_size == 24
+    with_field = Encoding("c", "t", "number", numeric={})
+    with_field.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
+    pooled = embedder_from_config(MeLESConfig(hidden_size=8, time_features=""), with_field)
+    assert pooled.output_size == 24 + 2 * 4 * 8  # three values (fewer than 32) and "any other"
 
 
 def test_category_pooling_extends_the_embedding_and_ignores_padding():
@@ -557,7 +581,7 @@ def test_projection_head_trains_the_loss_on_its_output_and_embeds_without_it():
     paper = MeLESConfig(preset="paper")
     assert (paper.projection_head, paper.encoder) == (0, "gru")  # the paper's recipe whatever the defaults
     module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, projection_head=5, time_features="gap", pooling="last",
-                                     aux_objective=""), enc)
+                                     aux_objective="", category_pooling=0), enc)
     rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
                          "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
@@ -591,5 +615,6 @@ def test_embedding_parts_tile_the_embedding_in_pooling_order():
         _, states = emb.seq_encoder(emb.event_encoder(batch), batch.lengths, None, return_sequence=True)
     assert torch.allclose(out[0, parts["last"]], states[0, 3]) and torch.allclose(out[1, parts["last"]], states[1, 1])
     assert torch.allclose(out[1, parts["mean"]], states[1, :2].mean(0), atol=1e-6)
-    assert embedding_parts(embedder_from_config(MeLESConfig(encoder="gru", hidden_size=4, pooling="mean", time_features=""),
+    assert embedding_parts(embedder_from_config(MeLESConfig(encoder="gru", hidden_size=4, pooling="mean", time_features="",
+                                                                         category_pooling=0),
                                                 enc)) == {"mean": slice(0, 4)}

@@ -18,7 +18,7 @@ from ptls_meles.config import MeLESConfig
 
 SCHEMA = EventSchema(client_col="client", time_col="t", categorical=["mcc"], numeric=["amount"])
 TINY = dict(hidden_size=4, pooling="last", cat_embedding_dim=2, max_epochs=1, batch_size=8, num_workers=0, cnt_min=2, cnt_max=10,
-            val_fraction=0.0, patience=None, seed=0)
+            val_fraction=0.0, patience=None, seed=0, category_pooling=0)  # 4 columns: the last state
 
 
 @pytest.mark.parametrize("check", [check_parameters_default_constructible, check_get_params_invariance,

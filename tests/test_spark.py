@@ -261,7 +261,7 @@ def test_embed_matches_single_machine(spark, tmp_path):
 
     schema = EventSchema("client", "day", ["mcc", "kind"], ["amount"], time_format="number")
     store, _ = prepare(events(50, seed=3), schema, out=tmp_path / "store", show_progress=False)
-    config = MeLESConfig(hidden_size=12, pooling="last", cat_embedding_dim=3, max_events=9, embed_batch_size=7)
+    config = MeLESConfig(hidden_size=12, pooling="last", category_pooling=0, cat_embedding_dim=3, max_events=9, embed_batch_size=7)
     torch.manual_seed(0)
     model = MeLES(**config.to_dict())
     model.module_, model.encoding_, model.schema_ = MeLESModule(config.to_dict(), store.encoding.to_dict()), store.encoding, schema

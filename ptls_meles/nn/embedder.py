@@ -78,7 +78,8 @@ def build_embedder(
     the convolutions' channels; other keyword
     arguments go to the sequence encoder (e.g. ``pooling``). ``category_pooling`` > 0 also
     pools the states of that many most frequent values of the first categorical field apart,
-    each projected to ``category_width`` dimensions (:class:`CategoryPooling`; causal encoders only).
+    each projected to ``category_width`` dimensions (:class:`CategoryPooling`; causal encoders
+    only; nothing for data without a categorical field).
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}, e.g. 'gru'")
@@ -93,11 +94,8 @@ def build_embedder(
         )
     else:
         seq_encoder = RnnSeqEncoder(event_encoder.output_size, hidden_size, kind=encoder, **encoder_kwargs)
-    if not category_pooling:
+    if not category_pooling or not categorical:  # without a categorical field there are no categories to pool apart
         return Embedder(event_encoder, seq_encoder)
-    if not categorical:
-        raise ValueError("category_pooling pools the events of each category of the first categorical field, "
-                         "and this data has no categorical field: set category_pooling=0")
     first = next(iter(categorical))
     n_categories = min(category_pooling, categorical[first][0] - 2)  # a vocabulary's size counts padding and unseen
     return Embedder(event_encoder, seq_encoder, CategoryPooling(seq_encoder.state_size, max(n_categories, 1), category_width),
