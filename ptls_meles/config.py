@@ -29,6 +29,8 @@ SET_CHOICES: dict[str, tuple[str, ...]] = {
     "view_statistics": ("shares", "values", "deviations", "rate", "gaps"),
 }
 _SETS_THAT_MAY_BE_EMPTY = ("time_features", "aux_objective")
+#: encoders that return per-event states, each summarising the events up to it (next-event, category pooling)
+CAUSAL_ENCODERS = ("gru", "lstm", "conv")
 
 #: The MeLES paper's recipe (age-group dataset, scaled to hidden 256 for a CPU): kept as a
 #: named preset so the original result stays reproducible whatever the defaults become.
@@ -171,17 +173,17 @@ class MeLESConfig:
             raise ValueError(f"need 1 <= cnt_min <= cnt_max, got cnt_min={self.cnt_min}, cnt_max={self.cnt_max}")
         if self.split_count < 2:
             raise ValueError(f"split_count must be >= 2 (views per client make the positive pairs), got {self.split_count}")
-        if "next_event" in self.parts("aux_objective") and self.encoder not in ("gru", "lstm", "conv"):
+        if "next_event" in self.parts("aux_objective") and self.encoder not in CAUSAL_ENCODERS:
             raise ValueError(f"aux_objective 'next_event' needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
                              "its per-event states must summarise the history")
         if self.category_pooling < 0:
             raise ValueError(f"category_pooling must be 0 (off) or the number of categories pooled apart, got {self.category_pooling}")
         if self.category_width < 1:
             raise ValueError(f"category_width is the per-category projection's width and must be >= 1, got {self.category_width}")
-        if (self.category_pooling and self.encoder not in ("gru", "lstm", "conv")
+        if (self.category_pooling and self.encoder not in CAUSAL_ENCODERS
                 and "category_pooling" not in getattr(self, "_given", ())):
             self.category_pooling = 0  # the default pools the per-event states that only causal encoders return
-        if self.category_pooling and self.encoder not in ("gru", "lstm", "conv"):
+        if self.category_pooling and self.encoder not in CAUSAL_ENCODERS:
             raise ValueError(f"category_pooling needs a causal encoder (gru, lstm, conv), not {self.encoder!r}: "
                              "it pools the per-event states those encoders return")
         if self.aux_relative and not self.parts("aux_objective") and "aux_relative" not in getattr(self, "_given", ()):
