@@ -27,6 +27,7 @@ SET_CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": ("last", "mean", "max", "attention"),
     "aux_objective": ("next_event", "view_stats"),
     "view_statistics": ("shares", "values", "deviations", "rate", "gaps"),
+    "category_statistics": ("mean", "last", "share"),
 }
 _SETS_THAT_MAY_BE_EMPTY = ("time_features", "aux_objective")
 #: encoders that return per-event states, each summarising the events up to it (next-event, category pooling)
@@ -97,6 +98,9 @@ class MeLESConfig:
     # without a categorical field
     category_pooling: int = 32
     category_width: int = 8
+    # what each category's projected states are pooled by: mean, last, and share (their sum over
+    # the sequence's length, which keeps how often the category occurs)
+    category_statistics: str = "mean,last"
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"nhead": 4}
     # pair generation
     split: str = "slices"

@@ -61,6 +61,7 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
         numeric_encoding=config.parts("numeric_encoding"),
         category_pooling=config.category_pooling,
         category_width=config.category_width,
+        category_statistics=config.parts("category_statistics"),
         **kwargs,
     )
 

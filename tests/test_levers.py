@@ -197,6 +197,26 @@ def test_category_pooling_by_hand_with_garbage_in_padding():
     assert torch.isfinite(states.grad).all() and states.grad[0, 4].abs().sum() == 0 and states.grad[1, 2:].abs().sum() == 0
 
 
+def test_category_pooling_share_keeps_how_often_a_category_occurs():
+    from ptls_meles.nn.category_pooling import CategoryPooling
+
+    pool = CategoryPooling(state_size=1, n_categories=1, width=1, statistics=("share", "mean"))
+    with torch.no_grad():
+        pool.project.weight.zero_()
+        pool.project.bias.fill_(1.0)  # every event projects to 1: the bias alone
+    # row 0: category 2 in 1 of 4 events; row 1: in 3 of 4; padding (id 2 past the length) not counted
+    ids = torch.tensor([[2, 5, 5, 5, 2], [2, 2, 7, 2, 2]])
+    got = pool(torch.randn(2, 5, 1), ids, torch.tensor([4, 4]))
+    assert pool.statistics == ("mean", "share") and pool.output_size == 4
+    # means: 1 wherever the slot has events, blind to counts; shares: each slot's fraction of the events
+    assert torch.equal(got, torch.tensor([[1.0, 1.0, 0.25, 0.75], [1.0, 1.0, 0.75, 0.25]]))
+    assert MeLESConfig(category_statistics="share,mean").category_statistics == "mean,share"
+    with pytest.raises(ValueError, match="'median' is not one of mean, last, share"):
+        MeLESConfig(category_statistics="mean,median")
+    with pytest.raises(ValueError, match="statistics must be some of"):
+        CategoryPooling(state_size=1, n_categories=1, statistics=())
+
+
 def test_category_pooling_is_on_by_default_where_it_applies():
     from ptls_meles.encoding import CategoryVocab
 
@@ -615,6 +635,11 @@ def test_embedding_parts_tile_the_embedding_in_pooling_order():
         _, states = emb.seq_encoder(emb.event_encoder(batch), batch.lengths, None, return_sequence=True)
     assert torch.allclose(out[0, parts["last"]], states[0, 3]) and torch.allclose(out[1, parts["last"]], states[1, 1])
     assert torch.allclose(out[1, parts["mean"]], states[1, :2].mean(0), atol=1e-6)
+    with_share = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2,
+                                                  category_statistics="mean,last,share"), enc)
+    parts = embedding_parts(with_share)
+    assert list(parts)[3:] == ["category means", "category last states", "category sums over the length"]
+    assert parts["category sums over the length"] == slice(72, 96) and with_share.output_size == 96
     assert embedding_parts(embedder_from_config(MeLESConfig(encoder="gru", hidden_size=4, pooling="mean", time_features="",
                                                                          category_pooling=0),
                                                 enc)) == {"mean": slice(0, 4)}

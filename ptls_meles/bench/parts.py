@@ -1,7 +1,7 @@
 """Which part of a trained embedding carries the score: each pooling part scored alone.
 
 An embedding concatenates pooling parts (last / mean / max / attention states, and with
-``category_pooling`` the per-category means and last states). Scoring each part alone with
+``category_pooling`` its per-category statistics). Scoring each part alone with
 the quality bench's LightGBM protocol shows what the downstream model reads, and whether a
 part mostly adds dimensions for LightGBM to wade through. It reads a model that
 ``bench quality`` trained, in the same work directory, so every score is made on the same
@@ -21,6 +21,10 @@ import torch
 from ..nn.embedder import Embedder
 
 
+#: category pooling's statistics as the parts are called in the reports
+PART_NAMES = {"mean": "category means", "last": "category last states", "share": "category sums over the length"}
+
+
 def embedding_parts(embedder: Embedder) -> dict[str, slice]:
     """Name -> the columns of each pooling part in an embedding, in order; they tile it."""
     parts: dict[str, slice] = {}
@@ -32,10 +36,11 @@ def embedding_parts(embedder: Embedder) -> dict[str, slice]:
         parts[name] = slice(start, start + width)
         start += width
     if embedder.category_pooling is not None:
-        half = embedder.category_pooling.output_size // 2
-        parts["category means"] = slice(start, start + half)
-        parts["category last states"] = slice(start + half, start + 2 * half)
-        start += 2 * half
+        statistics = embedder.category_pooling.statistics
+        width = embedder.category_pooling.output_size // len(statistics)
+        for statistic in statistics:
+            parts[PART_NAMES[statistic]] = slice(start, start + width)
+            start += width
     if start != embedder.output_size:
         raise ValueError(f"the parts cover {start} of the embedding's {embedder.output_size} columns")
     return parts

@@ -5,8 +5,10 @@ level, a merchant type's typical amount), while mean / max / last pooling mixes 
 category into one vector, where a rare parameter's last value is hard to keep. Here the
 states of the ``n_categories`` most frequent values of the first categorical field (ids
 2.. in the frequency-ordered vocabulary) and of all other values together are projected to
-``width`` learned dimensions and pooled apart, by their mean and by their last occurrence.
-It is pooling over learned event representations: each event's state has read its
+``width`` learned dimensions and pooled apart, by their mean and by their last occurrence,
+and optionally by their ``share``: the slot's sum divided by the sequence's length, so the
+projection's bias carries how often the category occurs (a mean forgets counts) while the
+measure stays the same for a short training view and a whole history. It is pooling over learned event representations: each event's state has read its
 neighbours through the sequence encoder, and the projection is trained by the objectives.
 """
 from __future__ import annotations
@@ -16,23 +18,31 @@ from torch import nn
 
 #: the first frequent category's id in a frequency-ordered vocabulary (0 = padding, 1 = unseen)
 FIRST_VALUE_ID = 2
+#: the statistics a slot can be pooled by, in the order they appear in the output
+STATISTICS = ("mean", "last", "share")
 
 
 class CategoryPooling(nn.Module):
-    """``forward(states [B, T, H], ids [B, T], lengths [B]) -> [B, 2 * (n_categories + 1) * width]``:
-    per slot (each frequent category, then "any other"), the mean of its events' projected
-    states, then the projected state at its last event; zeros for a slot without events."""
+    """``forward(states [B, T, H], ids [B, T], lengths [B]) -> [B, len(statistics) * (n_categories + 1) * width]``:
+    per statistic (in :data:`STATISTICS` order), per slot (each frequent category, then "any
+    other"): the mean of its events' projected states, the projected state at its last event,
+    the sum of its projected states over the sequence's length; zeros for a slot without events."""
 
-    def __init__(self, state_size: int, n_categories: int, width: int = 8):
+    def __init__(self, state_size: int, n_categories: int, width: int = 8,
+                 statistics: tuple[str, ...] = ("mean", "last")):
         super().__init__()
         if n_categories < 1:
             raise ValueError(f"category pooling needs at least one category, got {n_categories}")
+        unknown = [s for s in statistics if s not in STATISTICS]
+        if unknown or not statistics:
+            raise ValueError(f"category pooling statistics must be some of {STATISTICS}, got {statistics}")
         self.n_categories, self.width = n_categories, width
+        self.statistics = tuple(s for s in STATISTICS if s in statistics)
         self.project = nn.Linear(state_size, width)
 
     @property
     def output_size(self) -> int:
-        return 2 * (self.n_categories + 1) * self.width
+        return len(self.statistics) * (self.n_categories + 1) * self.width
 
     def forward(self, states: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         batch, steps, _ = states.shape
@@ -46,10 +56,13 @@ class CategoryPooling(nn.Module):
         index = slot.unsqueeze(-1).expand(batch, steps, self.width)
         sums = z.new_zeros(batch, slots, self.width).scatter_add_(1, index, z)
         counts = z.new_zeros(batch, slots).scatter_add_(1, slot, real.float())
-        mean = sums / counts.clamp(min=1).unsqueeze(-1)
+        out = {"mean": sums / counts.clamp(min=1).unsqueeze(-1),
+               "share": sums / lengths.clamp(min=1).to(sums.dtype)[:, None, None]}
+        if "last" not in self.statistics:
+            return torch.cat([out[s].flatten(1) for s in self.statistics], dim=1)
         position = torch.where(real, torch.arange(steps, device=states.device)[None, :], -1)
         last_at = torch.full((batch, slots), -1, dtype=torch.long, device=states.device)
         last_at = last_at.scatter_reduce(1, slot, position, reduce="amax")
         last = z.gather(1, last_at.clamp(min=0).unsqueeze(-1).expand(batch, slots, self.width))
-        last = last * (last_at >= 0).unsqueeze(-1)
-        return torch.cat([mean.flatten(1), last.flatten(1)], dim=1)
+        out["last"] = last * (last_at >= 0).unsqueeze(-1)
+        return torch.cat([out[s].flatten(1) for s in self.statistics], dim=1)

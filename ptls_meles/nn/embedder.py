@@ -70,6 +70,7 @@ def build_embedder(
     numeric_encoding: tuple[str, ...] = ("scalar",),
     category_pooling: int = 0,
     category_width: int = 8,
+    category_statistics: tuple[str, ...] = ("mean", "last"),
     **encoder_kwargs: Any,
 ) -> Embedder:
     """Event encoder + ``encoder`` in ("gru", "lstm", "transformer", "bag", "conv").
@@ -78,8 +79,8 @@ def build_embedder(
     the convolutions' channels; other keyword
     arguments go to the sequence encoder (e.g. ``pooling``). ``category_pooling`` > 0 also
     pools the states of that many most frequent values of the first categorical field apart,
-    each projected to ``category_width`` dimensions (:class:`CategoryPooling`; causal encoders
-    only; nothing for data without a categorical field).
+    each projected to ``category_width`` dimensions and pooled by ``category_statistics``
+    (:class:`CategoryPooling`; causal encoders only; nothing for data without a categorical field).
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}, e.g. 'gru'")
@@ -98,5 +99,6 @@ def build_embedder(
         return Embedder(event_encoder, seq_encoder)
     first = next(iter(categorical))
     n_categories = min(category_pooling, categorical[first][0] - 2)  # a vocabulary's size counts padding and unseen
-    return Embedder(event_encoder, seq_encoder, CategoryPooling(seq_encoder.state_size, max(n_categories, 1), category_width),
+    return Embedder(event_encoder, seq_encoder, CategoryPooling(seq_encoder.state_size, max(n_categories, 1), category_width,
+                                                                     category_statistics),
                     first)
