@@ -232,7 +232,10 @@ class MeLESConfig:
             d = {**SAVED_BEFORE_LEVERS, **d}
         if saved:
             d = {**SAVED_BEFORE_ADDED, **d}
-        return cls(**d)
+        config = cls(**d)
+        if saved:  # its values were resolved when it was made; none of them was asked for now
+            object.__setattr__(config, "_given", frozenset())
+        return config
 
     def embedding_dim_of(self, column: str) -> int:
         return self.cat_embedding_dims.get(column, self.cat_embedding_dim)

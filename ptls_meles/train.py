@@ -52,6 +52,12 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
             f"time_features 'daytime' needs event times in seconds (time format 'timestamp' or 'day_hms'); "
             f"this store's time column {encoding.time_col!r} has format {encoding.time_format!r}"
         )
+    if config.category_pooling and not categorical and "category_pooling" in getattr(config, "_given", ()):
+        raise ValueError(
+            f"category_pooling={config.category_pooling} pools the events of each value of the first categorical "
+            f"field apart, but this store has no categorical field (numeric: {', '.join(encoding.numeric) or 'none'}): "
+            "set category_pooling=0, or leave it at the default, which is off for such data"
+        )
     return build_embedder(
         categorical,
         list(encoding.numeric),

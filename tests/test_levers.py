@@ -234,6 +234,11 @@ def test_category_pooling_is_on_by_default_where_it_applies():
     numbers_only = Encoding("c", "t", "number", numeric={})
     plain = embedder_from_config(MeLESConfig(hidden_size=8, time_features="gap"), numbers_only)
     assert plain.category_pooling is None and plain.output_size == 24
+    with pytest.raises(ValueError, match="category_pooling=4 pools .* this store has no categorical field"):
+        embedder_from_config(MeLESConfig(hidden_size=8, time_features="gap", category_pooling=4), numbers_only)
+    # a saved config asked for nothing: a model saved with the default loads on such data
+    saved = MeLESConfig.from_dict(MeLESConfig(hidden_size=8, time_features="gap").to_dict(), saved=True)
+    assert saved.category_pooling == 32 and embedder_from_config(saved, numbers_only).category_pooling is None
     with_field = Encoding("c", "t", "number", numeric={})
     with_field.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
     pooled = embedder_from_config(MeLESConfig(hidden_size=8, time_features=""), with_field)
