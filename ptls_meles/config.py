@@ -28,6 +28,7 @@ SET_CHOICES: dict[str, tuple[str, ...]] = {
     "aux_objective": ("next_event", "view_stats"),
     "view_statistics": ("shares", "values", "deviations", "rate", "gaps"),
     "category_statistics": ("mean", "last", "share"),
+    "category_inputs": ("states", "events"),
 }
 _SETS_THAT_MAY_BE_EMPTY = ("time_features", "aux_objective")
 #: encoders that return per-event states, each summarising the events up to it (next-event, category pooling)
@@ -101,6 +102,9 @@ class MeLESConfig:
     # what each category's projected states are pooled by: mean, last, and share (their sum over
     # the sequence's length, which keeps how often the category occurs)
     category_statistics: str = "mean,last"
+    # what each event's projection reads: the sequence encoder's state at it (its context) and / or
+    # its own event encoding (its exact values)
+    category_inputs: str = "states"
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"nhead": 4}
     # pair generation
     split: str = "slices"

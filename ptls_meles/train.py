@@ -68,6 +68,7 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
         category_pooling=config.category_pooling,
         category_width=config.category_width,
         category_statistics=config.parts("category_statistics"),
+        category_inputs=config.parts("category_inputs"),
         **kwargs,
     )
 

@@ -197,6 +197,26 @@ def test_category_pooling_by_hand_with_garbage_in_padding():
     assert torch.isfinite(states.grad).all() and states.grad[0, 4].abs().sum() == 0 and states.grad[1, 2:].abs().sum() == 0
 
 
+def test_category_pooling_of_event_encodings_projects_each_event_itself():
+    from ptls_meles.encoding import CategoryVocab
+
+    enc = Encoding("c", "t", "number", numeric={})
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c", "d"])}
+    emb = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=8, time_features="", category_pooling=2,
+                                           category_inputs="events", category_statistics="last"), enc).eval()
+    rows = [torch.tensor([2, 3, 5, 2, 3]), torch.tensor([4, 2])]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([5, 2]))
+    with torch.no_grad():
+        out, events = emb(batch)[:, 24:], emb.event_encoder(batch)
+        project = emb.category_pooling.project
+        # slots: id 2, id 3, any other; each slot's last event's own encoding, projected; none: zeros
+        want = [torch.cat([project(events[0, 3]), project(events[0, 4]), project(events[0, 2])]),
+                torch.cat([project(events[1, 1]), torch.zeros(8), project(events[1, 0])])]
+    assert torch.allclose(out, torch.stack(want), atol=1e-6)
+    with pytest.raises(ValueError, match="'outputs' is not one of states, events"):
+        MeLESConfig(category_inputs="outputs")
+
+
 def test_category_pooling_share_keeps_how_often_a_category_occurs():
     from ptls_meles.nn.category_pooling import CategoryPooling
 
@@ -271,6 +291,14 @@ def test_category_pooling_extends_the_embedding_and_ignores_padding():
     grouped = emb(batch)
     emb.seq_encoder.length_buckets = 1
     assert torch.allclose(grouped, emb(batch), atol=1e-5)
+    # reading the event encodings too: the same, in length groups or not
+    both = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2,
+                                            category_inputs="events,states"), enc).eval()
+    assert both.category_inputs == ("states", "events") and both.output_size == emb.output_size
+    assert both.category_pooling.project.in_features == 8 + both.event_encoder.output_size
+    grouped = both(batch)
+    both.seq_encoder.length_buckets = 1
+    assert torch.allclose(grouped, both(batch), atol=1e-5)
     for encoder in ("transformer", "bag"):
         with pytest.raises(ValueError, match="category_pooling needs a causal encoder"):
             MeLESConfig(encoder=encoder, category_pooling=4)

@@ -83,7 +83,7 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
         pooled = torch.cat([seq_encoder.pooling(o, lengths[idx]) for o, idx in zip(cut, groups)])
         if embedder.category_pooling is not None:  # per-category pooling is part of this stage
             ids = padded.payload[embedder.category_field]
-            by_category = torch.cat([embedder.category_pooling(o, ids[idx], lengths[idx]) for o, idx in zip(cut, groups)])
+            by_category = torch.cat([embedder.pool_by_category(o, x[idx], ids[idx], lengths[idx]) for o, idx in zip(cut, groups)])
             pooled = torch.cat([pooled, by_category.to(pooled.dtype)], dim=-1)
         pooled = pooled[torch.argsort(order)]
     p = pooled.detach().requires_grad_()

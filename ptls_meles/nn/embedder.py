@@ -21,12 +21,15 @@ class Embedder(nn.Module):
     information; the metric-learning head (``MeLESModule``) normalises where it needs to."""
 
     def __init__(self, event_encoder: EventEncoder, seq_encoder: nn.Module,
-                 category_pooling: CategoryPooling | None = None, category_field: str | None = None):
+                 category_pooling: CategoryPooling | None = None, category_field: str | None = None,
+                 category_inputs: tuple[str, ...] = ("states",)):
         super().__init__()
         self.event_encoder = event_encoder
         self.seq_encoder = seq_encoder
         self.category_pooling = category_pooling  # appended after the sequence encoder's pooling
         self.category_field = category_field
+        # what category pooling projects: the sequence encoder's per-event states, the event encodings, or both
+        self.category_inputs = tuple(category_inputs)
 
     @property
     def output_size(self) -> int:
@@ -46,7 +49,7 @@ class Embedder(nn.Module):
         groups = self.seq_encoder.length_groups(batch.lengths.clamp(min=1)) if bucketed else None
         if groups is None:
             pooled, states = self.seq_encoder(events, batch.lengths, time, return_sequence=True)
-            out = torch.cat([pooled, self._by_category(states, ids, batch.lengths, pooled.dtype)], dim=-1)
+            out = torch.cat([pooled, self.pool_by_category(states, events, ids, batch.lengths).to(pooled.dtype)], dim=-1)
             return (out, states) if return_sequence else out
         # one group of similar lengths at a time: each group's states are pooled where they are
         # made, instead of being copied into one batch-long padded tensor first
@@ -54,11 +57,16 @@ class Embedder(nn.Module):
         for idx in groups:
             pooled, states = self.seq_encoder(events[idx], batch.lengths[idx], None if time is None else time[idx],
                                               return_sequence=True)
-            parts.append(torch.cat([pooled, self._by_category(states, ids[idx], batch.lengths[idx], pooled.dtype)], dim=-1))
+            by_category = self.pool_by_category(states, events[idx], ids[idx], batch.lengths[idx])
+            parts.append(torch.cat([pooled, by_category.to(pooled.dtype)], dim=-1))
         return torch.cat(parts)[torch.argsort(torch.cat(groups))]
 
-    def _by_category(self, states: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.category_pooling(states, ids, lengths.to(states.device)).to(dtype)
+    def pool_by_category(self, states: torch.Tensor, events: torch.Tensor, ids: torch.Tensor,
+                         lengths: torch.Tensor) -> torch.Tensor:
+        """Category pooling of ``states [B, T, H]`` and / or ``events [B, >= T, E]`` (``category_inputs``)."""
+        inputs = {"states": states, "events": events[:, : states.shape[1]].to(states.dtype)}
+        read = torch.cat([inputs[name] for name in self.category_inputs], dim=-1)
+        return self.category_pooling(read, ids, lengths.to(states.device))
 
 
 def build_embedder(
@@ -71,6 +79,7 @@ def build_embedder(
     category_pooling: int = 0,
     category_width: int = 8,
     category_statistics: tuple[str, ...] = ("mean", "last"),
+    category_inputs: tuple[str, ...] = ("states",),
     **encoder_kwargs: Any,
 ) -> Embedder:
     """Event encoder + ``encoder`` in ("gru", "lstm", "transformer", "bag", "conv").
@@ -79,7 +88,8 @@ def build_embedder(
     the convolutions' channels; other keyword
     arguments go to the sequence encoder (e.g. ``pooling``). ``category_pooling`` > 0 also
     pools the states of that many most frequent values of the first categorical field apart,
-    each projected to ``category_width`` dimensions and pooled by ``category_statistics``
+    each projected to ``category_width`` dimensions from ``category_inputs`` (the sequence
+    encoder's per-event states and / or the event encodings) and pooled by ``category_statistics``
     (:class:`CategoryPooling`; causal encoders only; nothing for data without a categorical field).
     """
     if encoder not in ENCODERS:
@@ -99,6 +109,7 @@ def build_embedder(
         return Embedder(event_encoder, seq_encoder)
     first = next(iter(categorical))
     n_categories = min(category_pooling, categorical[first][0] - 2)  # a vocabulary's size counts padding and unseen
-    return Embedder(event_encoder, seq_encoder, CategoryPooling(seq_encoder.state_size, max(n_categories, 1), category_width,
-                                                                     category_statistics),
-                    first)
+    read_size = {"states": seq_encoder.state_size, "events": event_encoder.output_size}
+    pooling = CategoryPooling(sum(read_size[name] for name in category_inputs), max(n_categories, 1), category_width,
+                              category_statistics)
+    return Embedder(event_encoder, seq_encoder, pooling, first, category_inputs)
