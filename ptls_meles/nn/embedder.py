@@ -45,21 +45,11 @@ class Embedder(nn.Module):
                 return self.seq_encoder(events, batch.lengths, time, return_sequence=True)
             return self.seq_encoder(events, batch.lengths, time)
         ids = batch.payload[self.category_field]
-        bucketed = hasattr(self.seq_encoder, "length_groups") and not return_sequence
-        groups = self.seq_encoder.length_groups(batch.lengths.clamp(min=1)) if bucketed else None
-        if groups is None:
-            pooled, states = self.seq_encoder(events, batch.lengths, time, return_sequence=True)
-            out = torch.cat([pooled, self.pool_by_category(states, events, ids, batch.lengths).to(pooled.dtype)], dim=-1)
-            return (out, states) if return_sequence else out
-        # one group of similar lengths at a time: each group's states are pooled where they are
-        # made, instead of being copied into one batch-long padded tensor first
-        parts = []
-        for idx in groups:
-            pooled, states = self.seq_encoder(events[idx], batch.lengths[idx], None if time is None else time[idx],
-                                              return_sequence=True)
-            by_category = self.pool_by_category(states, events[idx], ids[idx], batch.lengths[idx])
-            parts.append(torch.cat([pooled, by_category.to(pooled.dtype)], dim=-1))
-        return torch.cat(parts)[torch.argsort(torch.cat(groups))]
+
+        def by_category(rows, states, lengths):  # per length group, where the states are made
+            return self.pool_by_category(states, events[rows], ids[rows], lengths)
+
+        return self.seq_encoder(events, batch.lengths, time, return_sequence=return_sequence, readout=by_category)
 
     def pool_by_category(self, states: torch.Tensor, events: torch.Tensor, ids: torch.Tensor,
                          lengths: torch.Tensor) -> torch.Tensor:
