@@ -64,7 +64,8 @@ PRESETS: dict[str, dict] = {
 SAVED_BEFORE_LEVERS: dict = dict(numeric_encoding="scalar", time_features="", pooling="last", aux_objective="",
                                  lr_schedule="step", grad_clip=None, projection_head=0, aux_relative=False)
 #: settings added after the levers, with the value that every model saved before them was trained with
-SAVED_BEFORE_ADDED: dict = dict(aux_relative=False, view_statistics="shares,values,rate", category_pooling=0)
+SAVED_BEFORE_ADDED: dict = dict(aux_relative=False, view_statistics="shares,values,rate", category_pooling=0,
+                                category_statistics="mean,last")
 
 
 @dataclass
@@ -76,7 +77,7 @@ class MeLESConfig:
     quality_*.md): numbers also read within their event's category, time gaps / elapsed /
     absolute time as inputs, three causal dilated convolution layers pooled last + mean +
     max and, apart, per each of the 32 most frequent categories of the first categorical
-    field, and a 128-wide projection head for the loss; the MeLES paper's contrastive loss
+    field (mean, last and share), and a 128-wide projection head for the loss; the MeLES paper's contrastive loss
     with hard negatives on random slices, shorter than the paper's (15-100 events, not 25-200),
     plus the view-statistics objective at weight 0.3 of its starting loss: each view's
     embedding predicts its client's other views' category shares, value levels and timing."""
@@ -101,7 +102,7 @@ class MeLESConfig:
     category_width: int = 8
     # what each category's projected states are pooled by: mean, last, and share (their sum over
     # the sequence's length, which keeps how often the category occurs)
-    category_statistics: str = "mean,last"
+    category_statistics: str = "mean,last,share"
     # what each event's projection reads: the sequence encoder's state at it (its context) and / or
     # its own event encoding (its exact values)
     category_inputs: str = "states"

@@ -241,6 +241,7 @@ def test_category_pooling_is_on_by_default_where_it_applies():
     from ptls_meles.encoding import CategoryVocab
 
     assert (MeLESConfig().category_pooling, MeLESConfig().category_width) == (32, 8)
+    assert MeLESConfig().category_statistics == "mean,last,share"
     # the default is off where it cannot apply; asked for there, it is refused
     assert MeLESConfig(encoder="transformer").category_pooling == 0 == MeLESConfig(encoder="bag").category_pooling
     with pytest.raises(ValueError, match="category_pooling needs a causal encoder"):
@@ -249,6 +250,9 @@ def test_category_pooling_is_on_by_default_where_it_applies():
     # a model saved before category pooling existed was trained without it
     saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "category_pooling"}
     assert MeLESConfig.from_dict(saved, saved=True).category_pooling == 0
+    # one saved before the share statistic existed pooled by mean and last
+    saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "category_statistics"}
+    assert MeLESConfig.from_dict(saved, saved=True).category_statistics == "mean,last"
     assert MeLESConfig.from_dict(MeLESConfig().to_dict(), saved=True).category_pooling == 32
     # data without a categorical field has no categories to pool apart
     numbers_only = Encoding("c", "t", "number", numeric={})
@@ -262,7 +266,7 @@ def test_category_pooling_is_on_by_default_where_it_applies():
     with_field = Encoding("c", "t", "number", numeric={})
     with_field.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
     pooled = embedder_from_config(MeLESConfig(hidden_size=8, time_features=""), with_field)
-    assert pooled.output_size == 24 + 2 * 4 * 8  # three values (fewer than 32) and "any other"
+    assert pooled.output_size == 24 + 3 * 4 * 8  # mean, last, share; three values (fewer than 32) and "any other"
 
 
 def test_category_pooling_extends_the_embedding_and_ignores_padding():
@@ -272,11 +276,11 @@ def test_category_pooling_extends_the_embedding_and_ignores_padding():
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c", "d"])}
     torch.manual_seed(0)
     emb = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2), enc).eval()
-    assert emb.output_size == 24 + 2 * 3 * 8
+    assert emb.output_size == 24 + 3 * 3 * 8  # mean, last, share of 2 categories and "any other"
     big = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=8, time_features="", category_pooling=50), enc)
-    assert big.output_size == 8 * 3 + 2 * 5 * 8  # at most the vocabulary's four values, plus "any other"
+    assert big.output_size == 8 * 3 + 3 * 5 * 8  # at most the vocabulary's four values, plus "any other"
     wide = embedder_from_config(MeLESConfig(hidden_size=8, time_features="", category_pooling=2, category_width=5), enc)
-    assert wide.output_size == 24 + 2 * 3 * 5
+    assert wide.output_size == 24 + 3 * 3 * 5
     rows = [torch.randint(2, 6, (n,)) for n in (3, 7, 5)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([3, 7, 5]))
     together = emb(batch)
@@ -367,7 +371,7 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
     assert logged["view_stats_loss"].notna().any() and logged["next_event_loss"].notna().any()
     assert isinstance(loaded.config, MeLESConfig) and loaded.config.pooling == "last,mean,max"
-    assert module.embedder.output_size == 24 + 2 * 4 * 8  # last, mean, max of 8; 3 categories and the others
+    assert module.embedder.output_size == 24 + 3 * 4 * 8  # last, mean, max of 8; 3 statistics of 3 categories and the others
 
 
 # --------------------------------------------------------------------------- next-event objective
@@ -656,7 +660,8 @@ def test_embedding_parts_tile_the_embedding_in_pooling_order():
 
     enc = Encoding("c", "t", "number", numeric={})
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c", "d"])}
-    emb = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2), enc)
+    emb = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2,
+                                           category_statistics="mean,last"), enc)
     parts = embedding_parts(emb)
     assert list(parts) == ["last", "mean", "max", "category means", "category last states"]
     assert [(s.start, s.stop) for s in parts.values()] == [(0, 8), (8, 16), (16, 24), (24, 48), (48, 72)]
