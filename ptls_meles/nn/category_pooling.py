@@ -8,8 +8,9 @@ states of the ``n_categories`` most frequent values of the first categorical fie
 ``width`` learned dimensions and pooled apart, by their mean and by their last occurrence,
 and optionally by their ``share``: the slot's sum divided by the sequence's length, so the
 projection's bias carries how often the category occurs (a mean forgets counts) while the
-measure stays the same for a short training view and a whole history. It is pooling over learned event representations: each event's state has read its
-neighbours through the sequence encoder, and the projection is trained by the objectives.
+measure stays the same for a short training view and a whole history. It is pooling over
+learned event representations: each event's state has read its neighbours through the
+sequence encoder, and the projection is trained by the objectives.
 """
 from __future__ import annotations
 
