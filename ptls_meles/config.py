@@ -77,9 +77,9 @@ class MeLESConfig:
     quality_*.md): numbers also read within their event's category, time gaps / elapsed /
     absolute time as inputs, three causal dilated convolution layers pooled last + mean +
     max and, apart, per each of the 32 most frequent categories of the first categorical
-    field (mean, last and share), and a 128-wide projection head for the loss; the MeLES paper's contrastive loss
-    with hard negatives on random slices, shorter than the paper's (15-100 events, not 25-200),
-    plus the view-statistics objective at weight 0.3 of its starting loss: each view's
+    field (mean, last and share), and a 128-wide projection head for the loss; the MeLES
+    paper's contrastive loss with hard negatives on random slices, shorter than the paper's
+    (15-100 events, not 25-200), plus the view-statistics objective at weight 0.3 of its starting loss: each view's
     embedding predicts its client's other views' category shares, value levels and timing."""
 
     preset: str | None = None
@@ -95,7 +95,7 @@ class MeLESConfig:
     num_layers: int | None = None  # None: the encoder's own depth (gru/lstm 1, bag 2, transformer 2, conv 3)
     pooling: str = "last,mean,max"  # set of last | mean | max | attention
     # N > 0: also pool apart the states of the N most frequent values of the first categorical field
-    # (and of the others together): the mean and the last of a category_width-wide projection each.
+    # (and of the others together): a category_width-wide projection each, pooled by category_statistics.
     # Causal encoders (gru, lstm, conv): left at the default, it is off for the others; off for data
     # without a categorical field
     category_pooling: int = 32

@@ -54,8 +54,9 @@ class Embedder(nn.Module):
     def pool_by_category(self, states: torch.Tensor, events: torch.Tensor, ids: torch.Tensor,
                          lengths: torch.Tensor) -> torch.Tensor:
         """Category pooling of ``states [B, T, H]`` and / or ``events [B, >= T, E]`` (``category_inputs``)."""
-        inputs = {"states": states, "events": events[:, : states.shape[1]].to(states.dtype)}
-        read = torch.cat([inputs[name] for name in self.category_inputs], dim=-1)
+        parts = [states if name == "states" else events[:, : states.shape[1]].to(states.dtype)
+                 for name in self.category_inputs]  # the event encodings are cut and cast only when read
+        read = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return self.category_pooling(read, ids, lengths.to(states.device))
 
 

@@ -25,7 +25,7 @@ class _LengthBucketed(nn.Module):
     length_buckets: int
     state_size: int
 
-    def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor, rows, readout: Readout | None
+    def _run_pooled(self, x: torch.Tensor, lengths: torch.Tensor, rows: torch.Tensor | slice, readout: Readout | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.event_states(x[:, : int(lengths.max())])
         pooled = self.pooling(out, lengths.to(out.device))
