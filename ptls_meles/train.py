@@ -263,6 +263,10 @@ def check_resumable(ckpt: dict, path: Path, store: SequenceStore, config: MeLESC
                          "resume with the checkpoint's settings, or start a new run with another --out")
 
 
+def _ignore_child_exit(signum, frame) -> None:
+    """SIGCHLD during a SIGTERM shutdown: the DataLoader workers die of the same signal."""
+
+
 @contextmanager
 def sigterm_as_interrupt():
     """SIGTERM (a job scheduler, ``kill``, ``timeout``) stops training as Ctrl-C does: Lightning's
@@ -270,7 +274,9 @@ def sigterm_as_interrupt():
     workers die of the same signal (torch's worker handler re-raises it), so their exit is
     no longer reported as an error once the shutdown has begun."""
     def interrupt(signum, frame):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's "worker killed by signal" check
+        # torch's "worker killed by signal" check off. A no-op handler, not SIG_DFL: a SIGCHLD that
+        # already arrived would otherwise surface as "OSError: Signal 17 ignored due to race condition"
+        signal.signal(signal.SIGCHLD, _ignore_child_exit)
         raise KeyboardInterrupt(f"received signal {signum}")
 
     try:
@@ -283,7 +289,7 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-        if signal.getsignal(signal.SIGCHLD) is signal.SIG_DFL and previous_chld is not None:
+        if signal.getsignal(signal.SIGCHLD) is _ignore_child_exit and previous_chld is not None:
             signal.signal(signal.SIGCHLD, previous_chld)
 
 
