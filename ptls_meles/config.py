@@ -65,7 +65,7 @@ SAVED_BEFORE_LEVERS: dict = dict(numeric_encoding="scalar", time_features="", po
                                  lr_schedule="step", grad_clip=None, projection_head=0, aux_relative=False)
 #: settings added after the levers, with the value that every model saved before them was trained with
 SAVED_BEFORE_ADDED: dict = dict(aux_relative=False, view_statistics="shares,values,rate", category_pooling=0,
-                                category_statistics="mean,last")
+                                category_statistics="mean,last", event_bag=0)
 
 
 @dataclass
@@ -106,6 +106,9 @@ class MeLESConfig:
     # what each event's projection reads: the sequence encoder's state at it (its context) and / or
     # its own event encoding (its exact values)
     category_inputs: str = "states"
+    # W > 0: also a bag of events W wide (a per-event MLP of the event encodings, averaged over the
+    # events): the mix of event kinds and values, which one recurrent or convolutional state blurs
+    event_bag: int = 0
     encoder_kwargs: dict = field(default_factory=dict)  # e.g. {"nhead": 4}
     # pair generation
     split: str = "slices"
@@ -189,6 +192,8 @@ class MeLESConfig:
             raise ValueError(f"category_pooling must be 0 (off) or the number of categories pooled apart, got {self.category_pooling}")
         if self.category_width < 1:
             raise ValueError(f"category_width is the per-category projection's width and must be >= 1, got {self.category_width}")
+        if self.event_bag < 0:
+            raise ValueError(f"event_bag must be 0 (off) or the bag of events' width, got {self.event_bag}")
         if (self.category_pooling and self.encoder not in CAUSAL_ENCODERS
                 and "category_pooling" not in getattr(self, "_given", ())):
             self.category_pooling = 0  # the default pools the per-event states that only causal encoders return

@@ -681,3 +681,49 @@ def test_embedding_parts_tile_the_embedding_in_pooling_order():
     assert embedding_parts(embedder_from_config(MeLESConfig(encoder="gru", hidden_size=4, pooling="mean", time_features="",
                                                                          category_pooling=0),
                                                 enc)) == {"mean": slice(0, 4)}
+
+
+# --------------------------------------------------------------------------- bag of events
+def test_event_bag_is_the_mean_of_a_per_event_mlp_over_real_events():
+    from ptls_meles.bench.parts import embedding_parts
+    from ptls_meles.encoding import CategoryVocab
+
+    enc = Encoding("c", "t", "number", numeric={})
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c", "d"])}
+    torch.manual_seed(0)
+    emb = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2,
+                                           event_bag=6), enc).eval()
+    plain = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2), enc)
+    assert emb.output_size == plain.output_size + 6
+    parts = embedding_parts(emb)
+    assert list(parts)[-1] == "event bag" and parts["event bag"] == slice(plain.output_size, plain.output_size + 6)
+    rows = [torch.tensor([2, 3, 5, 2]), torch.tensor([4, 2])]
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    garbage = padded.clone()
+    garbage[1, 2:] = 5  # what sits after a row's length must not count
+    outs = []
+    with torch.no_grad():
+        for ids in (padded, garbage):
+            batch = PaddedBatch({"p": ids}, torch.tensor([4, 2]))
+            outs.append(emb(batch))
+        per_event = emb.event_bag.event_states(emb.event_encoder(PaddedBatch({"p": padded}, torch.tensor([4, 2]))))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert torch.allclose(outs[0][0, parts["event bag"]], per_event[0].mean(0), atol=1e-6)
+    assert torch.allclose(outs[0][1, parts["event bag"]], per_event[1, :2].mean(0), atol=1e-6)
+    # the bag does not change what the sequence encoder and category pooling give
+    plain.load_state_dict({k: v for k, v in emb.state_dict().items() if not k.startswith("event_bag.")})
+    with torch.no_grad():
+        assert torch.allclose(plain.eval()(PaddedBatch({"p": padded}, torch.tensor([4, 2]))),
+                          outs[0][:, : plain.output_size], atol=1e-6)
+    # the objectives train it, also beside the next-event head (which asks for the per-event states)
+    module = MeLESModule(MeLESConfig(encoder="conv", hidden_size=8, time_features="gap", event_bag=6,
+                                     aux_objective="next_event,view_stats", category_pooling=2), enc)
+    rows = [torch.randint(2, 6, (n,)) for n in (6, 4, 5, 3)]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
+                         "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
+    module.training_step((batch, torch.tensor([0, 0, 1, 1])), 0).backward()
+    assert module.embedder.event_bag.mlp[0].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="event_bag must be 0"):
+        MeLESConfig(event_bag=-1)
+    assert MeLESConfig.from_dict({k: v for k, v in MeLESConfig().to_dict().items() if k != "event_bag"},
+                                 saved=True).event_bag == 0

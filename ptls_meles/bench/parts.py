@@ -41,6 +41,9 @@ def embedding_parts(embedder: Embedder) -> dict[str, slice]:
         for statistic in statistics:
             parts[PART_NAMES[statistic]] = slice(start, start + width)
             start += width
+    if embedder.event_bag is not None:
+        parts["event bag"] = slice(start, start + embedder.event_bag.output_size)
+        start += embedder.event_bag.output_size
     if start != embedder.output_size:
         raise ValueError(f"the parts cover {start} of the embedding's {embedder.output_size} columns")
     return parts

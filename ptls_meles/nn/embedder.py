@@ -22,7 +22,7 @@ class Embedder(nn.Module):
 
     def __init__(self, event_encoder: EventEncoder, seq_encoder: nn.Module,
                  category_pooling: CategoryPooling | None = None, category_field: str | None = None,
-                 category_inputs: tuple[str, ...] = ("states",)):
+                 category_inputs: tuple[str, ...] = ("states",), event_bag: BagSeqEncoder | None = None):
         super().__init__()
         self.event_encoder = event_encoder
         self.seq_encoder = seq_encoder
@@ -30,26 +30,33 @@ class Embedder(nn.Module):
         self.category_field = category_field
         # what category pooling projects: the sequence encoder's per-event states, the event encodings, or both
         self.category_inputs = tuple(category_inputs)
+        self.event_bag = event_bag  # appended last: a per-event MLP of the event encodings, averaged
 
     @property
     def output_size(self) -> int:
         extra = self.category_pooling.output_size if self.category_pooling is not None else 0
-        return self.seq_encoder.output_size + extra
+        bag = self.event_bag.output_size if self.event_bag is not None else 0
+        return self.seq_encoder.output_size + extra + bag
 
     def forward(self, batch: PaddedBatch, return_sequence: bool = False):
         """``[B, D]``; with ``return_sequence`` (causal encoders: gru, lstm, conv) also ``[B, T, H]`` per-event states."""
         events = self.event_encoder(batch)
         time = batch.payload.get(TIME_FIELD)
         if self.category_pooling is None:
-            if return_sequence:
-                return self.seq_encoder(events, batch.lengths, time, return_sequence=True)
-            return self.seq_encoder(events, batch.lengths, time)
-        ids = batch.payload[self.category_field]
+            out = self.seq_encoder(events, batch.lengths, time, return_sequence=return_sequence)
+        else:
+            ids = batch.payload[self.category_field]
 
-        def by_category(rows, states, lengths):  # per length group, where the states are made
-            return self.pool_by_category(states, events[rows], ids[rows], lengths)
+            def by_category(rows, states, lengths):  # per length group, where the states are made
+                return self.pool_by_category(states, events[rows], ids[rows], lengths)
 
-        return self.seq_encoder(events, batch.lengths, time, return_sequence=return_sequence, readout=by_category)
+            out = self.seq_encoder(events, batch.lengths, time, return_sequence=return_sequence, readout=by_category)
+        if self.event_bag is None:
+            return out
+        pooled, sequence = out if return_sequence else (out, None)
+        bag = self.event_bag(events, batch.lengths.to(events.device)).to(pooled.dtype)
+        pooled = torch.cat([pooled, bag], dim=1)
+        return (pooled, sequence) if return_sequence else pooled
 
     def pool_by_category(self, states: torch.Tensor, events: torch.Tensor, ids: torch.Tensor,
                          lengths: torch.Tensor) -> torch.Tensor:
@@ -71,6 +78,7 @@ def build_embedder(
     category_width: int = 8,
     category_statistics: tuple[str, ...] = ("mean", "last"),
     category_inputs: tuple[str, ...] = ("states",),
+    event_bag: int = 0,
     **encoder_kwargs: Any,
 ) -> Embedder:
     """Event encoder + ``encoder`` in ("gru", "lstm", "transformer", "bag", "conv").
@@ -82,6 +90,10 @@ def build_embedder(
     each projected to ``category_width`` dimensions from ``category_inputs`` (the sequence
     encoder's per-event states and / or the event encodings) and pooled by ``category_statistics``
     (:class:`CategoryPooling`; causal encoders only; nothing for data without a categorical field).
+    ``event_bag`` > 0 appends a bag of events that wide: a two-layer MLP of each event's encoding,
+    averaged over the events (:class:`BagSeqEncoder` with mean pooling). A sequence encoder's
+    states mix every category into one state; the bag keeps how often each kind of event
+    occurs and at what values, the per-client mix that strong aggregates read.
     """
     if encoder not in ENCODERS:
         raise ValueError(f"unknown encoder {encoder!r}; expected one of {ENCODERS}, e.g. 'gru'")
@@ -96,11 +108,12 @@ def build_embedder(
         )
     else:
         seq_encoder = RnnSeqEncoder(event_encoder.output_size, hidden_size, kind=encoder, **encoder_kwargs)
+    bag = BagSeqEncoder(event_encoder.output_size, event_bag, num_layers=2, pooling="mean") if event_bag else None
     if not category_pooling or not categorical:  # without a categorical field there are no categories to pool apart
-        return Embedder(event_encoder, seq_encoder)
+        return Embedder(event_encoder, seq_encoder, event_bag=bag)
     first = next(iter(categorical))
     n_categories = min(category_pooling, categorical[first][0] - 2)  # a vocabulary's size counts padding and unseen
     read_size = {"states": seq_encoder.state_size, "events": event_encoder.output_size}
     pooling = CategoryPooling(sum(read_size[name] for name in category_inputs), max(n_categories, 1), category_width,
                               category_statistics)
-    return Embedder(event_encoder, seq_encoder, pooling, first, category_inputs)
+    return Embedder(event_encoder, seq_encoder, pooling, first, category_inputs, bag)
