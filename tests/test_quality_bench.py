@@ -273,12 +273,15 @@ def test_hand_shares_adds_a_second_yardstick_row_kept_apart_from_the_both_rows(t
     assert [r["name"] for r in plain] == ["hand-crafted"]
     main(argv + ["--hand-shares"])
     rows = json.loads((tmp_path / "report" / "q.json").read_text())
-    assert [r["name"] for r in rows] == ["hand-crafted", "hand-crafted + shares of every value"]
+    assert [r["name"] for r in rows] == ["hand-crafted", "hand-crafted + shares of every value", "shares of every value"]
     n_values = len(store.encoding.categorical["mcc"].values)
     assert rows[1]["n_features"] == rows[0]["n_features"] + n_values + 1  # + the rare id's share
+    assert rows[2]["n_features"] == n_values + 1  # the shares alone
     assert rows[0]["scores"] == plain[0]["scores"]
     assert 0.0 <= rows[1]["scores"]["label"]["test"] <= 1.0
-    assert "| hand-crafted + shares of every value |" in (tmp_path / "report" / "q.md").read_text()
+    assert rows[2]["scores"] != rows[1]["scores"]
+    report = (tmp_path / "report" / "q.md").read_text()
+    assert "| hand-crafted + shares of every value |" in report and f"| shares of every value | {n_values + 1} aggregates |" in report
     main(argv[:-2] + ["--report-only", "--report", str(tmp_path / "report" / "again")])
     again = json.loads((tmp_path / "report" / "again.json").read_text())
     assert [r["name"] for r in again] == [r["name"] for r in rows]

@@ -15,8 +15,10 @@ until its validation score has not improved for ``--finetune-patience`` epochs, 
 ``--finetune-epochs`` (``--finetune-freeze N``: fine-tuning trains only the new head for
 its first N epochs). ``--fractions`` scores hand-crafted features and each
 configuration's embeddings with only that share of the training clients labelled.
-``--hand-shares`` adds a second yardstick: the hand-crafted features plus each client's
-share of every category value (the plain features count only the top 50 values).
+``--hand-shares`` adds two yardsticks: the hand-crafted features plus each client's
+share of every category value (the plain features count only the top 50 values), and
+those shares alone (where the mix of values is the signal, hundreds of other aggregates
+can dilute it for LightGBM).
 
 Rows are cached in ``OUT/rows/NAME-KEY.json`` (keyed by the configuration, data and
 budget) and trained models in ``OUT/runs/``: a rerun computes only what is missing.
@@ -87,6 +89,9 @@ HAND, SUPERVISED = "hand-crafted", "supervised encoder"
 #: stay comparable; each trained row also gets a "shares + embeddings" line: what the embedding adds to the
 #: stronger yardstick.
 HAND_SHARES = "hand-crafted + shares of every value"
+SHARES = "shares of every value"
+#: the yardsticks --hand-shares adds, in report order: name -> the stem of their cached row file
+YARDSTICKS = {HAND_SHARES: "_handcrafted-shares", SHARES: "_shares"}
 BOTH_SHARES = "hand-crafted + shares + embeddings"
 #: --linear-probe: every feature table (hand-crafted ones too) also scored by a linear probe
 #: (:func:`~ptls_meles.downstream.evaluate.evaluate` with ``model="linear"``), in ``scores_linear``;
@@ -308,6 +313,11 @@ class QualityBench:
         """The hand-crafted features with every value's share (built once, on first use)."""
         return handcrafted_features(self.store, shares=True)
 
+    @cached_property
+    def shares(self) -> pd.DataFrame:
+        """Only the shares of every value: the columns ``hand_shares`` adds to the plain features."""
+        return self.hand_shares[["client_id"] + [c for c in self.hand_shares.columns if c not in self.hand.columns]]
+
     def lgbm_scores(self, tables: list[pd.DataFrame], fraction: float = 1.0) -> dict:
         return {t: _scores(evaluate(tables, self.targets, t, lgbm_params=self.lgbm, n_jobs=self.a.threads,
                                     labelled_fraction=fraction, early_stopping_rounds=self.a.early_stopping_rounds))
@@ -363,16 +373,18 @@ class QualityBench:
         self.fill_fractions(file, row, lambda: [self.hand])
         return row
 
-    def hand_shares_row(self, rows_dir: Path) -> dict:
-        file = rows_dir / f"_handcrafted-shares-{_digest(self.data_key)}.json"
-        row = json.loads(file.read_text()) if file.exists() else {"name": HAND_SHARES}
+    def yardstick_row(self, rows_dir: Path, name: str) -> dict:
+        """One of :data:`YARDSTICKS`: its aggregates scored alone, by LightGBM (and the probe)."""
+        file = rows_dir / f"{YARDSTICKS[name]}-{_digest(self.data_key)}.json"
+        row = json.loads(file.read_text()) if file.exists() else {"name": name}
+        table = (lambda: self.hand_shares) if name == HAND_SHARES else (lambda: self.shares)
 
         def scores() -> dict:
-            row["n_features"] = self.hand_shares.shape[1] - 1
-            return self.lgbm_scores([self.hand_shares])
+            row["n_features"] = table().shape[1] - 1
+            return self.lgbm_scores([table()])
 
         self.fill(file, row, "scores", scores)
-        self.fill_linear(file, row, lambda: [self.hand_shares])
+        self.fill_linear(file, row, lambda: [table()])
         return row
 
     def supervised_row(self, rows_dir: Path, common: dict) -> dict:
@@ -460,9 +472,9 @@ def main(argv: list[str] | None = None) -> None:
     bench = QualityBench(a, store, targets, target_list, data_key, work)
     rows = [bench.hand_row(rows_dir)]
     log.info("hand-crafted: %s", _brief(rows[0]["scores"]))
-    if a.hand_shares:
-        rows.append(bench.hand_shares_row(rows_dir))
-        log.info("%s: %s", HAND_SHARES, _brief(rows[-1]["scores"]))
+    for name in YARDSTICKS if a.hand_shares else ():
+        rows.append(bench.yardstick_row(rows_dir, name))
+        log.info("%s: %s", name, _brief(rows[-1]["scores"]))
     if a.neural in ("both", "supervised"):
         rows.append(bench.supervised_row(rows_dir, parse_settings(a.set)))
         log.info("supervised encoder: %s", _brief(rows[-1]["scores"]))
@@ -480,12 +492,12 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[str] = ()) -> list[dict]:
-    """Every cached row that scored all of ``target_list`` (hand-crafted first, then with
-    shares, the supervised encoder next, then by training time), cut to those targets:
+    """Every cached row that scored all of ``target_list`` (hand-crafted first, then the
+    share yardsticks, the supervised encoder next, then by training time), cut to those targets:
     what ``--report-only`` reports.
     ``earlier_reports`` (report JSON files) add their rows whose names the cache lacks, so a
     report survives a cleaned work directory without re-training its rows."""
-    hand, hand_shares, supervised, trained = None, [], [], []
+    hand, yardsticks, supervised, trained = None, {}, [], []
     found = [json.loads(file.read_text()) for file in sorted(rows_dir.glob("*.json"))]
     names = {r["name"] for r in found}
     for report in earlier_reports:
@@ -504,15 +516,15 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
             row["fractions"][f] = {t: scores[t] for t in target_list if t in scores}
         if row["name"] == HAND:
             hand = hand or row
-        elif row["name"] == HAND_SHARES:
-            hand_shares = hand_shares or [row]  # the first found, as for the plain row
+        elif row["name"] in YARDSTICKS:
+            yardsticks.setdefault(row["name"], row)  # the first found, as for the plain row
         elif row["name"].startswith(SUPERVISED):  # also earlier ones kept under a dated name
             supervised.append(row)
         else:
             trained.append(row)
     if hand is None:
         raise ValueError(f"no cached hand-crafted row in {rows_dir} scores all of {target_list}")
-    return [hand] + hand_shares + supervised + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
+    return [hand] + [yardsticks[n] for n in YARDSTICKS if n in yardsticks] + supervised + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
 
 
 def chosen_on_cv(row: dict, readouts: tuple[tuple[str, str], ...], target_list: list[str]) -> dict[str, tuple[str, dict]]:
@@ -536,7 +548,7 @@ def _chosen_section(rows: list[dict], target_list: list[str]) -> list[str]:
         for what, readouts in READOUTS.items():  # hand-crafted rows hold only the read-outs of "alone"
             chosen = chosen_on_cv(r, readouts, target_list)
             if chosen:
-                table = "aggregates" if r["name"] in (HAND, HAND_SHARES) else f"embeddings {what}"
+                table = "aggregates" if r["name"] == HAND or r["name"] in YARDSTICKS else f"embeddings {what}"
                 lines.append(f"| {r['name']} | {table} | " + " | ".join(
                     f"{s['test']:.3f} ± {s['test_interval']:.3f} ({label})" for label, s in
                     (chosen[t] for t in target_list)) + " |")
@@ -591,10 +603,10 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
         lines.append(f"| {HAND} | {LINEAR} | {cells(rows[0]['scores_linear'])} | – | – | – | – |")
     trained = [r for r in rows[1:] if "train_minutes" in r]
     for r in rows[1:]:
-        if r["name"] == HAND_SHARES:
-            lines.append(f"| {HAND_SHARES} | {r['n_features']} aggregates | {cells(r['scores'])} | – | – | – | – |")
+        if r["name"] in YARDSTICKS:
+            lines.append(f"| {r['name']} | {r['n_features']} aggregates | {cells(r['scores'])} | – | – | – | – |")
             if "scores_linear" in r:
-                lines.append(f"| {HAND_SHARES} | {LINEAR} | {cells(r['scores_linear'])} | – | – | – | – |")
+                lines.append(f"| {r['name']} | {LINEAR} | {cells(r['scores_linear'])} | – | – | – | – |")
             continue
         if r["name"].startswith(SUPERVISED):
             lines.append(f"| {r['name']} | sequences | {cells(r['scores'])} | – | – | {_fold_epochs(r['scores'])} | – |")
