@@ -43,7 +43,9 @@ class Embedder(nn.Module):
         events = self.event_encoder(batch)
         time = batch.payload.get(TIME_FIELD)
         if self.category_pooling is None:
-            out = self.seq_encoder(events, batch.lengths, time, return_sequence=return_sequence)
+            # only causal encoders take return_sequence; the others are asked for the pooled vector alone
+            out = (self.seq_encoder(events, batch.lengths, time, return_sequence=True) if return_sequence
+                   else self.seq_encoder(events, batch.lengths, time))
         else:
             ids = batch.payload[self.category_field]
 
