@@ -48,10 +48,10 @@ def test_pooling_values_and_gradients_match_the_formulas_with_garbage_in_padding
     assert (grad_got[torch.arange(7)[None, :] >= lengths[:, None]] == 0).all()  # no gradient into padding
 
 
-@pytest.mark.parametrize("encoder,category_pooling,category_inputs",
-                         [("gru", 0, "states"), ("bag", 0, "states"), ("conv", 0, "states"), ("conv", 4, "states"),
-                          ("conv", 4, "states,events")])
-def test_profile_stages_give_the_gradients_of_the_plain_step(encoder, category_pooling, category_inputs):
+@pytest.mark.parametrize("encoder,category_pooling,category_inputs,event_bag",
+                         [("gru", 0, "states", 0), ("bag", 0, "states", 0), ("conv", 0, "states", 0),
+                          ("conv", 4, "states", 0), ("conv", 4, "states,events", 0), ("conv", 4, "states", 6)])
+def test_profile_stages_give_the_gradients_of_the_plain_step(encoder, category_pooling, category_inputs, event_bag):
     """The profile cuts a step at module boundaries; its gradients must be training's."""
     from ptls_meles.bench.profile import _Timers, _staged_step, plain_loss
     from ptls_meles.config import MeLESConfig
@@ -66,7 +66,7 @@ def test_profile_stages_give_the_gradients_of_the_plain_step(encoder, category_p
                        show_progress=False)
     config = MeLESConfig(hidden_size=8, batch_size=26, cnt_min=3, cnt_max=30, encoder=encoder,
                          num_layers=1 if encoder == "gru" else 2,  # 130 views: 2 length groups
-                         category_pooling=category_pooling, category_inputs=category_inputs)
+                         category_pooling=category_pooling, category_inputs=category_inputs, event_bag=event_bag)
     module = MeLESModule(config, store.encoding)
     module.embedder.event_encoder.fit_value_moments(store.columns)
     module.train()

@@ -86,6 +86,8 @@ def _staged_step(module, padded, labels, opt, t: _Timers) -> None:
             by_category = torch.cat([embedder.pool_by_category(o, x[idx], ids[idx], lengths[idx]) for o, idx in zip(cut, groups)])
             pooled = torch.cat([pooled, by_category.to(pooled.dtype)], dim=-1)
         pooled = pooled[torch.argsort(order)]
+        if embedder.event_bag is not None:  # the bag of events is a read-out of the event encodings, here too
+            pooled = torch.cat([pooled, embedder.event_bag(x, lengths).to(pooled.dtype)], dim=-1)
     p = pooled.detach().requires_grad_()
     loss_fn = module.loss_fn
     full_precision = torch.autocast(p.device.type, enabled=False)  # as in training: head, miner, loss in float32

@@ -90,8 +90,8 @@ HAND, SUPERVISED = "hand-crafted", "supervised encoder"
 #: stronger yardstick.
 HAND_SHARES = "hand-crafted + shares of every value"
 SHARES = "shares of every value"
-#: the yardsticks --hand-shares adds, in report order: name -> the stem of their cached row file
-YARDSTICKS = {HAND_SHARES: "_handcrafted-shares", SHARES: "_shares"}
+#: the yardsticks --hand-shares adds, in report order: name -> (the stem of their cached row file, their table)
+YARDSTICKS = {HAND_SHARES: ("_handcrafted-shares", "hand_shares"), SHARES: ("_shares", "shares")}
 BOTH_SHARES = "hand-crafted + shares + embeddings"
 #: --linear-probe: every feature table (hand-crafted ones too) also scored by a linear probe
 #: (:func:`~ptls_meles.downstream.evaluate.evaluate` with ``model="linear"``), in ``scores_linear``;
@@ -375,9 +375,12 @@ class QualityBench:
 
     def yardstick_row(self, rows_dir: Path, name: str) -> dict:
         """One of :data:`YARDSTICKS`: its aggregates scored alone, by LightGBM (and the probe)."""
-        file = rows_dir / f"{YARDSTICKS[name]}-{_digest(self.data_key)}.json"
+        stem, attribute = YARDSTICKS[name]
+        file = rows_dir / f"{stem}-{_digest(self.data_key)}.json"
         row = json.loads(file.read_text()) if file.exists() else {"name": name}
-        table = (lambda: self.hand_shares) if name == HAND_SHARES else (lambda: self.shares)
+
+        def table() -> pd.DataFrame:  # built on first use: a cached row needs no features
+            return getattr(self, attribute)
 
         def scores() -> dict:
             row["n_features"] = table().shape[1] - 1
@@ -524,7 +527,8 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
             trained.append(row)
     if hand is None:
         raise ValueError(f"no cached hand-crafted row in {rows_dir} scores all of {target_list}")
-    return [hand] + [yardsticks[n] for n in YARDSTICKS if n in yardsticks] + supervised + sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
+    by_budget = sorted(trained, key=lambda r: (r.get("budget_min", 0), r["name"]))
+    return [hand] + [yardsticks[n] for n in YARDSTICKS if n in yardsticks] + supervised + by_budget
 
 
 def chosen_on_cv(row: dict, readouts: tuple[tuple[str, str], ...], target_list: list[str]) -> dict[str, tuple[str, dict]]:
