@@ -27,7 +27,7 @@ SET_CHOICES: dict[str, tuple[str, ...]] = {
     "pooling": ("last", "mean", "max", "attention"),
     "aux_objective": ("next_event", "view_stats"),
     "view_statistics": ("shares", "values", "deviations", "rate", "gaps"),
-    "category_statistics": ("mean", "last", "share"),
+    "category_statistics": ("mean", "last", "share", "max"),
     "category_inputs": ("states", "events"),
 }
 _SETS_THAT_MAY_BE_EMPTY = ("time_features", "aux_objective")
@@ -101,7 +101,7 @@ class MeLESConfig:
     category_pooling: int = 32
     category_width: int = 8
     # what each category's projected states are pooled by: mean, last, and share (their sum over
-    # the sequence's length, which keeps how often the category occurs)
+    # the sequence's length, which keeps how often the category occurs), max (the elementwise largest)
     category_statistics: str = "mean,last,share"
     # what each event's projection reads: the sequence encoder's state at it (its context) and / or
     # its own event encoding (its exact values)

@@ -231,10 +231,32 @@ def test_category_pooling_share_keeps_how_often_a_category_occurs():
     # means: 1 wherever the slot has events, blind to counts; shares: each slot's fraction of the events
     assert torch.equal(got, torch.tensor([[1.0, 1.0, 0.25, 0.75], [1.0, 1.0, 0.75, 0.25]]))
     assert MeLESConfig(category_statistics="share,mean").category_statistics == "mean,share"
-    with pytest.raises(ValueError, match="'median' is not one of mean, last, share"):
+    with pytest.raises(ValueError, match="'median' is not one of mean, last, share, max"):
         MeLESConfig(category_statistics="mean,median")
     with pytest.raises(ValueError, match="statistics must be some of"):
         CategoryPooling(state_size=1, n_categories=1, statistics=())
+
+
+def test_category_pooling_max_keeps_each_dimension_largest_value_per_category():
+    from ptls_meles.nn.category_pooling import CategoryPooling
+
+    pool = CategoryPooling(state_size=2, n_categories=1, width=2, statistics=("max", "mean"))
+    with torch.no_grad():
+        pool.project.weight.copy_(torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))  # x and -x: its maximum and its minimum
+        pool.project.bias.zero_()
+    # row 0: category 2 at values 3, -1, 5 (then padding holding a larger value), "any other" at -7;
+    # row 1: only "any other" events, all negative: the maximum is not clipped at zero
+    states = torch.tensor([[[3.0, 0.0], [-1.0, 0.0], [-7.0, 0.0], [5.0, 0.0], [99.0, 0.0]],
+                           [[-4.0, 0.0], [-2.0, 0.0], [8.0, 0.0], [8.0, 0.0], [8.0, 0.0]]], requires_grad=True)
+    ids = torch.tensor([[2, 2, 9, 2, 2], [4, 4, 2, 2, 2]])
+    got = pool(states, ids, torch.tensor([4, 2]))
+    assert pool.statistics == ("mean", "max") and pool.output_size == 8
+    # per statistic, per slot (category 2, any other): (x, -x); max of -x is minus the minimum
+    assert torch.equal(got[0], torch.tensor([7 / 3, -7 / 3, -7.0, 7.0, 5.0, 1.0, -7.0, 7.0]))
+    assert torch.equal(got[1], torch.tensor([0.0, 0.0, -3.0, 3.0, 0.0, 0.0, -2.0, 4.0]))  # no category-2 event: zeros
+    got[:, 4:].sum().backward()  # the maxima's gradient reaches only the events that hold them
+    assert states.grad[0, :, 0].tolist() == [0.0, -1.0, 0.0, 1.0, 0.0] and states.grad[1, :, 0].tolist() == [-1.0, 1.0, 0, 0, 0]
+    assert MeLESConfig(category_statistics="max,share").category_statistics == "share,max"
 
 
 def test_category_pooling_is_on_by_default_where_it_applies():

@@ -22,7 +22,8 @@ from ..nn.embedder import Embedder
 
 
 #: category pooling's statistics as the parts are called in the reports
-PART_NAMES = {"mean": "category means", "last": "category last states", "share": "category sums over the length"}
+PART_NAMES = {"mean": "category means", "last": "category last states", "share": "category sums over the length",
+              "max": "category maxima"}
 
 
 def embedding_parts(embedder: Embedder) -> dict[str, slice]:

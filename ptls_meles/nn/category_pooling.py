@@ -8,7 +8,9 @@ states of the ``n_categories`` most frequent values of the first categorical fie
 ``width`` learned dimensions and pooled apart, by their mean and by their last occurrence,
 and optionally by their ``share``: the slot's sum divided by the sequence's length, so the
 projection's bias carries how often the category occurs (a mean forgets counts) while the
-measure stays the same for a short training view and a whole history. It is pooling over
+measure stays the same for a short training view and a whole history; and by their ``max``,
+each projected dimension's largest value over the category's events, which keeps the
+extremes a mean averages away (a dimension that falls with a lab value gives its minimum). It is pooling over
 learned event representations: each event's state has read its neighbours through the
 sequence encoder, and the projection is trained by the objectives.
 """
@@ -20,14 +22,15 @@ from torch import nn
 #: the first frequent category's id in a frequency-ordered vocabulary (0 = padding, 1 = unseen)
 FIRST_VALUE_ID = 2
 #: the statistics a slot can be pooled by, in the order they appear in the output
-STATISTICS = ("mean", "last", "share")
+STATISTICS = ("mean", "last", "share", "max")
 
 
 class CategoryPooling(nn.Module):
     """``forward(states [B, T, H], ids [B, T], lengths [B]) -> [B, len(statistics) * (n_categories + 1) * width]``:
     per statistic (in :data:`STATISTICS` order), per slot (each frequent category, then "any
     other"): the mean of its events' projected states, the projected state at its last event,
-    the sum of its projected states over the sequence's length; zeros for a slot without events."""
+    the sum of its projected states over the sequence's length, their elementwise maximum;
+    zeros for a slot without events."""
 
     def __init__(self, state_size: int, n_categories: int, width: int = 8,
                  statistics: tuple[str, ...] = ("mean", "last")):
@@ -59,6 +62,11 @@ class CategoryPooling(nn.Module):
         counts = z.new_zeros(batch, slots).scatter_add_(1, slot, real.float())
         out = {"mean": sums / counts.clamp(min=1).unsqueeze(-1),
                "share": sums / lengths.clamp(min=1).to(sums.dtype)[:, None, None]}
+        if "max" in self.statistics:
+            lowest = torch.finfo(z.dtype).min
+            highest = z.new_full((batch, slots, self.width), lowest).scatter_reduce(
+                1, index, torch.where(real.unsqueeze(-1), z, z.new_full((), lowest)), reduce="amax")
+            out["max"] = torch.where(counts.unsqueeze(-1) > 0, highest, z.new_zeros(()))
         if "last" not in self.statistics:
             return torch.cat([out[s].flatten(1) for s in self.statistics], dim=1)
         position = torch.where(real, torch.arange(steps, device=states.device)[None, :], -1)
