@@ -10,9 +10,9 @@ and optionally by their ``share``: the slot's sum divided by the sequence's leng
 projection's bias carries how often the category occurs (a mean forgets counts) while the
 measure stays the same for a short training view and a whole history; and by their ``max``,
 each projected dimension's largest value over the category's events, which keeps the
-extremes a mean averages away (a dimension that falls with a lab value gives its minimum). It is pooling over
-learned event representations: each event's state has read its neighbours through the
-sequence encoder, and the projection is trained by the objectives.
+extremes a mean averages away (a dimension that falls with a lab value gives its minimum).
+It is pooling over learned event representations: each event's state has read its
+neighbours through the sequence encoder, and the projection is trained by the objectives.
 """
 from __future__ import annotations
 
