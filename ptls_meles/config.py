@@ -65,7 +65,7 @@ SAVED_BEFORE_LEVERS: dict = dict(numeric_encoding="scalar", time_features="", po
                                  lr_schedule="step", grad_clip=None, projection_head=0, aux_relative=False)
 #: settings added after the levers, with the value that every model saved before them was trained with
 SAVED_BEFORE_ADDED: dict = dict(aux_relative=False, view_statistics="shares,values,rate", category_pooling=0,
-                                category_statistics="mean,last", event_bag=0)
+                                category_statistics="mean,last", event_bag=0, category_share_pooling=0)
 
 
 @dataclass
@@ -106,6 +106,9 @@ class MeLESConfig:
     # what each event's projection reads: the sequence encoder's state at it (its context) and / or
     # its own event encoding (its exact values)
     category_inputs: str = "states"
+    # N > 0: the share statistic pools the N most frequent values apart (0: category_pooling's N),
+    # so how often a rare value occurs is kept without a mean and last state for it
+    category_share_pooling: int = 0
     # W > 0: also a bag of events W wide (a per-event MLP of the event encodings, averaged over the
     # events): the mix of event kinds and values, which one recurrent or convolutional state blurs
     event_bag: int = 0
@@ -190,6 +193,13 @@ class MeLESConfig:
                              "its per-event states must summarise the history")
         if self.category_pooling < 0:
             raise ValueError(f"category_pooling must be 0 (off) or the number of categories pooled apart, got {self.category_pooling}")
+        if self.category_share_pooling < 0:
+            raise ValueError("category_share_pooling must be 0 (as many as category_pooling) or the number of "
+                             f"categories the share statistic pools apart, got {self.category_share_pooling}")
+        if self.category_share_pooling and "share" not in self.parts("category_statistics"):
+            raise ValueError(f"category_share_pooling={self.category_share_pooling} sets the share statistic's "
+                             f"categories, but category_statistics={self.category_statistics!r} has no share "
+                             "(example: category_statistics=mean,last,share)")
         if self.category_width < 1:
             raise ValueError(f"category_width is the per-category projection's width and must be >= 1, got {self.category_width}")
         if self.event_bag < 0:

@@ -69,6 +69,7 @@ def embedder_from_config(config: MeLESConfig, encoding: Encoding):
         category_width=config.category_width,
         category_statistics=config.parts("category_statistics"),
         category_inputs=config.parts("category_inputs"),
+        category_share_pooling=config.category_share_pooling,
         event_bag=config.event_bag,
         **kwargs,
     )

@@ -237,6 +237,36 @@ def test_category_pooling_share_keeps_how_often_a_category_occurs():
         CategoryPooling(state_size=1, n_categories=1, statistics=())
 
 
+def test_category_share_pooling_counts_more_categories_than_the_mean_and_last():
+    from ptls_meles.bench.parts import embedding_parts
+    from ptls_meles.encoding import CategoryVocab
+    from ptls_meles.nn.category_pooling import CategoryPooling
+
+    pool = CategoryPooling(state_size=1, n_categories=1, width=1, statistics=("mean", "share"), share_categories=3)
+    with torch.no_grad():
+        pool.project.weight.fill_(1.0)
+        pool.project.bias.zero_()
+    # ids 2 (frequent: its own slot everywhere), 3 and 4 (their own share slots only), 6 and unseen 1 ("any other")
+    states = torch.tensor([[[1.0], [2.0], [4.0], [4.0], [8.0], [16.0], [99.0]]])
+    ids = torch.tensor([[2, 3, 3, 4, 6, 1, 2]])  # the last event is padding
+    got = pool(states, ids, torch.tensor([6]))
+    assert pool.statistic_sizes == {"mean": 2, "share": 4} and pool.output_size == 6
+    # means: id 2, then the rest together (2+4+4+8+16)/5; shares: ids 2, 3, 4, the rest, each sum over 6 events
+    assert torch.allclose(got[0], torch.tensor([1.0, 34 / 5, 1 / 6, 6 / 6, 4 / 6, 24 / 6]))
+    # from the config: the share's slots are cut to the vocabulary, and the parts follow the sizes
+    enc = Encoding("c", "t", "number", numeric={})
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c", "d"])}
+    emb = embedder_from_config(MeLESConfig(hidden_size=8, time_features="", category_pooling=2,
+                                           category_share_pooling=200), enc)
+    assert emb.category_pooling.statistic_sizes == {"mean": 3 * 8, "last": 3 * 8, "share": 5 * 8}
+    parts = embedding_parts(emb)
+    assert parts["category sums over the length"] == slice(emb.output_size - 40, emb.output_size)
+    with pytest.raises(ValueError, match="category_share_pooling=50 sets the share .* has no share"):
+        MeLESConfig(category_statistics="mean,last", category_share_pooling=50)
+    with pytest.raises(ValueError, match="category_share_pooling must be 0"):
+        MeLESConfig(category_share_pooling=-1)
+
+
 def test_category_pooling_max_keeps_each_dimension_largest_value_per_category():
     from ptls_meles.nn.category_pooling import CategoryPooling
 

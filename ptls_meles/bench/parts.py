@@ -37,11 +37,9 @@ def embedding_parts(embedder: Embedder) -> dict[str, slice]:
         parts[name] = slice(start, start + width)
         start += width
     if embedder.category_pooling is not None:
-        statistics = embedder.category_pooling.statistics
-        width = embedder.category_pooling.output_size // len(statistics)
-        for statistic in statistics:
-            parts[PART_NAMES[statistic]] = slice(start, start + width)
-            start += width
+        for statistic, size in embedder.category_pooling.statistic_sizes.items():
+            parts[PART_NAMES[statistic]] = slice(start, start + size)
+            start += size
     if embedder.event_bag is not None:
         parts["event bag"] = slice(start, start + embedder.event_bag.output_size)
         start += embedder.event_bag.output_size

@@ -11,6 +11,9 @@ projection's bias carries how often the category occurs (a mean forgets counts) 
 measure stays the same for a short training view and a whole history; and by their ``max``,
 each projected dimension's largest value over the category's events, which keeps the
 extremes a mean averages away (a dimension that falls with a lab value gives its minimum).
+The share may count more categories (``share_categories``) than the other statistics: how
+often a rare category occurs is one number worth keeping, while its mean and last states
+would give the objective a slot per rare category to fit.
 It is pooling over learned event representations: each event's state has read its
 neighbours through the sequence encoder, and the projection is trained by the objectives.
 """
@@ -26,27 +29,43 @@ STATISTICS = ("mean", "last", "share", "max")
 
 
 class CategoryPooling(nn.Module):
-    """``forward(states [B, T, H], ids [B, T], lengths [B]) -> [B, len(statistics) * (n_categories + 1) * width]``:
+    """``forward(states [B, T, H], ids [B, T], lengths [B]) -> [B, output_size]``:
     per statistic (in :data:`STATISTICS` order), per slot (each frequent category, then "any
     other"): the mean of its events' projected states, the projected state at its last event,
     the sum of its projected states over the sequence's length, their elementwise maximum;
-    zeros for a slot without events."""
+    zeros for a slot without events. The share has ``share_categories`` + 1 slots (None: as
+    many as the others), the others ``n_categories`` + 1, each ``width`` wide."""
 
     def __init__(self, state_size: int, n_categories: int, width: int = 8,
-                 statistics: tuple[str, ...] = ("mean", "last")):
+                 statistics: tuple[str, ...] = ("mean", "last"), share_categories: int | None = None):
         super().__init__()
         if n_categories < 1:
             raise ValueError(f"category pooling needs at least one category, got {n_categories}")
         unknown = [s for s in statistics if s not in STATISTICS]
         if unknown or not statistics:
             raise ValueError(f"category pooling statistics must be some of {STATISTICS}, got {statistics}")
-        self.n_categories, self.width = n_categories, width
+        share_categories = n_categories if share_categories is None else share_categories
+        if share_categories < 1:
+            raise ValueError(f"category pooling's share needs at least one category, got {share_categories}")
+        self.n_categories, self.share_categories, self.width = n_categories, share_categories, width
         self.statistics = tuple(s for s in STATISTICS if s in statistics)
         self.project = nn.Linear(state_size, width)
 
     @property
+    def statistic_sizes(self) -> dict[str, int]:
+        """Statistic -> its number of output columns, in output order."""
+        return {s: ((self.share_categories if s == "share" else self.n_categories) + 1) * self.width
+                for s in self.statistics}
+
+    @property
     def output_size(self) -> int:
-        return len(self.statistics) * (self.n_categories + 1) * self.width
+        return sum(self.statistic_sizes.values())
+
+    @staticmethod
+    def slots(ids: torch.Tensor, n_categories: int) -> torch.Tensor:
+        """Each event's slot: ids 2.. -> 0.. for the ``n_categories`` most frequent, the rest -> ``n_categories``."""
+        slot = ids.long() - FIRST_VALUE_ID
+        return torch.where((slot < 0) | (slot >= n_categories), n_categories, slot)
 
     def forward(self, states: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         batch, steps, _ = states.shape
@@ -55,13 +74,18 @@ class CategoryPooling(nn.Module):
         # padding may hold garbage (even NaN): zero it before the projection, so no gradient reads it
         states = torch.where(real.unsqueeze(-1), states, states.new_zeros(()))
         z = self.project(states).float() * real.unsqueeze(-1)  # [B, T, W]; sums in float32 under bf16
-        slot = ids[:, :steps].long() - FIRST_VALUE_ID
-        slot = torch.where((slot < 0) | (slot >= self.n_categories), self.n_categories, slot)  # "any other"
+        slot = self.slots(ids[:, :steps], self.n_categories)
         index = slot.unsqueeze(-1).expand(batch, steps, self.width)
         sums = z.new_zeros(batch, slots, self.width).scatter_add_(1, index, z)
         counts = z.new_zeros(batch, slots).scatter_add_(1, slot, real.float())
-        out = {"mean": sums / counts.clamp(min=1).unsqueeze(-1),
-               "share": sums / lengths.clamp(min=1).to(sums.dtype)[:, None, None]}
+        out = {"mean": sums / counts.clamp(min=1).unsqueeze(-1)}
+        if "share" in self.statistics:
+            share_sums = sums
+            if self.share_categories != self.n_categories:
+                share_slot = self.slots(ids[:, :steps], self.share_categories)
+                share_sums = z.new_zeros(batch, self.share_categories + 1, self.width).scatter_add_(
+                    1, share_slot.unsqueeze(-1).expand(batch, steps, self.width), z)
+            out["share"] = share_sums / lengths.clamp(min=1).to(sums.dtype)[:, None, None]
         if "max" in self.statistics:
             lowest = torch.finfo(z.dtype).min
             highest = z.new_full((batch, slots, self.width), lowest).scatter_reduce(

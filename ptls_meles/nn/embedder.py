@@ -80,6 +80,7 @@ def build_embedder(
     category_width: int = 8,
     category_statistics: tuple[str, ...] = ("mean", "last"),
     category_inputs: tuple[str, ...] = ("states",),
+    category_share_pooling: int = 0,
     event_bag: int = 0,
     **encoder_kwargs: Any,
 ) -> Embedder:
@@ -91,7 +92,8 @@ def build_embedder(
     pools the states of that many most frequent values of the first categorical field apart,
     each projected to ``category_width`` dimensions from ``category_inputs`` (the sequence
     encoder's per-event states and / or the event encodings) and pooled by ``category_statistics``
-    (:class:`CategoryPooling`; causal encoders only; nothing for data without a categorical field).
+    (:class:`CategoryPooling`; causal encoders only; nothing for data without a categorical field);
+    ``category_share_pooling`` > 0 gives the share statistic that many categories instead.
     ``event_bag`` > 0 appends a bag of events that wide: a two-layer MLP of each event's encoding,
     averaged over the events (:class:`BagSeqEncoder` with mean pooling). A sequence encoder's
     states mix every category into one state; the bag keeps how often each kind of event
@@ -114,8 +116,10 @@ def build_embedder(
     if not category_pooling or not categorical:  # without a categorical field there are no categories to pool apart
         return Embedder(event_encoder, seq_encoder, event_bag=bag)
     first = next(iter(categorical))
-    n_categories = min(category_pooling, categorical[first][0] - 2)  # a vocabulary's size counts padding and unseen
+    n_values = categorical[first][0] - 2  # a vocabulary's size counts padding and unseen
+    n_categories = max(min(category_pooling, n_values), 1)
+    n_shared = max(min(category_share_pooling, n_values), 1) if category_share_pooling else n_categories
     read_size = {"states": seq_encoder.state_size, "events": event_encoder.output_size}
-    pooling = CategoryPooling(sum(read_size[name] for name in category_inputs), max(n_categories, 1), category_width,
-                              category_statistics)
+    pooling = CategoryPooling(sum(read_size[name] for name in category_inputs), n_categories, category_width,
+                              category_statistics, share_categories=n_shared)
     return Embedder(event_encoder, seq_encoder, pooling, first, category_inputs, bag)
