@@ -107,8 +107,9 @@ class MeLESConfig:
     # its own event encoding (its exact values)
     category_inputs: str = "states"
     # N > 0: the share statistic pools the N most frequent values apart (0: category_pooling's N),
-    # so how often a rare value occurs is kept without a mean and last state for it
-    category_share_pooling: int = 0
+    # so how often a rare value occurs is kept without a mean and last state for it; 256 keeps
+    # every value of a field such as a bank's merchant codes (hundreds of values)
+    category_share_pooling: int = 256
     # W > 0: also a bag of events W wide (a per-event MLP of the event encodings, averaged over the
     # events): the mix of event kinds and values, which one recurrent or convolutional state blurs
     event_bag: int = 0
@@ -196,6 +197,9 @@ class MeLESConfig:
         if self.category_share_pooling < 0:
             raise ValueError("category_share_pooling must be 0 (as many as category_pooling) or the number of "
                              f"categories the share statistic pools apart, got {self.category_share_pooling}")
+        if (self.category_share_pooling and "share" not in self.parts("category_statistics")
+                and "category_share_pooling" not in getattr(self, "_given", ())):
+            self.category_share_pooling = 0  # the default sets the share's categories; without a share, none
         if self.category_share_pooling and "share" not in self.parts("category_statistics"):
             raise ValueError(f"category_share_pooling={self.category_share_pooling} sets the share statistic's "
                              f"categories, but category_statistics={self.category_statistics!r} has no share "

@@ -261,6 +261,14 @@ def test_category_share_pooling_counts_more_categories_than_the_mean_and_last():
     assert emb.category_pooling.statistic_sizes == {"mean": 3 * 8, "last": 3 * 8, "share": 5 * 8}
     parts = embedding_parts(emb)
     assert parts["category sums over the length"] == slice(emb.output_size - 40, emb.output_size)
+    # the default keeps every value's share (up to 256); without a share statistic it sets nothing, and such a
+    # config saved and read back loads; asked for without a share, it is refused
+    assert MeLESConfig().category_share_pooling == 256
+    no_share = MeLESConfig(category_statistics="mean,last")
+    assert no_share.category_share_pooling == 0
+    assert MeLESConfig.from_dict(no_share.to_dict(), saved=True).category_share_pooling == 0
+    saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "category_share_pooling"}
+    assert MeLESConfig.from_dict(saved, saved=True).category_share_pooling == 0  # saved before it existed
     with pytest.raises(ValueError, match="category_share_pooling=50 sets the share .* has no share"):
         MeLESConfig(category_statistics="mean,last", category_share_pooling=50)
     with pytest.raises(ValueError, match="category_share_pooling must be 0"):
@@ -302,9 +310,10 @@ def test_category_pooling_is_on_by_default_where_it_applies():
     # a model saved before category pooling existed was trained without it
     saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "category_pooling"}
     assert MeLESConfig.from_dict(saved, saved=True).category_pooling == 0
-    # one saved before the share statistic existed pooled by mean and last
-    saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "category_statistics"}
-    assert MeLESConfig.from_dict(saved, saved=True).category_statistics == "mean,last"
+    # one saved before the share statistic existed pooled by mean and last (and had no share's own categories)
+    saved = {k: v for k, v in MeLESConfig().to_dict().items() if k not in ("category_statistics", "category_share_pooling")}
+    old = MeLESConfig.from_dict(saved, saved=True)
+    assert (old.category_statistics, old.category_share_pooling) == ("mean,last", 0)
     assert MeLESConfig.from_dict(MeLESConfig().to_dict(), saved=True).category_pooling == 32
     # data without a categorical field has no categories to pool apart
     numbers_only = Encoding("c", "t", "number", numeric={})
@@ -328,11 +337,12 @@ def test_category_pooling_extends_the_embedding_and_ignores_padding():
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c", "d"])}
     torch.manual_seed(0)
     emb = embedder_from_config(MeLESConfig(encoder="conv", hidden_size=8, time_features="", category_pooling=2), enc).eval()
-    assert emb.output_size == 24 + 3 * 3 * 8  # mean, last, share of 2 categories and "any other"
+    # mean and last of 2 categories and "any other"; the share (by default) of all 4 values and "any other"
+    assert emb.output_size == 24 + 2 * 3 * 8 + 5 * 8
     big = embedder_from_config(MeLESConfig(encoder="gru", hidden_size=8, time_features="", category_pooling=50), enc)
     assert big.output_size == 8 * 3 + 3 * 5 * 8  # at most the vocabulary's four values, plus "any other"
     wide = embedder_from_config(MeLESConfig(hidden_size=8, time_features="", category_pooling=2, category_width=5), enc)
-    assert wide.output_size == 24 + 3 * 3 * 5
+    assert wide.output_size == 24 + 2 * 3 * 5 + 5 * 5
     rows = [torch.randint(2, 6, (n,)) for n in (3, 7, 5)]
     batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)}, torch.tensor([3, 7, 5]))
     together = emb(batch)
@@ -423,7 +433,8 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     logged = pd.read_csv(next((tmp_path / "logs").rglob("metrics.csv")))
     assert logged["view_stats_loss"].notna().any() and logged["next_event_loss"].notna().any()
     assert isinstance(loaded.config, MeLESConfig) and loaded.config.pooling == "last,mean,max"
-    assert module.embedder.output_size == 24 + 3 * 4 * 8  # last, mean, max of 8; 3 statistics of 3 categories and the others
+    # last, mean, max of 8; mean and last of 3 categories and the others; the share of all 4 values and the others
+    assert module.embedder.output_size == 24 + 2 * 4 * 8 + 5 * 8
 
 
 # --------------------------------------------------------------------------- next-event objective
@@ -729,7 +740,8 @@ def test_embedding_parts_tile_the_embedding_in_pooling_order():
                                                   category_statistics="mean,last,share"), enc)
     parts = embedding_parts(with_share)
     assert list(parts)[3:] == ["category means", "category last states", "category sums over the length"]
-    assert parts["category sums over the length"] == slice(72, 96) and with_share.output_size == 96
+    # the share (by default) of all four values and "any other"
+    assert parts["category sums over the length"] == slice(72, 112) and with_share.output_size == 112
     assert embedding_parts(embedder_from_config(MeLESConfig(encoder="gru", hidden_size=4, pooling="mean", time_features="",
                                                                          category_pooling=0),
                                                 enc)) == {"mean": slice(0, 4)}

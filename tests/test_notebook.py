@@ -138,8 +138,9 @@ def test_training_curve_and_embeddings(executed):
     recall = metrics["val_recall"].dropna()
     assert len(recall) == 1 and 0.0 <= recall.iloc[0] <= 1.0
     assert _has_image(_cell(nb, "recall-plot"))
-    # client_id + 16 dimensions × (last, mean, max) + 8 × (mean, last, share) for 32 categories and the others
-    assert "(120, 841)" in _text(_cell(nb, "embeddings"))
+    # client_id + 16 dimensions × (last, mean, max) + 8 × (mean, last) for 32 categories and the others
+    # + 8 × share for each of the 200 small groups and the others
+    assert "(120, 2185)" in _text(_cell(nb, "embeddings"))
     assert _has_image(_cell(nb, "pca-plot"))
 
 
