@@ -106,7 +106,7 @@ class MeLESConfig:
     # what each event's projection reads: the sequence encoder's state at it (its context) and / or
     # its own event encoding (its exact values)
     category_inputs: str = "states"
-    # N > 0: the share statistic pools the N most frequent values apart (0: category_pooling's N),
+    # S > 0: the share statistic pools the S most frequent values apart (0: category_pooling's N),
     # so how often a rare value occurs is kept without a mean and last state for it; 256 keeps
     # every value of a field such as a bank's merchant codes (hundreds of values)
     category_share_pooling: int = 256
