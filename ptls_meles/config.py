@@ -65,7 +65,8 @@ SAVED_BEFORE_LEVERS: dict = dict(numeric_encoding="scalar", time_features="", po
                                  lr_schedule="step", grad_clip=None, projection_head=0, aux_relative=False)
 #: settings added after the levers, with the value that every model saved before them was trained with
 SAVED_BEFORE_ADDED: dict = dict(aux_relative=False, view_statistics="shares,values,rate", category_pooling=0,
-                                category_statistics="mean,last", event_bag=0, category_share_pooling=0)
+                                category_statistics="mean,last", event_bag=0, category_share_pooling=0,
+                                head_width=0)
 
 
 @dataclass
@@ -77,7 +78,8 @@ class MeLESConfig:
     quality_*.md): numbers also read within their event's category, time gaps / elapsed /
     absolute time as inputs, three causal dilated convolution layers pooled last + mean +
     max and, apart, per each of the 32 most frequent categories of the first categorical
-    field (mean, last and share), and a 128-wide projection head for the loss; the MeLES
+    field (mean and last) and per each of up to 256 (share), and a 128-wide projection head
+    for the loss; the MeLES
     paper's contrastive loss with hard negatives on random slices, shorter than the paper's
     (15-100 events, not 25-200), plus the view-statistics objective at weight 0.3 of its starting loss: each view's
     embedding predicts its client's other views' category shares, value levels and timing."""
@@ -141,6 +143,9 @@ class MeLESConfig:
     # 0: the loss reads the embedding itself; N: it reads an MLP head's N outputs (SimCLR), so the
     # embedding (what embed writes) need not drop what the views of one client do not share
     projection_head: int = 128
+    # H > 0: the hidden layer of the projection head and of the view-statistics head is at most H
+    # wide (0: as wide as the embedding); their E x E layers grow with the square of the embedding
+    head_width: int = 0
     # optimisation
     batch_size: int = 64  # clients per batch (× split_count views)
     lr: float = 1e-3
@@ -231,6 +236,8 @@ class MeLESConfig:
             raise ValueError(f"embed_chunk must be >= 1 events (or None for the whole window), got {self.embed_chunk}")
         if self.projection_head < 0:
             raise ValueError(f"projection_head must be 0 (none) or the head's output size, got {self.projection_head}")
+        if self.head_width < 0:
+            raise ValueError(f"head_width must be 0 (as wide as the embedding) or the heads' hidden width, got {self.head_width}")
         if self.num_layers is not None and self.num_layers < 1:
             raise ValueError(f"num_layers must be >= 1 (or None for the encoder's own depth), got {self.num_layers}")
         if self.temperature <= 0:

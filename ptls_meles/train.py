@@ -113,7 +113,7 @@ class MeLESModule(pl.LightningModule):
             self.view_stats = ViewStatsHead(
                 self.embedder.output_size, {c: v.size for c, v in self.encoding.categorical.items()},
                 list(self.encoding.numeric), use_time=bool(self.config.parts("time_features")),
-                statistics=self.config.parts("view_statistics"),
+                statistics=self.config.parts("view_statistics"), hidden_size=self.head_hidden_size,
             )
         if self.config.aux_relative and (self.next_event is not None or self.view_stats is not None):
             # each auxiliary loss's mean over its first AUX_REFERENCE_STEPS steps (saved with the weights)
@@ -121,13 +121,19 @@ class MeLESModule(pl.LightningModule):
             self.register_buffer("aux_reference_steps", torch.zeros((), dtype=torch.long))
         self.projection = None
         if self.config.projection_head:
-            width = self.embedder.output_size
-            self.projection = torch.nn.Sequential(
-                torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, self.config.projection_head))
+            hidden = self.head_hidden_size
+            self.projection = torch.nn.Sequential(torch.nn.Linear(self.embedder.output_size, hidden), torch.nn.ReLU(),
+                                                  torch.nn.Linear(hidden, self.config.projection_head))
         self._val: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def forward(self, batch):
         return self.embedder(batch)
+
+    @property
+    def head_hidden_size(self) -> int:
+        """The training heads' hidden width: the embedding's, capped at ``head_width`` when set."""
+        width = self.embedder.output_size
+        return min(width, self.config.head_width) if self.config.head_width else width
 
     @property
     def inference_settings(self) -> dict:

@@ -717,6 +717,30 @@ def test_projection_head_trains_the_loss_on_its_output_and_embeds_without_it():
     assert module.embedder.seq_encoder.rnn.weight_ih_l0.grad.abs().sum() > 0
 
 
+def test_head_width_caps_the_hidden_layer_of_both_training_heads():
+    from ptls_meles.encoding import CategoryVocab
+
+    enc = Encoding("c", "t", "number", numeric={})
+    enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
+    settings = dict(encoder="gru", hidden_size=8, projection_head=5, time_features="gap", pooling="last,mean",
+                    aux_objective="view_stats", category_pooling=0)
+    capped = MeLESModule(MeLESConfig(head_width=6, **settings), enc)
+    assert capped.embedder.output_size == 16
+    assert capped.projection[0].weight.shape == (6, 16) and capped.projection[2].weight.shape == (5, 6)
+    assert capped.view_stats.body[0].weight.shape == (6, 16) and capped.view_stats.out.in_features == 6
+    wide = MeLESModule(MeLESConfig(head_width=100, **settings), enc)  # a cap above the embedding changes nothing
+    assert wide.projection[0].weight.shape == (16, 16) and wide.view_stats.out.in_features == 16
+    rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
+    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
+                         "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
+    capped.training_step((batch, torch.tensor([0, 0, 1, 1])), 0).backward()
+    assert capped.view_stats.body[0].weight.grad.abs().sum() > 0
+    saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "head_width"}
+    assert MeLESConfig.from_dict(saved, saved=True).head_width == 0  # saved before it existed: embedding-wide
+    with pytest.raises(ValueError, match="head_width must be 0"):
+        MeLESConfig(head_width=-1)
+
+
 def test_embedding_parts_tile_the_embedding_in_pooling_order():
     from ptls_meles.bench.parts import embedding_parts
     from ptls_meles.encoding import CategoryVocab

@@ -66,13 +66,14 @@ class ViewStatsHead(nn.Module):
 
     ``vocab_sizes``: categorical field -> vocabulary size (shares are predicted for each);
     the per-category means of ``numeric_fields`` (and of gaps) use the first field's
-    categories. A view's targets average the client's *other* views in the batch (views
-    with one view are skipped). Share blocks are scored by KL divergence, means by squared
+    categories; ``hidden_size`` is the MLP's hidden width (None: ``embedding_size``). A
+    view's targets average the client's *other* views in the batch (views with one view
+    are skipped). Share blocks are scored by KL divergence, means by squared
     error where the other views saw the category.
     """
 
     def __init__(self, embedding_size: int, vocab_sizes: dict[str, int], numeric_fields: list[str], use_time: bool,
-                 statistics: tuple[str, ...] = ("shares", "values", "rate")):
+                 statistics: tuple[str, ...] = ("shares", "values", "rate"), hidden_size: int | None = None):
         super().__init__()
         unknown = sorted(set(statistics) - set(STATISTICS))
         if unknown:
@@ -91,8 +92,9 @@ class ViewStatsHead(nn.Module):
         n_out = sum(self.share_sizes) + n_value_means + n_gap_means + int(self.rate)
         if not n_out:
             raise ValueError("aux_objective 'view_stats' needs a categorical field, or a numeric field with one, or time")
-        self.body = nn.Sequential(nn.Linear(embedding_size, embedding_size), nn.ReLU())
-        self.out = nn.Linear(embedding_size, n_out)
+        hidden = hidden_size or embedding_size
+        self.body = nn.Sequential(nn.Linear(embedding_size, hidden), nn.ReLU())
+        self.out = nn.Linear(hidden, n_out)
         # per-category value moments (fit_value_moments): values are compared within their
         # category, as hand-crafted features would
         value_shape = (len(self.numeric_fields), mean_vocab if self.numeric_fields else 0)
