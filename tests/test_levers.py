@@ -467,6 +467,13 @@ def test_next_event_head_scores_only_events_with_a_successor_and_numbers_within_
     assert not any(k.startswith("value_") for k in head.state_dict())
 
 
+def _random_p_batch() -> PaddedBatch:
+    """Four sequences of 6, 4, 5 and 3 random values of field ``p`` (ids 2..4), one event a day."""
+    rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
+    return PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
+                        "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
+
+
 def test_next_event_objective_trains_and_is_refused_for_a_transformer():
     for encoder in ("transformer", "bag"):
         with pytest.raises(ValueError, match="causal encoder"):
@@ -476,9 +483,7 @@ def test_next_event_objective_trains_and_is_refused_for_a_transformer():
 
     enc.categorical = {"p": CategoryVocab(values=["a", "b", "c"])}
     module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, aux_objective="next_event", time_features="gap"), enc)
-    rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
-    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
-                         "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
+    batch = _random_p_batch()
     emb, seq = module.embedder(batch, return_sequence=True)
     aux = module.next_event(seq, batch)
     aux.backward()
@@ -702,9 +707,7 @@ def test_projection_head_trains_the_loss_on_its_output_and_embeds_without_it():
     assert (paper.projection_head, paper.encoder) == (0, "gru")  # the paper's recipe whatever the defaults
     module = MeLESModule(MeLESConfig(encoder="gru", hidden_size=8, projection_head=5, time_features="gap", pooling="last",
                                      aux_objective="", category_pooling=0), enc)
-    rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
-    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
-                         "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
+    batch = _random_p_batch()
     labels = torch.tensor([0, 0, 1, 1])
     emb = module.embedder(batch)
     assert emb.shape == (4, 8) and module(batch).shape == (4, 8)  # embeddings skip the head
@@ -730,9 +733,7 @@ def test_head_width_caps_the_hidden_layer_of_both_training_heads():
     assert capped.view_stats.body[0].weight.shape == (6, 16) and capped.view_stats.out.in_features == 6
     wide = MeLESModule(MeLESConfig(head_width=100, **settings), enc)  # a cap above the embedding changes nothing
     assert wide.projection[0].weight.shape == (16, 16) and wide.view_stats.out.in_features == 16
-    rows = [torch.randint(2, 5, (n,)) for n in (6, 4, 5, 3)]
-    batch = PaddedBatch({"p": torch.nn.utils.rnn.pad_sequence(rows, batch_first=True),
-                         "event_time": torch.arange(6.0, dtype=torch.float64).repeat(4, 1)}, torch.tensor([6, 4, 5, 3]))
+    batch = _random_p_batch()
     capped.training_step((batch, torch.tensor([0, 0, 1, 1])), 0).backward()
     assert capped.view_stats.body[0].weight.grad.abs().sum() > 0
     saved = {k: v for k, v in MeLESConfig().to_dict().items() if k != "head_width"}
