@@ -743,7 +743,7 @@ def test_head_width_caps_the_hidden_layer_of_both_training_heads():
 
 
 def test_embedding_parts_tile_the_embedding_in_pooling_order():
-    from ptls_meles.bench.parts import embedding_parts
+    from ptls_meles.bench.parts import embedding_parts, part_groups
     from ptls_meles.encoding import CategoryVocab
 
     enc = Encoding("c", "t", "number", numeric={})
@@ -767,9 +767,12 @@ def test_embedding_parts_tile_the_embedding_in_pooling_order():
     assert list(parts)[3:] == ["category means", "category last states", "category sums over the length"]
     # the share (by default) of all four values and "any other"
     assert parts["category sums over the length"] == slice(72, 112) and with_share.output_size == 112
+    groups = part_groups(parts)  # the global states and the category parts, each scored as one table
+    assert groups == {"global states together": list(range(0, 24)), "category parts together": list(range(24, 112))}
     assert embedding_parts(embedder_from_config(MeLESConfig(encoder="gru", hidden_size=4, pooling="mean", time_features="",
                                                                          category_pooling=0),
                                                 enc)) == {"mean": slice(0, 4)}
+    assert part_groups({"mean": slice(0, 4)}) == {}  # one kind only: nothing to group
 
 
 # --------------------------------------------------------------------------- bag of events

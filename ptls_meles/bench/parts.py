@@ -1,7 +1,8 @@
 """Which part of a trained embedding carries the score: each pooling part scored alone.
 
 An embedding concatenates pooling parts (last / mean / max / attention states, and with
-``category_pooling`` its per-category statistics). Scoring each part alone with
+``category_pooling`` its per-category statistics). Scoring each part alone (then the global
+states together and the category parts together) with
 the quality bench's LightGBM protocol shows what the downstream model reads, and whether a
 part mostly adds dimensions for LightGBM to wade through. It reads a model that
 ``bench quality`` trained, in the same work directory, so every score is made on the same
@@ -48,6 +49,19 @@ def embedding_parts(embedder: Embedder) -> dict[str, slice]:
     return parts
 
 
+def part_groups(parts: dict[str, slice]) -> dict[str, list[int]]:
+    """The parts scored together: the global states (last / mean / max / attention) and every
+    per-category statistic, each as one table, when the embedding has both kinds. Whether the
+    category parts alone read as well as the whole embedding tells if the global states add
+    anything for LightGBM or only columns to wade through."""
+    category = [name for name in parts if name in PART_NAMES.values()]
+    pooled = [name for name in parts if name not in category and name != "event bag"]
+    if not category or not pooled:
+        return {}
+    return {group: [i for name in names for i in range(parts[name].start, parts[name].stop)]
+            for group, names in (("global states together", pooled), ("category parts together", category))}
+
+
 def main(argv: list[str] | None = None) -> None:
     from ..datasets.recipes import load_targets
     from ..downstream.evaluate import evaluate
@@ -74,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
     store, targets = SequenceStore.load(work / "data"), load_targets(work / "data")
     emb = embed_frame(module.embedder, store, show_progress=False, **module.inference_settings)
     columns = [c for c in emb.columns if c != "client_id"]
-    parts = {**{k: columns[v] for k, v in embedding_parts(module.embedder).items()}, "whole embedding": columns}
+    slices = embedding_parts(module.embedder)
+    parts = {**{k: columns[v] for k, v in slices.items()},
+             **{k: [columns[i] for i in v] for k, v in part_groups(slices).items()}, "whole embedding": columns}
     print(f"{a.run}: {runs[0]}; LightGBM {a.lgbm}; test mean ± 95% interval over 5 folds")
     print("| part | columns | " + " | ".join(a.targets.split(",")) + " |")
     print("|---|---|" + "---|" * len(a.targets.split(",")))
