@@ -79,10 +79,10 @@ class MeLESConfig:
     absolute time as inputs, three causal dilated convolution layers pooled last + mean +
     max and, apart, per each of the 32 most frequent categories of the first categorical
     field (mean and last) and per each of up to 256 (share), and a 128-wide projection head
-    for the loss; the MeLES
-    paper's contrastive loss with hard negatives on random slices, shorter than the paper's
-    (15-100 events, not 25-200), plus the view-statistics objective at weight 0.3 of its starting loss: each view's
-    embedding predicts its client's other views' category shares, value levels and timing."""
+    for the loss; the MeLES paper's contrastive loss with hard negatives on random slices,
+    shorter than the paper's (15-100 events, not 25-200), plus the view-statistics objective
+    at weight 0.3 of its starting loss: each view's embedding predicts its client's other
+    views' category shares, value levels and timing."""
 
     preset: str | None = None
 
