@@ -25,6 +25,8 @@ from ..nn.embedder import Embedder
 #: category pooling's statistics as the parts are called in the reports
 PART_NAMES = {"mean": "category means", "last": "category last states", "share": "category sums over the length",
               "max": "category maxima"}
+#: the event bag's part, neither a global state nor a category statistic
+EVENT_BAG = "event bag"
 
 
 def embedding_parts(embedder: Embedder) -> dict[str, slice]:
@@ -42,7 +44,7 @@ def embedding_parts(embedder: Embedder) -> dict[str, slice]:
             parts[PART_NAMES[statistic]] = slice(start, start + size)
             start += size
     if embedder.event_bag is not None:
-        parts["event bag"] = slice(start, start + embedder.event_bag.output_size)
+        parts[EVENT_BAG] = slice(start, start + embedder.event_bag.output_size)
         start += embedder.event_bag.output_size
     if start != embedder.output_size:
         raise ValueError(f"the parts cover {start} of the embedding's {embedder.output_size} columns")
@@ -55,7 +57,7 @@ def part_groups(parts: dict[str, slice]) -> dict[str, list[int]]:
     category parts alone read as well as the whole embedding tells if the global states add
     anything for LightGBM or only columns to wade through."""
     category = [name for name in parts if name in PART_NAMES.values()]
-    pooled = [name for name in parts if name not in category and name != "event bag"]
+    pooled = [name for name in parts if name not in category and name != EVENT_BAG]
     if not category or not pooled:
         return {}
     return {group: [i for name in names for i in range(parts[name].start, parts[name].stop)]
