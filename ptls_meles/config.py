@@ -121,6 +121,9 @@ class MeLESConfig:
     split_count: int = 5
     cnt_min: int = 15  # views are slices of 15-100 events (the paper: 25-200); shorter views are
     cnt_max: int = 100  # harder to match and made better features on both datasets, two seeds
+    # N > 0: the last of each client's split_count views is a slice of up to N events instead, so
+    # short views are also paired with a long one, nearer the history that embed reads (multi-crop)
+    long_view: int = 0
     # loss and mining
     loss: str = "contrastive"
     miner: str = "hard"
@@ -192,6 +195,8 @@ class MeLESConfig:
             setattr(self, name, _normalise_set(name, getattr(self, name), valid, name in _SETS_THAT_MAY_BE_EMPTY))
         if not 1 <= self.cnt_min <= self.cnt_max:
             raise ValueError(f"need 1 <= cnt_min <= cnt_max, got cnt_min={self.cnt_min}, cnt_max={self.cnt_max}")
+        if self.long_view < 0:
+            raise ValueError(f"long_view must be 0 (off) or the long view's largest length in events, got {self.long_view}")
         if self.split_count < 2:
             raise ValueError(f"split_count must be >= 2 (views per client make the positive pairs), got {self.split_count}")
         if "next_event" in self.parts("aux_objective") and self.encoder not in CAUSAL_ENCODERS:

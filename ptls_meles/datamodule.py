@@ -110,7 +110,7 @@ class ViewBatches(Dataset):
         clients = self._epoch_plan(epoch)[b]
         rng = np.random.default_rng([self.config.seed, epoch, b, 11])
         c = self.config
-        views = make_views(self.offsets, clients, c.split, c.split_count, c.cnt_min, c.cnt_max, rng)
+        views = make_views(self.offsets, clients, c.split, c.split_count, c.cnt_min, c.cnt_max, rng, c.long_view)
         batch = pad_segments(self.columns, views.index, views.offsets)
         return batch, torch.from_numpy(views.label.astype(np.int64))
 

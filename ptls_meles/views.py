@@ -7,6 +7,11 @@ clients, never a Python loop per client — and return :class:`Views`.
 Short clients (fewer events than ``cnt_min``): slices and samples are then drawn with
 lengths between ``ceil(L/2)`` and ``L`` (at least one event), so views still differ; a
 client with one event yields ``split_count`` identical one-event views. Nobody is dropped.
+
+``long_view`` (N > 0) makes the last of each client's views a contiguous slice of ``min(L, N)``
+events, the others drawn as the strategy says: pairs of a short and a long view ask the
+encoder to place a long history (as it is embedded after training: the last 1,600 events)
+near its short pieces, the way multi-crop training pairs global and local crops of an image.
 """
 from __future__ import annotations
 
@@ -108,16 +113,37 @@ def random_disjoint(starts: np.ndarray, seq_len: np.ndarray, split_count: int, c
 _STRATEGIES = {"slices": random_slices, "samples": random_samples, "disjoint": random_disjoint}
 
 
+def long_slices(starts: np.ndarray, seq_len: np.ndarray, length: int, rng: np.random.Generator) -> Views:
+    """One contiguous slice of ``min(L, length)`` events per client, at a random start."""
+    lens = np.minimum(seq_len, length).astype(np.int64)
+    begin = np.floor(rng.random(len(seq_len)) * (seq_len - lens + 1)).astype(np.int64).clip(max=seq_len - lens)
+    return Views(ragged_arange(starts + begin, lens), offsets_from_lengths(lens), np.arange(len(seq_len)))
+
+
+def _joined(first: Views, second: Views) -> Views:
+    """Both sets of views as one :class:`Views`, each client's views together (``first``'s, then ``second``'s)."""
+    lens = np.concatenate([first.lengths, second.lengths])
+    starts = np.concatenate([first.offsets[:-1], len(first.index) + second.offsets[:-1]])
+    label = np.concatenate([first.label, second.label])
+    order = np.argsort(label, kind="stable")
+    index = np.concatenate([first.index, second.index])[ragged_arange(starts[order], lens[order])]
+    return Views(index, offsets_from_lengths(lens[order]), label[order])
+
+
 def make_views(
-    offsets: np.ndarray, clients: np.ndarray, strategy: str, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator
+    offsets: np.ndarray, clients: np.ndarray, strategy: str, split_count: int, cnt_min: int, cnt_max: int,
+    rng: np.random.Generator, long_view: int = 0,
 ) -> Views:
-    """Views of the given clients (positions in the store) by the named strategy."""
+    """Views of the given clients (positions in the store) by the named strategy; with
+    ``long_view`` N > 0 the last of each client's ``split_count`` views is a slice of up to N events."""
     if strategy not in _STRATEGIES:
         raise ValueError(f"split strategy {strategy!r} is not one of {SPLITS}")
     if split_count < 2:
         raise ValueError(f"split_count must be at least 2 (positives need two views), got {split_count}")
     if not 1 <= cnt_min <= cnt_max:
         raise ValueError(f"need 1 <= cnt_min <= cnt_max, got cnt_min={cnt_min}, cnt_max={cnt_max}")
+    if long_view < 0:
+        raise ValueError(f"long_view must be 0 (off) or the long view's largest length in events, got {long_view}")
     clients = np.asarray(clients, dtype=np.int64)
     starts = offsets[clients]
     seq_len = offsets[clients + 1] - starts
@@ -125,4 +151,7 @@ def make_views(
         # an empty client would get views made of its neighbour's events
         empty = clients[seq_len < 1]
         raise ValueError(f"{len(empty)} client(s) have no events (store positions e.g. {empty[:5].tolist()}); drop them before splitting")
-    return _STRATEGIES[strategy](starts, seq_len, split_count, cnt_min, cnt_max, rng)
+    if not long_view:
+        return _STRATEGIES[strategy](starts, seq_len, split_count, cnt_min, cnt_max, rng)
+    short = _STRATEGIES[strategy](starts, seq_len, split_count - 1, cnt_min, cnt_max, rng)
+    return _joined(short, long_slices(starts, seq_len, long_view, rng))

@@ -103,6 +103,19 @@ def test_every_training_client_once_per_epoch(store, split):
         assert sorted(seen) == train.tolist()
 
 
+def test_long_view_setting_reaches_the_training_batches(store):
+    """``long_view``: each client's last view in a batch is as long as its history allows, up to N."""
+    ds = ViewBatches(store, np.arange(store.n_clients), config(long_view=12))
+    for b in range(len(ds)):
+        batch, labels = ds[(0, b)]
+        own = owners(batch)[2::3]
+        history = store.offsets[own + 1] - store.offsets[own]
+        np.testing.assert_array_equal(batch.lengths.numpy()[2::3], np.minimum(history, 12))
+        assert int(batch.lengths[0::3].max()) <= 6  # the others stay slices of at most cnt_max
+    with pytest.raises(ValueError, match="long_view"):
+        config(long_view=-3)
+
+
 def test_same_key_same_batch_whatever_the_order(store):
     ds = ViewBatches(store, np.arange(store.n_clients), config())
     keys = [(e, b) for e in (0, 3, 1) for b in range(len(ds))]

@@ -101,6 +101,10 @@ def test_cached_runs_are_keyed_by_the_resolved_settings_so_a_defaults_change_ret
     assert quality._run_dir("defaults", {"hidden_size": MeLESConfig().hidden_size}, tmp_path, a, {"data": 1}) == today
     assert quality._run_dir("defaults", {"embed_chunk": 100}, tmp_path, a, {"data": 1}) == today
     assert quality._run_dir("defaults", {"hidden_size": 7}, tmp_path, a, {"data": 1}) != today
+    # a setting added later keeps the runs cached before it at its off value, not at another
+    added = next(iter(quality.ADDED_SETTINGS_OFF))
+    assert added not in quality.resolved_settings({})
+    assert quality._run_dir("defaults", {added: 64}, tmp_path, a, {"data": 1}) != today
 
     @dataclass
     class NewDefaults(MeLESConfig):

@@ -169,6 +169,30 @@ def test_invalid_arguments(kw, match):
         make_views(offsets_of([3]), np.array([0]), rng=np.random.default_rng(0), **args)
 
 
+@pytest.mark.parametrize("strategy", SPLITS)
+def test_long_view_is_each_clients_last_view_and_a_slice_of_up_to_n_events(strategy):
+    offsets = offsets_of(LENGTHS)
+    clients = np.array([8, 0, 3, 5, 1, 7, 2, 6, 4])
+    k, n_long = 4, 25
+    starts_seen = set()
+    for seed in range(10):
+        views = make_views(offsets, clients, strategy, k, 5, 10, np.random.default_rng(seed), long_view=n_long)
+        np.testing.assert_array_equal(views.label, np.repeat(np.arange(len(clients)), k))
+        out = view_list(views)
+        for i, c in enumerate(clients):
+            lo, hi = offsets[c], offsets[c + 1]
+            long = out[i * k + k - 1]
+            assert len(long) == min(hi - lo, n_long) and np.all(np.diff(long) == 1)
+            assert lo <= long[0] and long[-1] < hi
+            starts_seen.add((int(c), int(long[0])))
+            for short in out[i * k : i * k + k - 1]:  # the others stay the strategy's views
+                assert np.all((short >= lo) & (short < hi)) and len(short) <= max(10, (hi - lo) // (k - 1) + 1)
+    # the 40- and 200-event clients' long views start at more than one place
+    assert len({s for c, s in starts_seen if c == 7}) > 1 and len({s for c, s in starts_seen if c == 8}) > 1
+    with pytest.raises(ValueError, match="long_view"):
+        make_views(offsets, clients, strategy, k, 5, 10, np.random.default_rng(0), long_view=-1)
+
+
 def test_empty_client_is_refused():
     """A zero-length client would otherwise get views made of its neighbour's events."""
     for strategy in SPLITS:

@@ -151,7 +151,8 @@ def profile(store, config, steps: int, warmup: int, lightning: bool = True) -> d
         rng = np.random.default_rng([config.seed, epoch, b, 11])
         tt = t if i >= warmup else _Timers()
         with tt("data: slicing (make_views)"):
-            views = make_views(ds.offsets, clients, config.split, config.split_count, config.cnt_min, config.cnt_max, rng)
+            views = make_views(ds.offsets, clients, config.split, config.split_count, config.cnt_min, config.cnt_max, rng,
+                                config.long_view)
         with tt("data: padding (pad_segments)"):
             padded = pad_segments(ds.columns, views.index, views.offsets)
             labels = torch.from_numpy(views.label.astype(np.int64))

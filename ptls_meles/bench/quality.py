@@ -251,12 +251,18 @@ def _scores(result) -> dict:
             "cv_interval": result.cv_interval, "metric": result.metric, "best_epochs": result.best_epochs}
 
 
+#: settings added after cached runs existed, with the value that leaves training as it was:
+#: at that value they stay out of the cache keys, so adding a setting does not orphan every run
+ADDED_SETTINGS_OFF: dict = {"long_view": 0}
+
+
 def resolved_settings(overrides: dict, training_only: bool = False) -> dict:
     """Every setting a row runs with, the library's defaults filled in. Cache keys are made of
     these, not of the overrides alone: a cached run keyed by ``{}`` would otherwise hand back a
     model trained with last month's defaults after the defaults change."""
     settings = MeLESConfig.from_dict(overrides).to_dict()
-    return {k: v for k, v in settings.items() if not (training_only and k in INFERENCE_ONLY)}
+    return {k: v for k, v in settings.items() if not (training_only and k in INFERENCE_ONLY)
+            and not (k in ADDED_SETTINGS_OFF and v == ADDED_SETTINGS_OFF[k])}
 
 
 def _run_dir(name: str, overrides: dict, work: Path, a, data_key: dict) -> Path:
