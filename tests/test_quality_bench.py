@@ -106,6 +106,17 @@ def test_cached_runs_are_keyed_by_the_resolved_settings_so_a_defaults_change_ret
     assert added not in quality.resolved_settings({})
     assert quality._run_dir("defaults", {added: 64}, tmp_path, a, {"data": 1}) != today
 
+    # the LightGBM read-out is not training: another budget scores the same run, also one cached
+    # under the older key that held the read-out
+    fast = quality._run_dir("defaults", {}, tmp_path, a, {"data": 1, "lgbm": "fast"})
+    assert quality._run_dir("defaults", {}, tmp_path, a, {"data": 1, "lgbm": "paper"}) == fast
+    old = quality._digest({"data": {"data": 1, "lgbm": "fast"}, "config": quality.resolved_settings({}, training_only=True),
+                           "budget": a.budget_min, "epochs": a.epochs})
+    (tmp_path / "runs" / f"defaults-{old}").mkdir(parents=True)
+    assert quality._run_dir("defaults", {}, tmp_path, a, {"data": 1, "lgbm": "paper"}) == fast  # unfinished: not reused
+    (tmp_path / "runs" / f"defaults-{old}" / "train_minutes.txt").write_text("30")
+    assert quality._run_dir("defaults", {}, tmp_path, a, {"data": 1, "lgbm": "paper"}).name == f"defaults-{old}"
+
     @dataclass
     class NewDefaults(MeLESConfig):
         hidden_size: int = 7

@@ -265,11 +265,26 @@ def resolved_settings(overrides: dict, training_only: bool = False) -> dict:
             and not (k in ADDED_SETTINGS_OFF and v == ADDED_SETTINGS_OFF[k])}
 
 
+#: parts of the data key that concern only how rows are scored, never what is trained
+READOUT_KEYS = ("lgbm", "early_stopping_rounds")
+
+
 def _run_dir(name: str, overrides: dict, work: Path, a, data_key: dict) -> Path:
-    """One directory per training (inference-only variants share it; other budgets never mix in)."""
+    """One directory per training (inference-only variants share it; other budgets never mix in).
+    The LightGBM read-out is not part of it, so ``--lgbm paper`` scores the models ``--lgbm fast``
+    trained; a run cached when the read-out was still in the key is found under its old key."""
     training = resolved_settings(overrides, training_only=True)
-    key = _digest({"data": data_key, "config": training, "budget": a.budget_min, "epochs": a.epochs})
-    return work / "runs" / f"{name.split('@')[0]}-{key}"
+    stem = name.split("@")[0]
+
+    def keyed(data: dict) -> Path:
+        return work / "runs" / f"{stem}-{_digest({'data': data, 'config': training, 'budget': a.budget_min, 'epochs': a.epochs})}"
+
+    trained_on = {k: v for k, v in data_key.items() if k not in READOUT_KEYS}
+    run = keyed(trained_on)
+    if not run.exists():
+        legacy = [keyed({**trained_on, "lgbm": budget}) for budget in sorted(LGBM)]
+        run = next((p for p in legacy if (p / "train_minutes.txt").exists()), run)
+    return run
 
 
 def _trained_model(overrides: dict, store: SequenceStore, run_dir: Path, a):
