@@ -49,15 +49,18 @@ def _view_lengths(seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: 
     return (lo[:, None] + np.floor(u * (hi - lo + 1)[:, None])).astype(np.int64).clip(max=hi[:, None])
 
 
+def _cut(starts: np.ndarray, seq_len: np.ndarray, lens: np.ndarray, rng: np.random.Generator) -> Views:
+    """Contiguous slices of ``lens [n_clients, k]`` events at uniform random starts, k per client."""
+    free = np.maximum(seq_len[:, None] - lens, 0)
+    begin = np.floor(rng.random(lens.shape) * (free + 1)).astype(np.int64).clip(max=free)
+    index = ragged_arange((starts[:, None] + begin).ravel(), lens.ravel())
+    return Views(index, offsets_from_lengths(lens.ravel()), np.repeat(np.arange(len(seq_len)), lens.shape[1]))
+
+
 def random_slices(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> Views:
     """Contiguous random sub-sequences (the paper's best strategy)."""
     lens = _view_lengths(seq_len, split_count, cnt_min, cnt_max, rng)
-    free = np.maximum(seq_len[:, None] - lens, 0)
-    begin = np.floor(rng.random(lens.shape) * (free + 1)).astype(np.int64).clip(max=free)
-    lens_f = lens.ravel()
-    index = ragged_arange((starts[:, None] + begin).ravel(), lens_f)
-    label = np.repeat(np.arange(len(seq_len)), split_count)
-    return Views(index, offsets_from_lengths(lens_f), label)
+    return _cut(starts, seq_len, lens, rng)
 
 
 def random_samples(starts: np.ndarray, seq_len: np.ndarray, split_count: int, cnt_min: int, cnt_max: int, rng: np.random.Generator) -> Views:
@@ -115,9 +118,7 @@ _STRATEGIES = {"slices": random_slices, "samples": random_samples, "disjoint": r
 
 def long_slices(starts: np.ndarray, seq_len: np.ndarray, length: int, rng: np.random.Generator) -> Views:
     """One contiguous slice of ``min(L, length)`` events per client, at a random start."""
-    lens = np.minimum(seq_len, length).astype(np.int64)
-    begin = np.floor(rng.random(len(seq_len)) * (seq_len - lens + 1)).astype(np.int64).clip(max=seq_len - lens)
-    return Views(ragged_arange(starts + begin, lens), offsets_from_lengths(lens), np.arange(len(seq_len)))
+    return _cut(starts, seq_len, np.minimum(seq_len, length).astype(np.int64)[:, None], rng)
 
 
 def _joined(first: Views, second: Views) -> Views:

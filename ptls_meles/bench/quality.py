@@ -282,7 +282,7 @@ def _run_dir(name: str, overrides: dict, work: Path, a, data_key: dict) -> Path:
     trained_on = {k: v for k, v in data_key.items() if k not in READOUT_KEYS}
     run = keyed(trained_on)
     if not run.exists():
-        legacy = [keyed({**trained_on, "lgbm": budget}) for budget in sorted(LGBM)]
+        legacy = [keyed({**data_key, "lgbm": budget}) for budget in sorted(LGBM)]
         run = next((p for p in legacy if (p / "train_minutes.txt").exists()), run)
     return run
 
