@@ -4,7 +4,7 @@
     ptls-meles prepare INPUT --out DIR --client-col C --time-col T --cat A,B --num X [--engine spark]
     ptls-meles fit STORE --out RUN [--set key=value ...] [--resume]
     ptls-meles embed STORE|RAW --model RUN --out TABLE.parquet
-    ptls-meles evaluate --features TABLE [TABLE|handcrafted:STORE ...] --targets FILE --target-col COL
+    ptls-meles evaluate --features TABLE [TABLE|handcrafted[+shares]:STORE|shares:STORE ...] --targets FILE --target-col COL
     ptls-meles demo --out DIR
     ptls-meles bench speed|profile|quality|parts|memory|spark ...
 """
@@ -132,14 +132,20 @@ def cmd_embed(args) -> None:
         print("events with categories the model did not learn (unseen id): " + ", ".join(f"{c} {v:.1%}" for c, v in unseen.items()))
 
 
+#: --features SOURCE:STORE: aggregate tables built from a sequence store (the yardsticks of ``bench quality``)
+STORE_FEATURES = ("handcrafted", "handcrafted+shares", "shares")
+
+
 def _feature_table(spec: str):
     from .downstream.evaluate import load_feature_table
 
-    if spec.startswith("handcrafted:"):
-        from .downstream.features import handcrafted_features
+    source, _, store_dir = spec.partition(":")
+    if store_dir and source in STORE_FEATURES:
+        from .downstream.features import handcrafted_features, share_features
         from .store import SequenceStore
 
-        return handcrafted_features(SequenceStore.load(spec.split(":", 1)[1]))
+        store = SequenceStore.load(store_dir)
+        return share_features(store) if source == "shares" else handcrafted_features(store, shares=source != "handcrafted")
     return load_feature_table(spec)
 
 
@@ -276,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev = parser("evaluate", "LightGBM (or a linear probe) with stratified K-fold CV on feature tables",
                 "example: ptls-meles evaluate --features embeddings.parquet handcrafted:store --targets targets.csv --target-col gender")
     ev.add_argument("--features", nargs="+", required=True, metavar="TABLE",
-                    help="tables with a client_id column, e.g. embeddings.parquet; 'handcrafted:STORE' builds the baseline from a store")
+                    help="tables with a client_id column, e.g. embeddings.parquet; 'handcrafted:STORE' builds the baseline from a "
+                         "store, 'handcrafted+shares:STORE' adds every categorical value's share of events, 'shares:STORE' "
+                         "gives those shares alone")
     ev.add_argument("--targets", required=True, metavar="FILE", help="target table (CSV/Parquet), e.g. --targets train_target.csv")
     ev.add_argument("--target-col", nargs="+", required=True, metavar="COL", help="one or more target columns, e.g. --target-col bins")
     ev.add_argument("--target-id-col", default="client_id", metavar="COL", help="client id column of the target table (default client_id)")

@@ -17,7 +17,7 @@ from ptls_meles.downstream.evaluate import (
     interval_half_width,
     load_feature_table,
 )
-from ptls_meles.downstream.features import FeatureError, handcrafted_features
+from ptls_meles.downstream.features import FeatureError, handcrafted_features, share_features
 from ptls_meles.encoding import CategoryVocab, Encoding, NumericTransform
 from ptls_meles.store import SequenceStore
 
@@ -59,6 +59,35 @@ def test_value_shares_cover_every_value_beyond_top_k():
     assert f.loc["empty", share_cols].isna().all()
     assert "mcc_6011_count" not in f.columns
     assert not any(c.endswith("_share") for c in handcrafted_features(make_store()).columns)
+
+
+def test_share_features_are_the_columns_shares_add_to_the_plain_features():
+    store = make_store()
+    plain, with_shares = handcrafted_features(store), handcrafted_features(store, shares=True)
+    added = ["client_id"] + [c for c in with_shares.columns if c not in plain.columns]
+    pd.testing.assert_frame_equal(share_features(store), with_shares[added])
+
+
+def test_cli_evaluate_builds_the_share_yardsticks_from_a_store(tmp_path):
+    """``handcrafted+shares:STORE`` and ``shares:STORE`` score the tables ``bench quality`` calls its yardsticks."""
+    from conftest import events_frame
+    from ptls_meles.cli import main
+    from ptls_meles.prepare import prepare
+    from ptls_meles.schema import EventSchema
+
+    store, _ = prepare(events_frame(n_clients=60, max_len=20, seed=2), EventSchema("client", "day", ["mcc"], ["amount"],
+                       time_format="number"), out=tmp_path / "store", show_progress=False)
+    labels = np.random.default_rng(3).integers(0, 2, store.n_clients)
+    pd.DataFrame({"client_id": store.client_ids, "label": labels}).to_csv(tmp_path / "t.csv", index=False)
+    n_plain, n_shares = handcrafted_features(store).shape[1] - 1, share_features(store).shape[1] - 1
+    widths = {}
+    for source in ("handcrafted", "handcrafted+shares", "shares"):
+        main(["evaluate", "--features", f"{source}:{tmp_path / 'store'}", "--targets", str(tmp_path / "t.csv"),
+              "--target-col", "label", "--folds", "2", "--test-size", "0", "--jobs", "1", "-q",
+              "--out", str(tmp_path / f"{source}.json")])
+        widths[source] = json.loads((tmp_path / f"{source}.json").read_text())[0]["n_features"]
+    assert n_shares > 1
+    assert widths == {"handcrafted": n_plain, "handcrafted+shares": n_plain + n_shares, "shares": n_shares}
 
 
 def test_handcrafted_features_by_hand():

@@ -45,7 +45,7 @@ import torch
 
 from ..config import MeLESConfig, parse_settings
 from ..downstream.evaluate import LINEAR_CS, PAPER_LGBM_PARAMS, evaluate
-from ..downstream.features import handcrafted_features
+from ..downstream.features import handcrafted_features, share_features
 from ..io_utils import write_json
 from ..store import SequenceStore
 
@@ -337,7 +337,7 @@ class QualityBench:
     @cached_property
     def shares(self) -> pd.DataFrame:
         """Only the shares of every value: the columns ``hand_shares`` adds to the plain features."""
-        return self.hand_shares[["client_id"] + [c for c in self.hand_shares.columns if c not in self.hand.columns]]
+        return share_features(self.store)
 
     def lgbm_scores(self, tables: list[pd.DataFrame], fraction: float = 1.0) -> dict:
         return {t: _scores(evaluate(tables, self.targets, t, lgbm_params=self.lgbm, n_jobs=self.a.threads,

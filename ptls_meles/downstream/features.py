@@ -91,6 +91,18 @@ def handcrafted_features(
     return frame
 
 
+def share_features(store: SequenceStore) -> pd.DataFrame:
+    """Only the shares of every categorical value (``client_id`` first): the columns that
+    ``handcrafted_features(shares=True)`` adds to the plain features, as a yardstick of its own."""
+    n = store.n_clients
+    client_of_event = np.repeat(np.arange(n, dtype=np.int64), store.lengths)
+    out: dict[str, np.ndarray] = {"client_id": np.asarray(store.client_ids)}
+    for field, vocab in store.encoding.categorical.items():
+        if field in store.columns:
+            out.update(_value_shares(field, vocab.values, store.columns[field], client_of_event, store.lengths))
+    return pd.DataFrame(out, copy=False)
+
+
 class _Segments:
     """Per-client reductions over flat arrays; clients without events get NaN."""
 
