@@ -147,13 +147,16 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, mon
     assert json.loads((tmp_path / "report" / "again.json").read_text()) == rows
     # a cleaned work directory: an earlier report's rows come back with --include-rows, the cache's win
     earlier = tmp_path / "earlier.json"
-    earlier.write_text(json.dumps(rows[:2] + [dict(rows[2], name="gone"), dict(rows[1], scores={})]))
+    gone = {k: v for k, v in rows[2].items() if k != "scores_both"}  # its scoring stopped after the embeddings alone
+    earlier.write_text(json.dumps(rows[:2] + [dict(gone, name="gone"), dict(rows[1], scores={})]))
     paper_row = next((tmp_path / "work" / "rows").glob("paper-*.json"))
     paper_row.rename(tmp_path / "moved.json")
     main(argv[:-2] + ["--report-only", "--include-rows", str(earlier), "--report", str(tmp_path / "report" / "merged")])
     merged = {r["name"]: r for r in json.loads((tmp_path / "report" / "merged.json").read_text())}
     assert sorted(merged) == ["gone", "hand-crafted", "paper", "pooled"]
     assert merged["paper"] == rows[1]  # from the earlier report (the cache lost it); its empty-scored twin is dropped
+    merged_text = (tmp_path / "report" / "merged.md").read_text()
+    assert "| gone | embeddings |" in merged_text and "| gone | hand-crafted + embeddings |" not in merged_text
     (tmp_path / "moved.json").rename(paper_row)
     (tmp_path / "not_rows.json").write_text(json.dumps({"name": "x"}))
     with pytest.raises(ValueError, match="not_rows.json: not a report's rows"):

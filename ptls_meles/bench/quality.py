@@ -642,7 +642,8 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
                      f"| {best} | {vr} |")
         if "scores_linear" in r:
             lines.append(f"| {r['name']} | embeddings, {LINEAR} | {cells(r['scores_linear'])} | | | | |")
-        lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | | |")
+        if "scores_both" in r:  # a row whose scoring stopped after the embeddings alone has none
+            lines.append(f"| {r['name']} | hand-crafted + embeddings | {cells(r['scores_both'])} | | | | |")
         if "scores_both_shares" in r:
             lines.append(f"| {r['name']} | {BOTH_SHARES} | {cells(r['scores_both_shares'])} | | | | |")
         if "scores_stacked" in r:
@@ -685,7 +686,8 @@ def _plot(rows: list[dict], target_list: list[str], path: Path) -> None:
             x = r["train_minutes"]
             ax.errorbar([x], [r["scores"][t]["test"]], yerr=[r["scores"][t]["test_interval"]], fmt="o", capsize=3,
                         label=r["name"])
-            ax.plot([x], [r["scores_both"][t]["test"]], "x", color=ax.lines[-1].get_color())
+            if "scores_both" in r:
+                ax.plot([x], [r["scores_both"][t]["test"]], "x", color=ax.lines[-1].get_color())
         ax.set_title(f"{t} ({rows[0]['scores'][t]['metric']})")
         ax.set_xlabel("training minutes")
     axes[0].legend(fontsize=7, loc="lower right")
