@@ -141,11 +141,14 @@ def _feature_table(spec: str):
 
     source, _, store_dir = spec.partition(":")
     if store_dir and source in STORE_FEATURES:
-        from .downstream.features import handcrafted_features, share_features
+        from .downstream.features import FeatureError, handcrafted_features, share_features
         from .store import SequenceStore
 
         store = SequenceStore.load(store_dir)
-        return share_features(store) if source == "shares" else handcrafted_features(store, shares=source != "handcrafted")
+        try:
+            return share_features(store) if source == "shares" else handcrafted_features(store, shares=source != "handcrafted")
+        except FeatureError as exc:
+            raise FeatureError(f"--features {spec}: {exc}") from None
     return load_feature_table(spec)
 
 

@@ -908,6 +908,10 @@ def case_evaluate_cli_file_problems(ctx, tmp, capsys):
                      names=("junk.parquet",))
     assert_cli_error(capsys, "evaluate", "--features", f"handcrafted:{tmp / 'nostore'}", "--targets", tmp / "t.csv", "--target-col", "y",
                      names=("no sequence store", "nostore"))
+    columns = {"event_time": np.arange(60, dtype=np.float64), "amount": np.ones(60, np.float32)}
+    SequenceStore(np.arange(60), np.arange(61), columns, Encoding("client", "event_time", "number")).save(tmp / "nocat")
+    assert_cli_error(capsys, "evaluate", "--features", f"shares:{tmp / 'nocat'}", "--targets", tmp / "t.csv", "--target-col", "y",
+                     names=("shares:", "nocat", "no categorical field", "'amount'"))
     pd.read_csv(tmp / "t.csv").rename(columns={"client_id": "cid"}).to_csv(tmp / "t2.csv", index=False)
     assert_cli_error(capsys, "evaluate", "--features", tmp / "f.parquet", "--targets", tmp / "t2.csv", "--target-col", "y",
                      names=("'client_id'", "'cid'"))

@@ -94,12 +94,16 @@ def handcrafted_features(
 def share_features(store: SequenceStore) -> pd.DataFrame:
     """Only the shares of every categorical value (``client_id`` first): the columns that
     ``handcrafted_features(shares=True)`` adds to the plain features, as a yardstick of its own."""
+    fields = [field for field in store.encoding.categorical if field in store.columns]
+    if not fields:
+        raise FeatureError(f"the store has no categorical field, so no value shares; its fields: {sorted(store.columns)} "
+                           f"(prepare it with --cat, e.g. --cat mcc)")
     n = store.n_clients
     client_of_event = np.repeat(np.arange(n, dtype=np.int64), store.lengths)
     out: dict[str, np.ndarray] = {"client_id": np.asarray(store.client_ids)}
-    for field, vocab in store.encoding.categorical.items():
-        if field in store.columns:
-            out.update(_value_shares(field, vocab.values, store.columns[field], client_of_event, store.lengths))
+    for field in fields:
+        out.update(_value_shares(field, store.encoding.categorical[field].values, store.columns[field], client_of_event,
+                                 store.lengths))
     return pd.DataFrame(out, copy=False)
 
 
