@@ -153,7 +153,7 @@ def _feature_table(spec: str):
 
 
 def cmd_evaluate(args) -> None:
-    from .downstream.evaluate import evaluate
+    from .downstream.evaluate import evaluate, evaluate_splits
     from .io_utils import check_output_file, read_table, write_json
 
     if args.out:
@@ -166,8 +166,12 @@ def cmd_evaluate(args) -> None:
         targets = targets.drop(columns=["client_id"], errors="ignore").rename(columns={args.target_id_col: "client_id"})
     results = []
     for col in args.target_col:
-        r = evaluate(tables, targets, col, n_folds=args.folds, test_size=args.test_size, seed=args.seed, n_jobs=args.jobs,
-                     early_stopping_rounds=args.early_stopping_rounds, model=args.model)
+        protocol = dict(n_folds=args.folds, test_size=args.test_size, n_jobs=args.jobs,
+                        early_stopping_rounds=args.early_stopping_rounds, model=args.model)
+        if len(args.seed) == 1:
+            r = evaluate(tables, targets, col, seed=args.seed[0], **protocol)
+        else:
+            r = evaluate_splits(tables, targets, col, seeds=args.seed, **protocol)
         print(r.summary())
         results.append(r.to_dict())
     if args.out:
@@ -293,7 +297,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--target-id-col", default="client_id", metavar="COL", help="client id column of the target table (default client_id)")
     ev.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (default 5)")
     ev.add_argument("--test-size", type=float, default=0.1, metavar="F", help="held-out test share (default 0.1; 0: CV only)")
-    ev.add_argument("--seed", type=int, default=42, help="seed of the splits and LightGBM (default 42)")
+    ev.add_argument("--seed", type=int, nargs="+", default=[42], metavar="SEED",
+                    help="seed of the splits and LightGBM (default 42); several, e.g. --seed 42 1 2: the protocol once "
+                         "per seed, each its own test part, and the mean over them")
     ev.add_argument("--jobs", type=int, default=2, metavar="N", help="LightGBM threads (default 2)")
     ev.add_argument("--early-stopping-rounds", type=int, metavar="N",
                     help="stop each fold's LightGBM after N rounds without a better validation-part loss, e.g. 50 (default off)")

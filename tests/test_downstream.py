@@ -14,6 +14,7 @@ from ptls_meles.downstream.evaluate import (
     LINEAR_CS,
     EvaluationError,
     evaluate,
+    evaluate_splits,
     interval_half_width,
     load_feature_table,
 )
@@ -450,3 +451,39 @@ def test_cli_evaluate_offers_every_downstream_model():
 
     sub = next(a for a in build_parser()._actions if isinstance(a.choices, dict)).choices["evaluate"]
     assert tuple(next(a for a in sub._actions if a.dest == "model").choices) == MODELS
+
+
+def test_evaluate_splits_is_evaluate_once_per_seed_and_the_mean_over_them():
+    feats, targets = dense_signal(n=240, width=8, seed=7)
+    splits = evaluate_splits(feats, targets, "label", seeds=[3, 1], n_folds=3, n_jobs=1, lgbm_params=SMALL_LGBM)
+    alone = [evaluate(feats, targets, "label", seed=s, n_folds=3, n_jobs=1, lgbm_params=SMALL_LGBM) for s in (3, 1)]
+    assert splits.seeds == [3, 1] and [r.test_scores for r in splits.results] == [r.test_scores for r in alone]
+    # each seed draws its own test part
+    assert alone[0].test_scores != alone[1].test_scores
+    means = [r.test_mean for r in alone]
+    assert splits.test_mean == pytest.approx(np.mean(means))
+    assert splits.test_interval == pytest.approx(1.96 * np.std(means) / np.sqrt(2))
+    assert splits.cv_mean == pytest.approx(np.mean([r.cv_mean for r in alone]))
+    d = splits.to_dict()
+    assert d["seeds"] == [3, 1] and [s["seed"] for s in d["splits"]] == [3, 1] and d["test_mean"] == splits.test_mean
+    assert "over 2 splits" in splits.summary() and f"3: {means[0]:.3f}" in splits.summary()
+    with pytest.raises(EvaluationError, match="distinct"):
+        evaluate_splits(feats, targets, "label", seeds=[3, 3])
+    with pytest.raises(EvaluationError, match="seeds="):
+        evaluate_splits(feats, targets, "label", seeds=[3], seed=1)
+
+
+def test_cli_evaluate_several_seeds_writes_the_mean_over_splits(tmp_path, capsys):
+    from ptls_meles.cli import main
+
+    feats, targets = separable(n=150, seed=3)
+    feats.to_parquet(tmp_path / "f.parquet")
+    targets.to_csv(tmp_path / "t.csv", index=False)
+    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col", "label",
+            "--folds", "2", "--jobs", "1", "-q"]
+    main(args + ["--seed", "5", "6", "--out", str(tmp_path / "two.json")])
+    main(args + ["--seed", "6", "--out", str(tmp_path / "one.json")])
+    (two,), (one,) = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("two", "one"))
+    assert two["seeds"] == [5, 6] and two["splits"][1]["test_scores"] == one["test_scores"]
+    assert two["test_mean"] == pytest.approx(np.mean([s["test_mean"] for s in two["splits"]]))
+    assert "over 2 splits" in capsys.readouterr().out

@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from ..io_utils import read_table
-from .protocol import EvalResult, EvaluationError, Task, interval_half_width, join_features_and_targets, plan_cv  # noqa: F401
+from .protocol import (EvalResult, EvaluationError, SplitsResult, Task, interval_half_width,  # noqa: F401
+                       join_features_and_targets, plan_cv)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +115,21 @@ def evaluate(
         logger.info("%s fold %d/%d (%s): cv %.4f%s", target_col, fold + 1, n_folds, name, cv_scores[-1],
                     f", test {test_scores[-1]:.4f}" if test_scores else "")
     return plan.result(cv_scores, test_scores, X.shape[1], name, folds.params, folds.best_rounds)
+
+
+def evaluate_splits(features: pd.DataFrame | list[pd.DataFrame], targets: pd.DataFrame, target_col: str,
+                    seeds: list[int], **kwargs) -> SplitsResult:
+    """:func:`evaluate` once per seed in ``seeds`` (each its own test part, folds and
+    LightGBM seed) and the mean over them: a comparison judged on several test parts, not
+    on one draw of clients. ``kwargs`` go to :func:`evaluate` (not ``seed``)."""
+    if "seed" in kwargs:
+        raise EvaluationError("evaluate_splits takes the seeds as seeds=[...], not seed=")
+    seeds = [int(s) for s in seeds]
+    if not seeds or len(set(seeds)) < len(seeds):
+        raise EvaluationError(f"seeds must be one or more distinct integers, got {seeds}")
+    result = SplitsResult([evaluate(features, targets, target_col, seed=s, **kwargs) for s in seeds])
+    logger.info("%s", result.summary())
+    return result
 
 
 Predict = Callable[[np.ndarray], np.ndarray]  # rows of the joined clients -> class probabilities

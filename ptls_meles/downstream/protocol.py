@@ -121,6 +121,74 @@ def interval_half_width(scores, ddof: int = INTERVAL_DDOF) -> float:
     return float(Z_95 * scores.std(ddof=ddof) / math.sqrt(len(scores)))
 
 
+@dataclass
+class SplitsResult:
+    """One (row, target) scored on several test parts: the protocol once per split seed.
+
+    A 10% test part of a few thousand clients moves AUROC by more than the folds' interval
+    shows (that interval holds the test part fixed). The mean over split seeds of each
+    split's test mean (and CV mean) reads the table, not one draw of clients; its interval
+    is :func:`interval_half_width` over the splits' means (with few splits, a rough one).
+    """
+
+    results: list[EvalResult]
+
+    def __post_init__(self):
+        if not self.results:
+            raise EvaluationError("SplitsResult needs at least one EvalResult")
+        targets = {(r.target, r.model) for r in self.results}
+        seeds = [r.seed for r in self.results]
+        if len(targets) > 1 or len(set(seeds)) < len(seeds):
+            raise EvaluationError(f"SplitsResult takes one target and model on distinct seeds, got {sorted(targets)} "
+                                  f"on seeds {seeds}")
+
+    @property
+    def target(self) -> str:
+        return self.results[0].target
+
+    @property
+    def metric(self) -> str:
+        return self.results[0].metric
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.results]
+
+    @property
+    def test_means(self) -> list[float]:
+        return [r.test_mean for r in self.results if r.test_mean is not None]
+
+    @property
+    def cv_mean(self) -> float:
+        return float(np.mean([r.cv_mean for r in self.results]))
+
+    @property
+    def cv_interval(self) -> float:
+        return interval_half_width([r.cv_mean for r in self.results])
+
+    @property
+    def test_mean(self) -> float | None:
+        return float(np.mean(self.test_means)) if self.test_means else None
+
+    @property
+    def test_interval(self) -> float | None:
+        return interval_half_width(self.test_means) if self.test_means else None
+
+    def summary(self) -> str:
+        cv = f"cv {self.cv_mean:.3f} ± {self.cv_interval:.3f}"
+        each = ", ".join(f"{r.seed}: {r.test_mean if r.test_mean is not None else r.cv_mean:.3f}" for r in self.results)
+        head = f"{self.target}: {self.metric} over {len(self.results)} splits"
+        if self.test_means:
+            return f"{head} test {self.test_mean:.3f} ± {self.test_interval:.3f} ({cv}); test per split seed {{{each}}}"
+        return f"{head} {cv}; cv per split seed {{{each}}}"
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the means over splits and every split's own :meth:`EvalResult.to_dict`."""
+        return to_plain({"target": self.target, "metric": self.metric, "seeds": self.seeds, "test_mean": self.test_mean,
+                         "test_interval": self.test_interval, "cv_mean": self.cv_mean, "cv_interval": self.cv_interval,
+                         "splits": [r.to_dict() for r in self.results]})
+
+
 def check_protocol(n_folds: int, test_size: float, task: str, error: type[ValueError] = EvaluationError) -> None:
     """The argument checks every evaluation row shares (LightGBM and the neural baselines)."""
     if n_folds < 2:
