@@ -178,6 +178,25 @@ def cmd_evaluate(args) -> None:
         write_json(args.out, results)
 
 
+def cmd_compare(args) -> None:
+    from .downstream.compare import load_results, paired_difference
+    from .downstream.protocol import EvaluationError
+    from .io_utils import check_output_file, write_json
+
+    if args.out:
+        check_output_file(args.out)
+    results, baselines = load_results(args.results), load_results(args.against)
+    shared = [t for t in results if t in baselines]
+    if not shared:
+        raise EvaluationError(f"{args.results} (targets {sorted(results)}) and {args.against} (targets {sorted(baselines)}) "
+                              f"share no target")
+    differences = [paired_difference(results[t], baselines[t]) for t in shared]
+    for d in differences:
+        print(d.summary())
+    if args.out:
+        write_json(args.out, [d.to_dict() for d in differences])
+
+
 def cmd_demo(args) -> None:
     """The whole path on the shipped synthetic data: data → fit → embed → evaluate."""
     from .bench.demo import run_demo
@@ -311,6 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)
+
+    cp = parser("compare", "paired differences between two `evaluate --out` results on the same clients and seeds",
+                "example: ptls-meles compare both.json --against handcrafted.json")
+    cp.add_argument("results", metavar="RESULTS.json", help="an `evaluate --out` file, e.g. both.json")
+    cp.add_argument("--against", required=True, metavar="BASELINE.json",
+                    help="the `evaluate --out` file to subtract, scored with the same --seed, folds and test size")
+    cp.add_argument("--out", metavar="FILE", help="write the differences as JSON, e.g. --out both_vs_hand.json")
+    common(cp)
+    cp.set_defaults(func=cmd_compare)
 
     dm = parser("demo", "the whole path on the shipped synthetic data", "example: ptls-meles demo --out runs/demo --epochs 5")
     dm.add_argument("--out", default="runs/demo", metavar="DIR", help="working directory (default runs/demo)")

@@ -487,3 +487,86 @@ def test_cli_evaluate_several_seeds_writes_the_mean_over_splits(tmp_path, capsys
     assert two["seeds"] == [5, 6] and two["splits"][1]["test_scores"] == one["test_scores"]
     assert two["test_mean"] == pytest.approx(np.mean([s["test_mean"] for s in two["splits"]]))
     assert "over 2 splits" in capsys.readouterr().out
+
+
+def test_evaluate_splits_by_client_id_not_by_row_order():
+    feats, targets = dense_signal(n=200, width=4, seed=8)
+    shuffled = feats.sample(frac=1.0, random_state=1)
+    a = evaluate(feats, targets, "label", n_folds=3, n_jobs=1, lgbm_params=SMALL_LGBM)
+    b = evaluate(shuffled, targets.sample(frac=1.0, random_state=2), "label", n_folds=3, n_jobs=1, lgbm_params=SMALL_LGBM)
+    assert a.test_scores == b.test_scores and a.cv_scores == b.cv_scores
+    assert a.join.clients_digest == b.join.clients_digest and len(a.join.clients_digest) == 16
+    fewer = evaluate(feats[feats.client_id != 3], targets, "label", n_folds=3, n_jobs=1, lgbm_params=SMALL_LGBM)
+    assert fewer.join.clients_digest != a.join.clients_digest
+
+
+def _scored(n=240, seed=9, seeds=(42,)):
+    """Two rows on the same clients: the signal column alone, and the signal beside noise."""
+    feats, targets = dense_signal(n=n, width=4, seed=seed)
+    noisy = feats.assign(**{f"noise_{i}": np.random.default_rng(i).normal(size=n) for i in range(4)})
+    kw = dict(n_folds=3, n_jobs=1, lgbm_params=SMALL_LGBM)
+    if len(seeds) == 1:
+        return evaluate(feats, targets, "label", seed=seeds[0], **kw), evaluate(noisy, targets, "label", seed=seeds[0], **kw)
+    return (evaluate_splits(feats, targets, "label", seeds=list(seeds), **kw),
+            evaluate_splits(noisy, targets, "label", seeds=list(seeds), **kw))
+
+
+def test_paired_difference_subtracts_fold_by_fold_on_one_split():
+    from ptls_meles.downstream.compare import paired_difference
+
+    a, b = _scored()
+    d = paired_difference(a, b)
+    assert d.unit == "fold" and d.seeds == [42]
+    np.testing.assert_allclose(d.differences, np.subtract(a.test_scores, b.test_scores))
+    np.testing.assert_allclose(d.cv_differences, np.subtract(a.cv_scores, b.cv_scores))
+    assert d.mean == pytest.approx(a.test_mean - b.test_mean)
+    assert d.interval == pytest.approx(1.96 * np.std(d.differences) / np.sqrt(3))
+    assert d.verdict == ("above" if d.mean - d.interval > 0 else "below" if d.mean + d.interval < 0 else "level")
+    assert paired_difference(a, a).differences == [0.0] * 3 and paired_difference(a, a).verdict == "level"
+    assert f"{a.test_mean:.3f} − {b.test_mean:.3f}" in d.summary()
+
+
+def test_paired_difference_over_splits_and_its_refusals():
+    from ptls_meles.downstream.compare import paired_difference
+
+    a, b = _scored(seeds=(5, 6))
+    d = paired_difference(a, b)
+    assert d.unit == "split" and d.seeds == [5, 6]
+    np.testing.assert_allclose(d.differences, [ra.test_mean - rb.test_mean for ra, rb in zip(a.results, b.results)])
+    single, _ = _scored(seeds=(7,))
+    with pytest.raises(EvaluationError, match="no split with seed 7"):
+        paired_difference(single, b)
+    feats, targets = dense_signal(n=240, width=4, seed=9)
+    other_clients = evaluate(feats[feats.client_id != 0], targets, "label", seed=5, n_folds=3, n_jobs=1, lgbm_params=SMALL_LGBM)
+    with pytest.raises(EvaluationError, match="split differently|different clients"):
+        paired_difference(other_clients, b.results[0])
+    swapped = feats.assign(client_id=feats.client_id.where(feats.client_id != 0, 10_000))
+    same_count = evaluate(swapped, pd.concat([targets, targets[targets.client_id == 0].assign(client_id=10_000)]), "label",
+                          seed=5, n_folds=3, n_jobs=1, lgbm_params=SMALL_LGBM)
+    with pytest.raises(EvaluationError, match="different clients"):
+        paired_difference(same_count, b.results[0])
+
+
+def test_cli_compare_reads_two_evaluate_files(tmp_path, capsys):
+    from ptls_meles.cli import main
+    from ptls_meles.downstream.compare import load_results
+
+    feats, targets = separable(n=150, seed=3)
+    feats.to_parquet(tmp_path / "both.parquet")
+    feats[["client_id", "noise"]].to_parquet(tmp_path / "noise.parquet")
+    targets.assign(other=targets.label).to_csv(tmp_path / "t.csv", index=False)
+    args = ["--targets", str(tmp_path / "t.csv"), "--target-col", "label", "other", "--folds", "2", "--jobs", "1", "-q",
+            "--seed", "5", "6"]
+    main(["evaluate", "--features", str(tmp_path / "both.parquet"), *args, "--out", str(tmp_path / "both.json")])
+    main(["evaluate", "--features", str(tmp_path / "noise.parquet"), *args, "--out", str(tmp_path / "noise.json")])
+    main(["compare", str(tmp_path / "both.json"), "--against", str(tmp_path / "noise.json"), "--out", str(tmp_path / "d.json")])
+    out = capsys.readouterr().out
+    assert "label: auroc" in out and "paired over 2 splits" in out and "(above;" in out
+    rows = json.loads((tmp_path / "d.json").read_text())
+    both, noise = load_results(tmp_path / "both.json"), load_results(tmp_path / "noise.json")
+    assert [r["target"] for r in rows] == ["label", "other"]
+    assert rows[0]["mean"] == pytest.approx(both["label"].test_mean - noise["label"].test_mean)
+    assert both["label"].results[1].test_scores == json.loads((tmp_path / "both.json").read_text())[0]["splits"][1]["test_scores"]
+    (tmp_path / "bad.json").write_text('[{"target": "label"}]')
+    with pytest.raises(EvaluationError, match="not an `evaluate --out` result"):
+        load_results(tmp_path / "bad.json")

@@ -71,7 +71,7 @@ def labelled_clients(
     store: SequenceStore, targets: pd.DataFrame, target_col: str, id_col: str = "client_id"
 ) -> tuple[np.ndarray, np.ndarray, JoinReport]:
     """``(store positions, raw labels, join report)`` of the labelled clients, in the order
-    ``evaluate`` would see them for a feature table in store order."""
+    ``evaluate`` sees them (by client id), so both draw the same test part and folds."""
     frame = pd.DataFrame({id_col: store.client_ids, _POSITION_COLUMN: np.arange(store.n_clients, dtype=np.int64)})
     X, y_raw, report = join_features_and_targets(frame, targets, target_col, id_col)
     return X[_POSITION_COLUMN].to_numpy(np.int64), y_raw, report

@@ -3,8 +3,8 @@
 LightGBM on feature tables (:func:`~ptls_meles.downstream.evaluate.evaluate`) and the
 neural baselines (:func:`~ptls_meles.downstream.finetune.supervised_eval`) both call it:
 
-* the labelled clients: features (or store positions) inner-joined to the labels, every
-  client left out counted in a :class:`JoinReport`;
+* the labelled clients: features (or store positions) inner-joined to the labels, in id
+  order, every client left out counted in a :class:`JoinReport`;
 * labels mapped to ``0..C-1`` in sorted order, the task resolved (binary: 2 classes);
 * a stratified random test part (``test_size``) and stratified K folds on the rest, with
   the same seed, so every row sees the same clients;
@@ -46,6 +46,7 @@ class JoinReport:
     n_labelled_missing_features: int  # labelled clients absent from the joined features
     n_features_without_target: int  # joined feature clients with no target row
     n_used: int  # labelled clients with features: what the evaluation runs on
+    clients_digest: str = ""  # hash of the used clients' ids: two results with equal digests split alike
 
 
 @dataclass
@@ -377,7 +378,7 @@ def join_features_and_targets(
     labels = targets[[id_col, target_col]]
     unlabelled = labels[target_col].isna()
     labels = labels[~unlabelled]
-    merged = _merge(joined, labels, id_col, "target table")
+    merged = _sorted_by_id(_merge(joined, labels, id_col, "target table"), id_col)
     report = JoinReport(
         rows_per_table=[len(t) for t in tables],
         n_joined_features=len(joined),
@@ -387,6 +388,7 @@ def join_features_and_targets(
         n_labelled_missing_features=len(labels) - len(merged),
         n_features_without_target=len(joined) - len(merged) - int(joined[id_col].isin(targets.loc[unlabelled, id_col]).sum()),
         n_used=len(merged),
+        clients_digest=clients_digest(merged[id_col]),
     )
     _log_join(report, target_col)
     if report.n_used == 0:
@@ -397,6 +399,24 @@ def join_features_and_targets(
         )
     X = merged.drop(columns=[id_col, target_col])
     return X, merged[target_col].to_numpy(), report
+
+
+def _sorted_by_id(merged: pd.DataFrame, id_col: str) -> pd.DataFrame:
+    """The joined clients in id order, so the test part and folds depend on which clients a
+    table holds, not on the order of its rows (a shuffled copy of a table scores alike)."""
+    try:
+        return merged.sort_values(id_col, kind="stable", ignore_index=True)
+    except TypeError as e:  # e.g. ints and strings in one object column
+        raise EvaluationError(f"cannot order the ids of column {id_col!r}: {e} (dtype {merged[id_col].dtype}, "
+                              f"e.g. {to_plain(merged[id_col].iloc[0])!r}); give every id one type") from e
+
+
+def clients_digest(ids: pd.Series) -> str:
+    """A short hash of a sequence of client ids (order included): equal digests, same clients."""
+    import hashlib
+
+    hashed = pd.util.hash_pandas_object(pd.Series(ids).reset_index(drop=True), index=False).to_numpy()
+    return hashlib.sha1(hashed.tobytes()).hexdigest()[:16]
 
 
 def _check_unique_ids(table: pd.DataFrame, id_col: str, what: str) -> None:

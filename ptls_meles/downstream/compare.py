@@ -1,0 +1,147 @@
+"""Paired differences between two evaluations of the same clients: is row A above row B?
+
+Two rows scored by :func:`~ptls_meles.downstream.evaluate.evaluate` with the same seed
+on the same labelled clients share the test part and every fold's training clients, so
+their scores are paired: fold ``k`` of one and fold ``k`` of the other differ only in the
+features. The difference of paired scores varies far less than either score (the test
+part's draw moves both alike), so its interval answers "does the embedding add anything
+beside the hand-crafted table?" where two overlapping intervals cannot.
+
+* One split: the K per-fold test differences, interval ``1.96 · std / √K`` (it holds
+  the test part fixed, like every single-split interval).
+* Several splits (``evaluate --seed A B C``): one difference of test means per split,
+  interval over the splits.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from .protocol import EvalResult, EvaluationError, JoinReport, SplitsResult, interval_half_width, to_plain
+
+
+@dataclass
+class PairedDifference:
+    """``result − baseline`` on one target, paired by fold (one split) or by split seed."""
+
+    target: str
+    metric: str
+    seeds: list[int]
+    unit: str  # "fold" (one split) or "split"
+    differences: list[float]  # test-score differences, one per fold or split
+    cv_differences: list[float]
+    result_mean: float
+    baseline_mean: float
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.differences))
+
+    @property
+    def interval(self) -> float:
+        return interval_half_width(self.differences)
+
+    @property
+    def cv_mean(self) -> float:
+        return float(np.mean(self.cv_differences))
+
+    @property
+    def cv_interval(self) -> float:
+        return interval_half_width(self.cv_differences)
+
+    @property
+    def verdict(self) -> str:
+        """Whether the 95% interval of the difference excludes zero."""
+        if self.mean - self.interval > 0:
+            return "above"
+        if self.mean + self.interval < 0:
+            return "below"
+        return "level"
+
+    def summary(self) -> str:
+        each = ", ".join(f"{d:+.3f}" for d in self.differences)
+        return (f"{self.target}: {self.metric} {self.result_mean:.3f} − {self.baseline_mean:.3f} = {self.mean:+.3f} ± "
+                f"{self.interval:.3f} ({self.verdict}; paired over {len(self.differences)} {self.unit}s: {each}); "
+                f"cv {self.cv_mean:+.3f} ± {self.cv_interval:.3f}")
+
+    def to_dict(self) -> dict:
+        return to_plain({f.name: getattr(self, f.name) for f in fields(self)}
+                        | {"mean": self.mean, "interval": self.interval, "cv_mean": self.cv_mean,
+                           "cv_interval": self.cv_interval, "verdict": self.verdict})
+
+
+def paired_difference(result: EvalResult | SplitsResult, baseline: EvalResult | SplitsResult) -> PairedDifference:
+    """``result − baseline``, refusing pairs that did not split the same clients alike."""
+    runs, bases = _splits(result), _splits(baseline)
+    if runs[0].target != bases[0].target:
+        raise EvaluationError(f"cannot pair target {runs[0].target!r} with target {bases[0].target!r}")
+    by_seed = {r.seed: r for r in bases}
+    missing = [r.seed for r in runs if r.seed not in by_seed]
+    if missing:
+        raise EvaluationError(f"target {runs[0].target!r}: the baseline has no split with seed {missing[0]} "
+                              f"(it has seeds {sorted(by_seed)}); evaluate both with the same --seed")
+    pairs = [(r, by_seed[r.seed]) for r in runs]
+    for r, b in pairs:
+        _check_same_split(r, b)
+    if not all(r.test_scores for r, _ in pairs):
+        raise EvaluationError(f"target {runs[0].target!r}: no test part to compare (test_size=0)")
+    if len(pairs) == 1:
+        r, b = pairs[0]
+        diffs = list(np.subtract(r.test_scores, b.test_scores))
+        cv_diffs = list(np.subtract(r.cv_scores, b.cv_scores))
+        unit = "fold"
+    else:
+        diffs = [r.test_mean - b.test_mean for r, b in pairs]
+        cv_diffs = [r.cv_mean - b.cv_mean for r, b in pairs]
+        unit = "split"
+    return PairedDifference(
+        target=runs[0].target, metric=runs[0].metric, seeds=[r.seed for r in runs], unit=unit,
+        differences=[float(d) for d in diffs], cv_differences=[float(d) for d in cv_diffs],
+        result_mean=float(np.mean([r.test_mean for r, _ in pairs])), baseline_mean=float(np.mean([b.test_mean for _, b in pairs])),
+    )
+
+
+def _splits(result: EvalResult | SplitsResult) -> list[EvalResult]:
+    return list(result.results) if isinstance(result, SplitsResult) else [result]
+
+
+def _check_same_split(r: EvalResult, b: EvalResult) -> None:
+    what = f"target {r.target!r}, seed {r.seed}"
+    if (r.n_folds, r.n_train, r.n_test) != (b.n_folds, b.n_train, b.n_test):
+        raise EvaluationError(f"{what}: the two results split differently ({r.n_folds} folds, {r.n_train} train / {r.n_test} "
+                              f"test against {b.n_folds}, {b.n_train} / {b.n_test}); pairing needs the same protocol")
+    if r.join.clients_digest and b.join.clients_digest and r.join.clients_digest != b.join.clients_digest:
+        raise EvaluationError(f"{what}: the two results scored different clients (digests {r.join.clients_digest} and "
+                              f"{b.join.clients_digest}); join both feature tables to the same clients")
+
+
+# --------------------------------------------------------------------------- reading results
+def load_results(path: str | os.PathLike) -> dict[str, EvalResult | SplitsResult]:
+    """The results of an ``evaluate --out`` JSON file by target."""
+    try:
+        with open(path) as f:
+            items = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvaluationError(f"{path}: cannot read evaluation results: {e}") from e
+    items = items if isinstance(items, list) else [items]
+    out: dict[str, EvalResult | SplitsResult] = {}
+    for i, item in enumerate(items):
+        try:
+            result = (SplitsResult([eval_result_from_dict(s) for s in item["splits"]]) if "splits" in item
+                      else eval_result_from_dict(item))
+        except (KeyError, TypeError) as e:
+            raise EvaluationError(f"{path}: item {i} is not an `evaluate --out` result (missing {e}); "
+                                  f"e.g. ptls-meles evaluate ... --out results.json writes one") from e
+        out[result.target] = result
+    return out
+
+
+def eval_result_from_dict(d: dict) -> EvalResult:
+    """The inverse of :meth:`EvalResult.to_dict` (derived keys such as ``test_mean`` dropped)."""
+    names = {f.name for f in fields(EvalResult)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    kwargs["join"] = JoinReport(**d["join"])
+    return EvalResult(**kwargs)
