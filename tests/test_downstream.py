@@ -570,3 +570,23 @@ def test_cli_compare_reads_two_evaluate_files(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('[{"target": "label"}]')
     with pytest.raises(EvaluationError, match="not an `evaluate --out` result"):
         load_results(tmp_path / "bad.json")
+
+
+def test_evaluate_keeps_the_probes_blas_to_n_jobs_threads(monkeypatch):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import ptls_meles.downstream.evaluate as ev
+
+    seen, original = [], ev._linear_probe
+
+    def recording(*args, **kwargs):
+        seen.extend(p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "_linear_probe", recording)
+    feats, targets = dense_signal(n=120, width=4, seed=2)
+    with threadpool_limits(limits=2):  # a BLAS pool wider than n_jobs outside (tests run at one thread)
+        outside = [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+        evaluate(feats, targets, "label", n_folds=2, n_jobs=1, model="linear")
+    assert outside and set(outside) == {2}
+    assert seen and set(seen) == {1}

@@ -12,6 +12,7 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from ..io_utils import read_table
 from .protocol import (EvalResult, EvaluationError, SplitsResult, Task, interval_half_width,  # noqa: F401
@@ -107,13 +108,16 @@ def evaluate(
         _warn_small_folds(min(len(fit_rows) for fit_rows, _ in plan.folds), lgbm, target_col)
 
     cv_scores, test_scores = [], []
-    for fold, (fit_rows, val_rows) in enumerate(plan.folds):
-        predict = folds.fit(fit_rows, val_rows)
-        cv_scores.append(plan.score(val_rows, predict(val_rows)))
-        if len(plan.test_idx):
-            test_scores.append(plan.score(plan.test_idx, predict(plan.test_idx)))
-        logger.info("%s fold %d/%d (%s): cv %.4f%s", target_col, fold + 1, n_folds, name, cv_scores[-1],
-                    f", test {test_scores[-1]:.4f}" if test_scores else "")
+    # n_jobs bounds every pool, not only LightGBM's: the probe's BLAS would take every core
+    # and slow an evaluation run beside this one (the contract is one process, n_jobs threads)
+    with threadpool_limits(limits=n_jobs):
+        for fold, (fit_rows, val_rows) in enumerate(plan.folds):
+            predict = folds.fit(fit_rows, val_rows)
+            cv_scores.append(plan.score(val_rows, predict(val_rows)))
+            if len(plan.test_idx):
+                test_scores.append(plan.score(plan.test_idx, predict(plan.test_idx)))
+            logger.info("%s fold %d/%d (%s): cv %.4f%s", target_col, fold + 1, n_folds, name, cv_scores[-1],
+                        f", test {test_scores[-1]:.4f}" if test_scores else "")
     return plan.result(cv_scores, test_scores, X.shape[1], name, folds.params, folds.best_rounds)
 
 
