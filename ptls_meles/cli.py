@@ -171,7 +171,8 @@ def cmd_evaluate(args) -> None:
         if len(args.seed) == 1:
             r = evaluate(tables, targets, col, seed=args.seed[0], **protocol)
         else:
-            r = evaluate_splits(tables, targets, col, seeds=args.seed, **protocol)
+            r = evaluate_splits(tables, targets, col, seeds=args.seed, **protocol,
+                                on_split=lambda split: print(f"  split seed {split.seed}: {split.summary()}", flush=True))
         print(r.summary())
         results.append(r.to_dict())
     if args.out:

@@ -486,7 +486,9 @@ def test_cli_evaluate_several_seeds_writes_the_mean_over_splits(tmp_path, capsys
     (two,), (one,) = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("two", "one"))
     assert two["seeds"] == [5, 6] and two["splits"][1]["test_scores"] == one["test_scores"]
     assert two["test_mean"] == pytest.approx(np.mean([s["test_mean"] for s in two["splits"]]))
-    assert "over 2 splits" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "over 2 splits" in out
+    assert out.index("  split seed 5: label: auroc test") < out.index("  split seed 6: label") < out.index("over 2 splits")
 
 
 def test_evaluate_splits_by_client_id_not_by_row_order():

@@ -122,16 +122,22 @@ def evaluate(
 
 
 def evaluate_splits(features: pd.DataFrame | list[pd.DataFrame], targets: pd.DataFrame, target_col: str,
-                    seeds: list[int], **kwargs) -> SplitsResult:
+                    seeds: list[int], on_split: Callable[[EvalResult], None] | None = None, **kwargs) -> SplitsResult:
     """:func:`evaluate` once per seed in ``seeds`` (each its own test part, folds and
     LightGBM seed) and the mean over them: a comparison judged on several test parts, not
-    on one draw of clients. ``kwargs`` go to :func:`evaluate` (not ``seed``)."""
+    on one draw of clients. ``on_split`` is called with each split's result as it ends (a
+    long read-out shows its progress). ``kwargs`` go to :func:`evaluate` (not ``seed``)."""
     if "seed" in kwargs:
         raise EvaluationError("evaluate_splits takes the seeds as seeds=[...], not seed=")
     seeds = [int(s) for s in seeds]
     if not seeds or len(set(seeds)) < len(seeds):
         raise EvaluationError(f"seeds must be one or more distinct integers, got {seeds}")
-    result = SplitsResult([evaluate(features, targets, target_col, seed=s, **kwargs) for s in seeds])
+    results = []
+    for s in seeds:
+        results.append(evaluate(features, targets, target_col, seed=s, **kwargs))
+        if on_split is not None:
+            on_split(results[-1])
+    result = SplitsResult(results)
     logger.info("%s", result.summary())
     return result
 
