@@ -153,7 +153,7 @@ def _feature_table(spec: str):
 
 
 def cmd_evaluate(args) -> None:
-    from .downstream.evaluate import evaluate, evaluate_splits
+    from .downstream.evaluate import components_summary, evaluate, evaluate_splits
     from .io_utils import check_output_file, read_table, write_json
 
     if args.out:
@@ -170,10 +170,12 @@ def cmd_evaluate(args) -> None:
                         early_stopping_rounds=args.early_stopping_rounds, model=args.model)
         if len(args.seed) == 1:
             r = evaluate(tables, targets, col, seed=args.seed[0], **protocol)
+            print(r.summary() + components_summary(r))
         else:
             r = evaluate_splits(tables, targets, col, seeds=args.seed, **protocol,
-                                on_split=lambda split: print(f"  split seed {split.seed}: {split.summary()}", flush=True))
-        print(r.summary())
+                                on_split=lambda split: print(f"  split seed {split.seed}: {split.summary()}"
+                                                             f"{components_summary(split)}", flush=True))
+            print(r.summary())
         results.append(r.to_dict())
     if args.out:
         write_json(args.out, results)
@@ -323,11 +325,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--jobs", type=int, default=2, metavar="N", help="LightGBM threads (default 2)")
     ev.add_argument("--early-stopping-rounds", type=int, metavar="N",
                     help="stop each fold's LightGBM after N rounds without a better validation-part loss, e.g. 50 (default off)")
-    ev.add_argument("--model", choices=("lightgbm", "linear", "stacked"), default="lightgbm",
+    ev.add_argument("--model", choices=("lightgbm", "linear", "stacked", "blended"), default="lightgbm",
                     help="lightgbm (default); linear: a linear probe, standardised logistic regression with its "
                          "strength picked by an inner CV on each fold's training clients; stacked: LightGBM on every "
                          "table but the last plus the last table's out-of-fold probe probabilities "
-                         "(e.g. --features handcrafted:STORE embeddings.parquet)")
+                         "(e.g. --features handcrafted:STORE embeddings.parquet); blended: the mean of LightGBM's "
+                         "probabilities on every table but the last and the probe's on the last (one table: both read it), "
+                         "each one's scores kept beside")
     ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)

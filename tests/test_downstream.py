@@ -295,16 +295,8 @@ def test_evaluate_linear_probe_reads_a_dense_direction(n_classes):
 
 
 def test_evaluate_stacked_reads_aggregates_by_trees_and_the_embedding_by_a_probe():
-    """A label made of a threshold on one aggregate (what trees read) and a dense direction
-    of an embedding (what a probe reads): the stacked row beats LightGBM on both tables."""
-    rng = np.random.default_rng(2)
-    n, width = 800, 128
-    x = rng.normal(size=(n, width))
-    agg = rng.normal(size=n)
-    score = 2 * x @ rng.normal(size=width) / np.sqrt(width) + 2.0 * (np.abs(agg) > 1.0)
-    targets = pd.DataFrame({"client_id": np.arange(n), "label": (score > np.median(score)).astype(int)})
-    emb = pd.DataFrame(x, columns=[f"emb_{i:03d}" for i in range(width)]).assign(client_id=np.arange(n))
-    hand = pd.DataFrame({"client_id": np.arange(n), "agg": agg, "noise": rng.normal(size=n)})
+    """The label of :func:`_two_signals`: the stacked row beats LightGBM on both tables."""
+    hand, emb, targets = _two_signals()
     kw = {"lgbm_params": SMALL_LGBM, "n_jobs": 1, "test_size": 0.2}
     both = evaluate([hand, emb], targets, "label", **kw)
     stacked = evaluate([hand, emb], targets, "label", model="stacked", **kw)
@@ -327,17 +319,59 @@ def test_evaluate_stacked_probe_scores_its_training_clients_out_of_fold():
     assert stacked.test_mean > alone.test_mean - 0.05, (stacked.summary(), alone.summary())
 
 
+def _two_signals(seed: int = 2, n: int = 800, width: int = 128):
+    """A label made of a threshold on one aggregate (what trees read) and a dense direction of
+    an embedding (what a probe reads)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, width))
+    agg = rng.normal(size=n)
+    score = 2 * x @ rng.normal(size=width) / np.sqrt(width) + 2.0 * (np.abs(agg) > 1.0)
+    targets = pd.DataFrame({"client_id": np.arange(n), "label": (score > np.median(score)).astype(int)})
+    emb = pd.DataFrame(x, columns=[f"emb_{i:03d}" for i in range(width)]).assign(client_id=np.arange(n))
+    hand = pd.DataFrame({"client_id": np.arange(n), "agg": agg, "noise": rng.normal(size=n)})
+    return hand, emb, targets
+
+
+def test_evaluate_blended_is_the_mean_of_lightgbm_on_the_aggregates_and_the_probe_on_the_embedding():
+    hand, emb, targets = _two_signals()
+    kw = {"lgbm_params": SMALL_LGBM, "n_jobs": 1, "test_size": 0.2}
+    blended = evaluate([hand, emb], targets, "label", model="blended", **kw)
+    trees, probe = evaluate(hand, targets, "label", **kw), evaluate(emb, targets, "label", model="linear", **kw)
+    parts = blended.params["components"]
+    assert blended.model == "blended" and (blended.n_train, blended.n_test) == (trees.n_train, trees.n_test)
+    # each component scored alone is the row its model gives on its own table, fold by fold
+    assert parts["lightgbm"]["test_scores"] == pytest.approx(trees.test_scores)
+    assert parts["linear_probe"]["cv_scores"] == pytest.approx(probe.cv_scores)
+    assert blended.params["probe"]["C_per_fold"] == probe.params["C_per_fold"]
+    # the label needs both signals: the average beats either model alone
+    assert blended.test_mean > max(trees.test_mean, probe.test_mean) + 0.03, \
+        (blended.summary(), trees.summary(), probe.summary())
+
+
+def test_evaluate_blended_on_one_table_reads_it_by_both_models():
+    """The control of a blended "both" row: the same two read-outs averaged on one table."""
+    feats, targets = dense_signal(n=300, width=16, seed=3, n_classes=3)
+    kw = {"lgbm_params": SMALL_LGBM, "n_jobs": 1}
+    blended = evaluate(feats, targets, "label", model="blended", **kw)
+    parts = blended.params["components"]
+    assert parts["lightgbm"]["cv_scores"] == pytest.approx(evaluate(feats, targets, "label", **kw).cv_scores)
+    assert parts["linear_probe"]["test_scores"] == pytest.approx(
+        evaluate(feats, targets, "label", model="linear", **kw).test_scores)
+    assert blended.n_features == 16 and blended.metric == "accuracy"
+
+
 def test_evaluate_linear_probe_arguments():
     feats, targets = dense_signal(n=60, width=4)
-    with pytest.raises(EvaluationError, match=r"model must be one of \('lightgbm', 'linear', 'stacked'\), got 'svm'"):
+    with pytest.raises(EvaluationError, match=r"model must be one of \('lightgbm', 'linear', 'stacked', 'blended'\), got 'svm'"):
         evaluate(feats, targets, "label", model="svm")
-    for model in ("linear", "stacked"):
+    for model in ("linear", "stacked", "blended"):
         with pytest.raises(EvaluationError, match=f"model='lightgbm' only, not to model='{model}'"):
             evaluate([feats, feats[["client_id"]]], targets, "label", model=model, early_stopping_rounds=10)
     with pytest.raises(EvaluationError, match=r"model='stacked' needs two or more feature tables"):
         evaluate(feats, targets, "label", model="stacked")
-    with pytest.raises(EvaluationError, match=r"the last feature table .* has no column besides 'client_id'"):
-        evaluate([feats, feats[["client_id"]]], targets, "label", model="stacked")
+    for model in ("stacked", "blended"):
+        with pytest.raises(EvaluationError, match=rf"model='{model}': the last feature table .* has no column besides 'client_id'"):
+            evaluate([feats, feats[["client_id"]]], targets, "label", model=model)
 
 
 def test_evaluate_errors():
@@ -443,6 +477,26 @@ def test_cli_evaluate_stacked(tmp_path):
           "--target-col", "label", "--folds", "3", "--jobs", "1", "-q", "--model", "stacked", "--out", str(tmp_path / "r.json")])
     r = json.loads((tmp_path / "r.json").read_text())[0]
     assert r["model"] == "stacked" and r["n_features"] == 17 and r["test_mean"] > 0.8
+
+
+def test_cli_evaluate_blended_prints_each_components_scores(tmp_path, capsys):
+    from ptls_meles.cli import main
+
+    hand, emb, targets = _two_signals(n=300, width=16)
+    hand.to_parquet(tmp_path / "h.parquet")
+    emb.to_parquet(tmp_path / "e.parquet")
+    targets.to_csv(tmp_path / "t.csv", index=False)
+    main(["evaluate", "--features", str(tmp_path / "h.parquet"), str(tmp_path / "e.parquet"), "--targets", str(tmp_path / "t.csv"),
+          "--target-col", "label", "--folds", "3", "--jobs", "1", "-q", "--model", "blended", "--seed", "3", "4",
+          "--out", str(tmp_path / "r.json")])
+    printed = capsys.readouterr().out
+    r = json.loads((tmp_path / "r.json").read_text())[0]
+    assert [s["model"] for s in r["splits"]] == ["blended", "blended"]
+    for s in r["splits"]:
+        trees = np.mean(s["params"]["components"]["lightgbm"]["test_scores"])
+        probe = np.mean(s["params"]["components"]["linear_probe"]["test_scores"])
+        assert f"split seed {s['seed']}: " in printed and f"lightgbm test {trees:.3f}" in printed
+        assert f"linear_probe test {probe:.3f}" in printed
 
 
 def test_cli_evaluate_offers_every_downstream_model():
