@@ -188,7 +188,7 @@ def cmd_compare(args) -> None:
 
     if args.out:
         check_output_file(args.out)
-    results, baselines = load_results(args.results), load_results(args.against)
+    results, baselines = load_results(args.results, args.part), load_results(args.against, args.against_part)
     shared = [t for t in results if t in baselines]
     if not shared:
         raise EvaluationError(f"{args.results} (targets {sorted(results)}) and {args.against} (targets {sorted(baselines)}) "
@@ -341,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("results", metavar="RESULTS.json", help="an `evaluate --out` file, e.g. both.json")
     cp.add_argument("--against", required=True, metavar="BASELINE.json",
                     help="the `evaluate --out` file to subtract, scored with the same --seed, folds and test size")
+    for flag, side in (("--part", "RESULTS.json"), ("--against-part", "BASELINE.json")):
+        cp.add_argument(flag, choices=("lightgbm", "linear_probe"),
+                        help=f"read one component of a `--model blended` {side} instead of the blend, e.g. {flag} linear_probe")
     cp.add_argument("--out", metavar="FILE", help="write the differences as JSON, e.g. --out both_vs_hand.json")
     common(cp)
     cp.set_defaults(func=cmd_compare)

@@ -481,6 +481,7 @@ def test_cli_evaluate_stacked(tmp_path):
 
 def test_cli_evaluate_blended_prints_each_components_scores(tmp_path, capsys):
     from ptls_meles.cli import main
+    from ptls_meles.downstream.compare import load_results
 
     hand, emb, targets = _two_signals(n=300, width=16)
     hand.to_parquet(tmp_path / "h.parquet")
@@ -497,6 +498,29 @@ def test_cli_evaluate_blended_prints_each_components_scores(tmp_path, capsys):
         probe = np.mean(s["params"]["components"]["linear_probe"]["test_scores"])
         assert f"split seed {s['seed']}: " in printed and f"lightgbm test {trees:.3f}" in printed
         assert f"linear_probe test {probe:.3f}" in printed
+    # compare reads a component in place of the blend: blend − its own trees, and probe − trees
+    main(["compare", str(tmp_path / "r.json"), "--against", str(tmp_path / "r.json"), "--against-part", "lightgbm",
+          "--out", str(tmp_path / "d.json")])
+    main(["compare", str(tmp_path / "r.json"), "--part", "linear_probe", "--against", str(tmp_path / "r.json"),
+          "--against-part", "lightgbm", "--out", str(tmp_path / "p.json")])
+    (blend_gain,), (probe_gain,) = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("d", "p"))
+    trees = [np.mean(s["params"]["components"]["lightgbm"]["test_scores"]) for s in r["splits"]]
+    probes = [np.mean(s["params"]["components"]["linear_probe"]["test_scores"]) for s in r["splits"]]
+    assert blend_gain["differences"] == pytest.approx([s["test_mean"] - t for s, t in zip(r["splits"], trees)])
+    assert probe_gain["differences"] == pytest.approx(np.subtract(probes, trees))
+    with pytest.raises(EvaluationError, match="has no component 'linear_probe'.*only evaluate --model blended"):
+        load_results(_plain_result(tmp_path), "linear_probe")
+
+
+def _plain_result(tmp_path):
+    from ptls_meles.cli import main
+
+    feats, targets = dense_signal(n=120, width=4, seed=1)
+    feats.to_parquet(tmp_path / "plain.parquet")
+    targets.to_csv(tmp_path / "plain.csv", index=False)
+    main(["evaluate", "--features", str(tmp_path / "plain.parquet"), "--targets", str(tmp_path / "plain.csv"),
+          "--target-col", "label", "--folds", "2", "--jobs", "1", "-q", "--out", str(tmp_path / "plain.json")])
+    return tmp_path / "plain.json"
 
 
 def test_cli_evaluate_offers_every_downstream_model():

@@ -119,8 +119,10 @@ def _check_same_split(r: EvalResult, b: EvalResult) -> None:
 
 
 # --------------------------------------------------------------------------- reading results
-def load_results(path: str | os.PathLike) -> dict[str, EvalResult | SplitsResult]:
-    """The results of an ``evaluate --out`` JSON file by target."""
+def load_results(path: str | os.PathLike, part: str | None = None) -> dict[str, EvalResult | SplitsResult]:
+    """The results of an ``evaluate --out`` JSON file by target; ``part`` (``"lightgbm"`` or
+    ``"linear_probe"``) reads one component of a ``--model blended`` result instead of the
+    blend, so one blended run gives its two rows alone to compare as well."""
     try:
         with open(path) as f:
             items = json.load(f)
@@ -130,13 +132,24 @@ def load_results(path: str | os.PathLike) -> dict[str, EvalResult | SplitsResult
     out: dict[str, EvalResult | SplitsResult] = {}
     for i, item in enumerate(items):
         try:
-            result = (SplitsResult([eval_result_from_dict(s) for s in item["splits"]]) if "splits" in item
-                      else eval_result_from_dict(item))
+            splits = item["splits"] if "splits" in item else [item]
+            results = [eval_result_from_dict(s if part is None else _component(s, part, path)) for s in splits]
         except (KeyError, TypeError) as e:
             raise EvaluationError(f"{path}: item {i} is not an `evaluate --out` result (missing {e}); "
                                   f"e.g. ptls-meles evaluate ... --out results.json writes one") from e
+        result = SplitsResult(results) if "splits" in item else results[0]
         out[result.target] = result
     return out
+
+
+def _component(d: dict, part: str, path: str | os.PathLike) -> dict:
+    """A blended result's dict with one component's scores in place of the blend's."""
+    components = d.get("params", {}).get("components", {})
+    if part not in components:
+        raise EvaluationError(f"{path}: target {d.get('target')!r} has no component {part!r} (it has "
+                              f"{sorted(components) or 'none: only evaluate --model blended keeps components'})")
+    scores = components[part]
+    return {**d, "model": part, "cv_scores": scores["cv_scores"], "test_scores": scores["test_scores"]}
 
 
 def eval_result_from_dict(d: dict) -> EvalResult:
