@@ -22,7 +22,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 #: name -> valid parts of a comma-separated set ("" = none of them, where allowed)
 SET_CHOICES: dict[str, tuple[str, ...]] = {
-    "numeric_encoding": ("scalar", "by_category", "periodic"),
+    "numeric_encoding": ("scalar", "by_category", "periodic", "piecewise"),
     "time_features": ("gap", "elapsed", "absolute", "daytime"),
     "pooling": ("last", "mean", "max", "attention"),
     "aux_objective": ("next_event", "view_stats"),
@@ -89,7 +89,7 @@ class MeLESConfig:
     # event encoder
     cat_embedding_dim: int = 16
     cat_embedding_dims: dict[str, int] = field(default_factory=dict)  # per-field override
-    numeric_encoding: str = "scalar,by_category"  # set of scalar | by_category | periodic
+    numeric_encoding: str = "scalar,by_category"  # set of scalar | by_category | periodic | piecewise
     time_features: str = "gap,elapsed,absolute"  # set of gap | elapsed | absolute | daytime ("" = none)
     # sequence encoder
     encoder: str = "conv"

@@ -13,7 +13,7 @@ from ptls_meles.batch import PaddedBatch
 from ptls_meles.config import CHOICES, PRESETS, MeLESConfig
 from ptls_meles.encoding import Encoding
 from ptls_meles.losses import make_loss
-from ptls_meles.nn.event_encoder import EventEncoder, daytime_features, time_scalars
+from ptls_meles.nn.event_encoder import EventEncoder, category_value_edges, daytime_features, time_scalars
 from ptls_meles.nn.pooling import SequencePooling
 from ptls_meles.train import MeLESModule, embedder_from_config
 
@@ -102,12 +102,49 @@ def test_by_category_standardises_within_the_category_and_scales_its_vector():
 def test_every_numeric_encoding_ignores_padding_garbage_and_has_the_announced_size():
     torch.manual_seed(0)
     enc = EventEncoder({"p": (5, 3)}, ["v"], time_features=("gap", "elapsed", "absolute", "daytime"),
-                       numeric_encoding=("scalar", "by_category", "periodic"), periodic_dim=4).eval()
+                       numeric_encoding=("scalar", "by_category", "periodic", "piecewise"), periodic_dim=4).eval()
     clean = _batch([[2, 3, 0]], [[1.0, 2.0, 0.0]], [[10.0, 70.0, 0.0]], [2])
     dirty = _batch([[2, 3, 4]], [[1.0, 2.0, float("nan")]], [[10.0, 70.0, 1e9]], [2])
     a, b = enc(clean), enc(dirty)
-    assert a.shape == (1, 3, enc.output_size) == (1, 3, 3 + 3 + 4 + 4 + 4)
+    assert a.shape == (1, 3, enc.output_size) == (1, 3, 3 + 3 + 3 + 4 + 4 + 4)
     assert torch.equal(a, b) and torch.all(a[0, 2] == 0)
+
+
+def test_piecewise_edges_are_each_categorys_quantiles_and_a_rare_category_takes_the_columns():
+    rng = np.random.default_rng(0)
+    ids = np.r_[np.full(101, 2), np.full(41, 3), np.full(3, 4)]
+    values = np.r_[rng.normal(100, 10, 101), rng.exponential(5, 41), [1.0, 2.0, 3.0]].astype(np.float32)
+    values[5] = np.nan  # not finite: left out of the quantiles
+    order = rng.permutation(len(ids))  # the store's row order does not matter
+    edges = category_value_edges({"p": ids[order], "v": values[order]}, "p", ["v"], vocab=6, n_bins=4)
+    q = np.linspace(0, 1, 5)
+    assert edges.shape == (1, 6, 5)
+    np.testing.assert_allclose(edges[0, 2], np.quantile(values[1:101][np.isfinite(values[1:101])], q, method="lower"), rtol=1e-6)
+    np.testing.assert_allclose(edges[0, 3], np.quantile(values[101:142], q, method="lower"), rtol=1e-6)
+    finite = values[np.isfinite(values)]
+    for rare in (0, 1, 4, 5):  # padding, unseen and a category of three values read the whole column's edges
+        np.testing.assert_allclose(edges[0, rare], np.quantile(finite, q), rtol=1e-6)
+    # past max_rows every k-th row is read: a column of 1..1000 sampled every 4th row keeps its range
+    thinned = category_value_edges({"p": np.full(1000, 2), "v": np.arange(1.0, 1001.0)}, "p", ["v"], 3, 2, max_rows=250)
+    assert thinned[0, 2].tolist() == [1.0, 497.0, 997.0]
+
+
+def test_piecewise_fills_the_bins_below_the_value_and_weighs_its_categorys_vectors():
+    enc = EventEncoder({"p": (4, 2)}, ["v"], numeric_encoding=("piecewise",), piecewise_bins=3)
+    enc.fit_value_moments({"p": np.r_[np.full(7, 2), np.full(7, 3)],
+                           "v": np.r_[np.arange(7) / 2, np.arange(7) * 5].astype(np.float32)})
+    assert enc.value_edges[0, 2].tolist() == [0.0, 1.0, 2.0, 3.0] and enc.value_edges[0, 3].tolist() == [0.0, 10.0, 20.0, 30.0]
+    out = enc(_batch([[2, 3, 2, 3, 2]], [[1.5, 1.5, float("nan"), 99.0, -5.0]], [[0.0] * 5], [5]))
+    assert out.shape == (1, 5, enc.output_size) == (1, 5, 2 + 2)
+    vectors = enc.bin_vectors.weight.detach().view(4, 3, 2)
+    assert torch.allclose(out[0, 0, 2:], vectors[2, 0] + 0.5 * vectors[2, 1])  # 1.5 within 0, 1, 2, 3
+    assert torch.allclose(out[0, 1, 2:], 0.15 * vectors[3, 0])  # the same 1.5 is low for category 3
+    assert torch.equal(out[0, 2, 2:], torch.zeros(2))  # a missing value fills no bin
+    assert torch.allclose(out[0, 3, 2:], vectors[3].sum(0))  # above the top edge: every bin full, no further
+    assert torch.equal(out[0, 4, 2:], torch.zeros(2))  # below the bottom edge
+    # the curve is not a line: three evenly spaced values of category 2 have unevenly spaced encodings
+    a, b, c = enc(_batch([[2, 2, 2]], [[0.5, 1.5, 2.5]], [[0.0] * 3], [3]))[0, :, 2:]
+    assert not torch.allclose(b - a, c - b)
 
 
 def test_time_scalars_and_daytime_by_hand():
@@ -404,7 +441,7 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     tx = events_frame(n_clients=40, max_len=30, seed=1)
     store, _ = prepare(tx, EventSchema("client", "day", ["mcc"], ["amount"], time_format="number"), show_progress=False)
     config = MeLESConfig(hidden_size=8, batch_size=8, max_epochs=2, num_workers=0, val_fraction=0.25, cnt_min=2,
-                         cnt_max=10, patience=None, numeric_encoding="scalar,by_category,periodic",
+                         cnt_max=10, patience=None, numeric_encoding="scalar,by_category,periodic,piecewise",
                          time_features="gap,elapsed,absolute", pooling="last,mean,max", loss="infonce",
                          lr_schedule="cosine", grad_clip=1.0, weight_decay=0.01,
                          aux_objective="next_event,view_stats", aux_relative=True,
@@ -424,6 +461,9 @@ def test_a_module_with_every_lever_trains_and_its_value_moments_travel_in_the_st
     assert moments.abs().sum() > 0  # fitted from the store, not left at zero
     loaded = load_model(tmp_path / "checkpoints" / "last.ckpt")
     assert torch.equal(loaded.embedder.event_encoder.value_mean, moments)
+    edges = module.embedder.event_encoder.value_edges
+    assert edges.diff(dim=-1).ge(0).all() and not torch.equal(edges[0, 1], torch.linspace(-1, 1, 9))  # fitted
+    assert torch.equal(loaded.embedder.event_encoder.value_edges, edges)
     assert torch.equal(loaded.view_stats.value_mean, module.view_stats.value_mean)
     assert next_event_fitted and next_event_fitted[0].abs().sum() > 0  # fitted at the training start
     assert module.view_stats.gap_edges.diff().ge(0).all() and module.view_stats.gap_edges[-1] > 0  # fitted quantiles

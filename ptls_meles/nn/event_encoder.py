@@ -144,6 +144,36 @@ def category_value_moments(columns: dict, category_field: str, numeric_fields: l
     return (torch.stack(means) if means else empty), (torch.stack(stds) if stds else empty + 1)
 
 
+@torch.no_grad()
+def category_value_edges(columns: dict, category_field: str, numeric_fields: list[str], vocab: int,
+                         n_bins: int, max_rows: int = 2_000_000) -> torch.Tensor:
+    """``[n_numeric, vocab, n_bins + 1]`` quantile edges of each number within each category of
+    ``category_field`` over flat store columns (every ``k``-th row past ``max_rows``: quantiles
+    need no more). A category with fewer than ``2 * n_bins`` finite values takes the edges of the
+    whole column; one sort per number, no loop over categories."""
+    ids = np.asarray(columns[category_field], dtype=np.int64)
+    step = max(1, -(-len(ids) // max_rows))
+    ids = ids[::step]
+    q = np.linspace(0.0, 1.0, n_bins + 1)
+    out = np.zeros((len(numeric_fields), vocab, n_bins + 1), dtype=np.float64)
+    for i, name in enumerate(numeric_fields):
+        x = np.asarray(columns[name], dtype=np.float64)[::step]
+        ok = np.isfinite(x)
+        c, v = ids[ok], x[ok]
+        if not len(v):
+            out[i] = np.linspace(-1.0, 1.0, n_bins + 1)
+            continue
+        out[i] = np.quantile(v, q)
+        order = np.lexsort((v, c))
+        v = v[order]
+        counts = np.bincount(c, minlength=vocab)[:vocab]
+        starts = np.cumsum(counts) - counts
+        enough = counts >= 2 * n_bins
+        positions = starts[enough, None] + np.floor(q * (counts[enough, None] - 1)).astype(np.int64)
+        out[i, enough] = v[positions]
+    return torch.from_numpy(out).float()
+
+
 class EventEncoder(nn.Module):
     """One vector per event: per-field category embeddings, numbers and time features.
 
@@ -155,7 +185,12 @@ class EventEncoder(nn.Module):
     - ``by_category``: the number standardised within its event's category of the first
       categorical field (moments set by :meth:`fit_value_moments`) scales a learned
       vector of that category: "120" is then read differently for heart rate and glucose;
-    - ``periodic``: a learned periodic encoding of each (scaled) number.
+    - ``periodic``: a learned periodic encoding of each (scaled) number;
+    - ``piecewise``: a piecewise-linear encoding of the number within its event's category
+      (Gorishniy et al. 2022): ``piecewise_bins`` bins between the category's quantiles (set by
+      :meth:`fit_value_moments`), each filled 0..1 by the value, weigh learned vectors of that
+      category, so each category reads its numbers through its own piecewise-linear curve and
+      thresholds such as "creatinine above normal" need no depth to find.
 
     ``time_features`` (any of): ``gap``, ``elapsed``, ``absolute`` (scalars, BatchNorm) and
     ``daytime`` (time of day / day of week; needs times in seconds).
@@ -168,6 +203,7 @@ class EventEncoder(nn.Module):
         time_features: bool | tuple[str, ...] = (),
         numeric_encoding: tuple[str, ...] = ("scalar",),
         periodic_dim: int = 16,
+        piecewise_bins: int = 8,
     ):
         super().__init__()
         if isinstance(time_features, bool):
@@ -192,6 +228,17 @@ class EventEncoder(nn.Module):
             self.register_buffer("value_mean", torch.zeros(n_numeric, vocab))
             self.register_buffer("value_std", torch.ones(n_numeric, vocab))
             size += dim * n_numeric
+        self.piecewise = "piecewise" in self.numeric_encoding and n_numeric > 0 and bool(categorical)
+        if self.piecewise:
+            vocab, dim = next(iter(categorical.values()))
+            self.piecewise_bins = piecewise_bins
+            self.bin_vectors = nn.Embedding(vocab, n_numeric * piecewise_bins * dim, padding_idx=0)
+            nn.init.normal_(self.bin_vectors.weight, std=0.1)
+            with torch.no_grad():
+                self.bin_vectors.weight[0].zero_()
+            edges = torch.linspace(-1.0, 1.0, piecewise_bins + 1).expand(n_numeric, vocab, -1)
+            self.register_buffer("value_edges", edges.clone())
+            size += dim * n_numeric
         n_scaled = (n_numeric if "scalar" in self.numeric_encoding or "periodic" in self.numeric_encoding else 0) + len(self.time_parts)
         self.numeric_norm = MaskedBatchNorm(n_scaled) if n_scaled else None
         self._n_scalar_outputs = (n_numeric if "scalar" in self.numeric_encoding else 0) + len(self.time_parts)
@@ -215,13 +262,28 @@ class EventEncoder(nn.Module):
             ) from None
 
     def fit_value_moments(self, columns: dict) -> None:
-        """Per-category mean/std of every numeric field over the given flat store columns
-        (category = the first categorical field)."""
+        """Per-category mean/std (``by_category``) and quantile edges (``piecewise``) of every
+        numeric field over the given flat store columns (category = the first categorical field)."""
+        if self.piecewise:
+            self.value_edges.copy_(category_value_edges(columns, self.categorical_fields[0], self.numeric_fields,
+                                                        self.value_edges.shape[1], self.piecewise_bins))
         if self.by_category:
             mean, std = category_value_moments(columns, self.categorical_fields[0], self.numeric_fields,
                                                self.value_mean.shape[1])
             self.value_mean.copy_(mean)
             self.value_std.copy_(std)
+
+    def _piecewise(self, batch: PaddedBatch, numbers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``[B, T, n_numeric * dim]``: each number's bins (0..1 each, NaN -> all 0) weigh its
+        category's learned bin vectors."""
+        ids = self._field(batch, self.categorical_fields[0]).masked_fill(~mask, 0)
+        x = torch.stack(numbers, dim=-1)  # [B, T, F]
+        edges = self.value_edges[:, ids].permute(1, 2, 0, 3)  # [B, T, F, K + 1]
+        low, high = edges[..., :-1], edges[..., 1:]
+        filled = ((x.unsqueeze(-1) - low) / (high - low).clamp(min=1e-6)).clamp(0.0, 1.0)
+        filled = torch.where(mask[..., None, None], torch.nan_to_num(filled, nan=0.0), torch.zeros((), device=x.device))
+        vectors = self.bin_vectors(ids).view(*ids.shape, len(numbers), self.piecewise_bins, -1)  # [B, T, F, K, D]
+        return torch.matmul(filled.unsqueeze(-2), vectors).squeeze(-2).flatten(-2)
 
     def forward(self, batch: PaddedBatch) -> torch.Tensor:
         """``[B, T, output_size]`` float32, zeros at padded positions."""
@@ -241,6 +303,8 @@ class EventEncoder(nn.Module):
             z = torch.where(keep, torch.nan_to_num(z, nan=0.0).clamp(-10, 10), zero)
             vectors = self.value_vectors(ids).view(*ids.shape, len(numbers), -1)
             parts.append((vectors * z.unsqueeze(-1)).flatten(-2))
+        if self.piecewise:
+            parts.append(self._piecewise(batch, numbers, mask))
         scalars = []
         if "scalar" in self.numeric_encoding or self.periodic is not None:
             scalars += numbers
