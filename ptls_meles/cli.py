@@ -152,6 +152,15 @@ def _feature_table(spec: str):
     return load_feature_table(spec)
 
 
+def _blend_weight(text: str) -> float | None:
+    if text == "validation":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1] or 'validation', e.g. 0.3, got {text!r}") from None
+
+
 def cmd_evaluate(args) -> None:
     from .downstream.evaluate import components_summary, evaluate, evaluate_splits
     from .io_utils import check_output_file, read_table, write_json
@@ -167,7 +176,8 @@ def cmd_evaluate(args) -> None:
     results = []
     for col in args.target_col:
         protocol = dict(n_folds=args.folds, test_size=args.test_size, n_jobs=args.jobs,
-                        early_stopping_rounds=args.early_stopping_rounds, model=args.model)
+                        early_stopping_rounds=args.early_stopping_rounds, model=args.model,
+                        blend_weight=args.blend_weight)
         if len(args.seed) == 1:
             r = evaluate(tables, targets, col, seed=args.seed[0], **protocol)
             print(r.summary() + components_summary(r))
@@ -332,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(e.g. --features handcrafted:STORE embeddings.parquet); blended: the mean of LightGBM's "
                          "probabilities on every table but the last and the probe's on the last (one table: both read it), "
                          "each one's scores kept beside")
+    ev.add_argument("--blend-weight", type=_blend_weight, default=0.5, metavar="W|validation",
+                    help="--model blended: the probe's share of the blend (default 0.5, the mean); validation: each "
+                         "fold picks it from 0, 0.1, ..., 1 by its validation score (test scores stay honest)")
     ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 
 from ptls_meles.downstream.evaluate import (
+    BLEND_WEIGHTS,
     LINEAR_CS,
     EvaluationError,
     evaluate,
@@ -360,6 +361,34 @@ def test_evaluate_blended_on_one_table_reads_it_by_both_models():
     assert blended.n_features == 16 and blended.metric == "accuracy"
 
 
+def test_evaluate_blended_weight_zero_and_one_are_its_components_and_validation_picks_the_strong_one():
+    hand, emb, targets = _two_signals(n=600, width=32)
+    kw = {"lgbm_params": SMALL_LGBM, "n_jobs": 1, "test_size": 0.2}
+    trees_only = evaluate([hand, emb], targets, "label", model="blended", blend_weight=0.0, **kw)
+    probe_only = evaluate([hand, emb], targets, "label", model="blended", blend_weight=1.0, **kw)
+    assert trees_only.test_scores == pytest.approx(trees_only.params["components"]["lightgbm"]["test_scores"])
+    assert probe_only.cv_scores == pytest.approx(probe_only.params["components"]["linear_probe"]["cv_scores"])
+    # a trees table of pure noise beside the embedding: the equal mean is dragged down, the picked
+    # weight leans on the probe and keeps (nearly) its score
+    rng = np.random.default_rng(9)
+    noise = pd.DataFrame({"client_id": hand["client_id"], "n1": rng.normal(size=len(hand)), "n2": rng.normal(size=len(hand))})
+    equal = evaluate([noise, emb], targets, "label", model="blended", **kw)
+    picked = evaluate([noise, emb], targets, "label", model="blended", blend_weight=None, **kw)
+    probe = np.mean(picked.params["components"]["linear_probe"]["test_scores"])
+    assert picked.params["blend_weight"] == "validation" and len(picked.params["weight_per_fold"]) == 5
+    assert all(w in BLEND_WEIGHTS and w >= 0.6 for w in picked.params["weight_per_fold"]), picked.params["weight_per_fold"]
+    assert picked.test_mean > equal.test_mean and picked.test_mean > probe - 0.01, (picked.summary(), equal.summary(), probe)
+    assert "weight_per_fold" not in equal.params and equal.params["blend_weight"] == 0.5
+
+
+def test_evaluate_blend_weight_is_refused_out_of_range_and_off_the_blend():
+    feats, targets = dense_signal(n=60, width=4)
+    with pytest.raises(EvaluationError, match=r"blend_weight must be in \[0, 1\] or None.*got 1.5"):
+        evaluate([feats, feats], targets, "label", model="blended", blend_weight=1.5)
+    with pytest.raises(EvaluationError, match="blend_weight applies to model='blended' only, not to model='linear'"):
+        evaluate(feats, targets, "label", model="linear", blend_weight=None)
+
+
 def test_evaluate_linear_probe_arguments():
     feats, targets = dense_signal(n=60, width=4)
     with pytest.raises(EvaluationError, match=r"model must be one of \('lightgbm', 'linear', 'stacked', 'blended'\), got 'svm'"):
@@ -498,6 +527,14 @@ def test_cli_evaluate_blended_prints_each_components_scores(tmp_path, capsys):
         probe = np.mean(s["params"]["components"]["linear_probe"]["test_scores"])
         assert f"split seed {s['seed']}: " in printed and f"lightgbm test {trees:.3f}" in printed
         assert f"linear_probe test {probe:.3f}" in printed
+    main(["evaluate", "--features", str(tmp_path / "h.parquet"), str(tmp_path / "e.parquet"), "--targets", str(tmp_path / "t.csv"),
+          "--target-col", "label", "--folds", "3", "--jobs", "1", "-q", "--model", "blended", "--blend-weight", "validation"])
+    weights = re.search(r"probe's share per fold ([\d. ]+)", capsys.readouterr().out)
+    assert weights and len(weights.group(1).split()) == 3
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--features", str(tmp_path / "h.parquet"), "--targets", str(tmp_path / "t.csv"),
+              "--target-col", "label", "--model", "blended", "--blend-weight", "half"])
+    assert "expected a share in [0, 1] or 'validation'" in capsys.readouterr().err
     # compare reads a component in place of the blend: blend − its own trees, and probe − trees
     main(["compare", str(tmp_path / "r.json"), "--against", str(tmp_path / "r.json"), "--against-part", "lightgbm",
           "--out", str(tmp_path / "d.json")])

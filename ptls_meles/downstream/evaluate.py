@@ -52,6 +52,7 @@ def evaluate(
     labelled_fraction: float = 1.0,
     early_stopping_rounds: int | None = None,
     model: str = "lightgbm",
+    blend_weight: float | None = 0.5,
 ) -> EvalResult:
     """Score feature table(s) on a target with LightGBM (stratified test part + K-fold CV).
 
@@ -87,6 +88,10 @@ def evaluate(
     models of near-equal strength that err apart gain from an average, which a stacked
     column, split on a few thresholds by trees, may not pass on. Each component's scores per
     fold are kept in ``params["components"]``, so one run also gives both rows alone.
+    ``blend_weight``: the probe's share of the blend (0.5: the plain mean); ``None``: each fold
+    picks it from :data:`BLEND_WEIGHTS` by its validation score (``params["weight_per_fold"]``),
+    so a weak component is not forced in at half weight; the validation fold then also picks
+    the weight, so cv scores are slightly optimistic, test scores are not (as with early stopping).
     """
     if model not in MODELS:
         raise EvaluationError(f"model must be one of {MODELS}, got {model!r}")
@@ -94,6 +99,10 @@ def evaluate(
         raise EvaluationError(f"early_stopping_rounds must be >= 1 or None, got {early_stopping_rounds}")
     if early_stopping_rounds is not None and model != "lightgbm":
         raise EvaluationError(f"early_stopping_rounds applies to model='lightgbm' only, not to model={model!r}")
+    if blend_weight is not None and not 0.0 <= blend_weight <= 1.0:
+        raise EvaluationError(f"blend_weight must be in [0, 1] or None (picked on each validation fold), got {blend_weight}")
+    if blend_weight != 0.5 and model != "blended":
+        raise EvaluationError(f"blend_weight applies to model='blended' only, not to model={model!r}")
     tables = [features] if isinstance(features, pd.DataFrame) else list(features)
     if model == "stacked" and len(tables) < 2:
         raise EvaluationError("model='stacked' needs two or more feature tables: LightGBM reads all but the last, "
@@ -112,7 +121,7 @@ def evaluate(
         if model == "stacked":
             folds, name = _StackedFolds(trees, _probe_values(X[probed]), plan, lgbm, seed, n_jobs), "stacked"
         else:
-            folds, name = _BlendedFolds(trees, _probe_values(X[probed]), plan, lgbm, seed, n_jobs), "blended"
+            folds, name = _BlendedFolds(trees, _probe_values(X[probed]), plan, lgbm, seed, n_jobs, blend_weight), "blended"
     else:
         folds, name = _LightGBMFolds(X, plan, lgbm, early_stopping_rounds), "lightgbm"
     if model != "linear":
@@ -257,33 +266,55 @@ class _StackedFolds:
         return lambda rows: model.predict_proba(stacked[rows])
 
 
-class _BlendedFolds:
-    """Per fold: the mean of LightGBM's probabilities on the aggregates and the probe's on the
-    embedding; each component's own cv and test scores are kept beside the blend's."""
+#: the probe's shares a blend picks from on each validation fold (``blend_weight=None``)
+BLEND_WEIGHTS = tuple(i / 10 for i in range(11))
 
-    def __init__(self, trees: pd.DataFrame, probed: np.ndarray, plan, lgbm: dict, seed: int, n_jobs: int) -> None:
+
+class _BlendedFolds:
+    """Per fold: LightGBM's probabilities on the aggregates and the probe's on the embedding,
+    averaged at a fixed or a validation-picked weight; each component's own cv and test scores
+    are kept beside the blend's."""
+
+    def __init__(self, trees: pd.DataFrame, probed: np.ndarray, plan, lgbm: dict, seed: int, n_jobs: int,
+                 weight: float | None = 0.5) -> None:
         self.best_rounds: list[int] = []
         self.trees = _LightGBMFolds(trees, plan, lgbm, None)
         self.probe = _LinearFolds(probed, plan, seed, n_jobs)
-        self.plan = plan
+        self.plan, self.weight = plan, weight
         self.components = {part: {"cv_scores": [], "test_scores": []} for part in ("lightgbm", "linear_probe")}
-        self.params = {**lgbm, "probe": self.probe.params, "components": self.components}
+        self.params = {**lgbm, "probe": self.probe.params, "components": self.components,
+                       "blend_weight": "validation" if weight is None else weight}
+        if weight is None:
+            self.params["weight_per_fold"] = []
+
+    def _pick_weight(self, val_rows: np.ndarray, trees: np.ndarray, probe: np.ndarray) -> float:
+        """The share scoring best on the validation fold; of equal scores, the one nearest 0.5."""
+        scores = [self.plan.score(val_rows, (1 - w) * trees + w * probe) for w in BLEND_WEIGHTS]
+        best = max(scores)
+        weight = min((w for w, s in zip(BLEND_WEIGHTS, scores) if s == best), key=lambda w: abs(w - 0.5))
+        self.params["weight_per_fold"].append(weight)
+        return weight
 
     def fit(self, fit_rows: np.ndarray, val_rows: np.ndarray) -> Predict:
         parts = {"lightgbm": self.trees.fit(fit_rows, val_rows), "linear_probe": self.probe.fit(fit_rows, val_rows)}
         test_rows = self.plan.test_idx
+        on_val = {part: predict(val_rows) for part, predict in parts.items()}
         for part, predict in parts.items():
-            self.components[part]["cv_scores"].append(self.plan.score(val_rows, predict(val_rows)))
+            self.components[part]["cv_scores"].append(self.plan.score(val_rows, on_val[part]))
             if len(test_rows):
                 self.components[part]["test_scores"].append(self.plan.score(test_rows, predict(test_rows)))
-        return lambda rows: (parts["lightgbm"](rows) + parts["linear_probe"](rows)) / 2
+        w = self.weight if self.weight is not None else self._pick_weight(val_rows, *on_val.values())
+        return lambda rows: (1 - w) * parts["lightgbm"](rows) + w * parts["linear_probe"](rows)
 
 
 def components_summary(result: EvalResult) -> str:
-    """``"; lightgbm test 0.851 (cv 0.853), linear_probe test …"`` for a blended result, else ``""``."""
+    """``"; lightgbm test 0.851 (cv 0.853), linear_probe test …"`` for a blended result (and the
+    probe's share each fold picked, if it picked one), else ``""``."""
     parts = result.params.get("components", {})
+    weights = result.params.get("weight_per_fold")
     return "".join(f"; {part} test {np.mean(s['test_scores']) if s['test_scores'] else float('nan'):.3f} "
-                   f"(cv {np.mean(s['cv_scores']):.3f})" for part, s in parts.items())
+                   f"(cv {np.mean(s['cv_scores']):.3f})" for part, s in parts.items()) + \
+        (f"; probe's share per fold {' '.join(f'{w:.1f}' for w in weights)}" if weights else "")
 
 
 def load_feature_table(path: str | os.PathLike, id_col: str = "client_id") -> pd.DataFrame:
