@@ -192,17 +192,17 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_compare(args) -> None:
-    from .downstream.compare import load_results, paired_difference
+    from .downstream.compare import load_result_files, paired_difference
     from .downstream.protocol import EvaluationError
     from .io_utils import check_output_file, write_json
 
     if args.out:
         check_output_file(args.out)
-    results, baselines = load_results(args.results, args.part), load_results(args.against, args.against_part)
+    results, baselines = load_result_files(args.results, args.part), load_result_files(args.against, args.against_part)
     shared = [t for t in results if t in baselines]
     if not shared:
-        raise EvaluationError(f"{args.results} (targets {sorted(results)}) and {args.against} (targets {sorted(baselines)}) "
-                              f"share no target")
+        raise EvaluationError(f"{' '.join(args.results)} (targets {sorted(results)}) and {' '.join(args.against)} "
+                              f"(targets {sorted(baselines)}) share no target")
     differences = [paired_difference(results[t], baselines[t]) for t in shared]
     for d in differences:
         print(d.summary())
@@ -351,9 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = parser("compare", "paired differences between two `evaluate --out` results on the same clients and seeds",
                 "example: ptls-meles compare both.json --against handcrafted.json")
-    cp.add_argument("results", metavar="RESULTS.json", help="an `evaluate --out` file, e.g. both.json")
-    cp.add_argument("--against", required=True, metavar="BASELINE.json",
-                    help="the `evaluate --out` file to subtract, scored with the same --seed, folds and test size")
+    cp.add_argument("results", nargs="+", metavar="RESULTS.json",
+                    help="an `evaluate --out` file, e.g. both.json; several files of one row join their split seeds "
+                         "(e.g. both_42_1.json both_2_3_4.json)")
+    cp.add_argument("--against", required=True, nargs="+", metavar="BASELINE.json",
+                    help="the `evaluate --out` file(s) to subtract, scored with the same --seed, folds and test size")
     for flag, side in (("--part", "RESULTS.json"), ("--against-part", "BASELINE.json")):
         cp.add_argument(flag, choices=("lightgbm", "linear_probe"),
                         help=f"read one component of a `--model blended` {side} instead of the blend, e.g. {flag} linear_probe")

@@ -666,7 +666,7 @@ def test_paired_difference_over_splits_and_its_refusals():
 
 def test_cli_compare_reads_two_evaluate_files(tmp_path, capsys):
     from ptls_meles.cli import main
-    from ptls_meles.downstream.compare import load_results
+    from ptls_meles.downstream.compare import load_result_files, load_results
 
     feats, targets = separable(n=150, seed=3)
     feats.to_parquet(tmp_path / "both.parquet")
@@ -687,6 +687,22 @@ def test_cli_compare_reads_two_evaluate_files(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('[{"target": "label"}]')
     with pytest.raises(EvaluationError, match="not an `evaluate --out` result"):
         load_results(tmp_path / "bad.json")
+
+    # one row scored in two runs (seed 5, then seed 6) compares as the two-split row
+    for seed in ("5", "6"):
+        main(["evaluate", "--features", str(tmp_path / "both.parquet"), *args[:-3], "--seed", seed,
+              "--out", str(tmp_path / f"both_{seed}.json")])
+    main(["compare", str(tmp_path / "both_6.json"), str(tmp_path / "both_5.json"), "--against", str(tmp_path / "noise.json"),
+          "--out", str(tmp_path / "joined.json")])
+    joined = json.loads((tmp_path / "joined.json").read_text())
+    assert [r["seeds"] for r in joined] == [[6, 5], [6, 5]]
+    assert sorted(joined[0]["differences"]) == pytest.approx(sorted(rows[0]["differences"]))
+    with pytest.raises(EvaluationError, match="split seed 5 is in both"):
+        load_result_files([tmp_path / "both.json", tmp_path / "both_5.json"])
+    main(["evaluate", "--features", str(tmp_path / "both.parquet"), *args[:-3], "--seed", "7", "--model", "linear",
+          "--out", str(tmp_path / "probe_7.json")])
+    with pytest.raises(EvaluationError, match="different models"):
+        load_result_files([tmp_path / "both.json", tmp_path / "probe_7.json"])
 
 
 def test_evaluate_keeps_the_probes_blas_to_n_jobs_threads(monkeypatch):

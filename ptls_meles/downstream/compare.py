@@ -142,6 +142,34 @@ def load_results(path: str | os.PathLike, part: str | None = None) -> dict[str, 
     return out
 
 
+def load_result_files(paths: str | os.PathLike | list, part: str | None = None) -> dict[str, EvalResult | SplitsResult]:
+    """:func:`load_results` of one or several files, their splits joined by target: the seeds of
+    one row scored in two runs (``evaluate --seed 42 1`` then ``--seed 2 3 4``) compare as one
+    five-split row. A seed found twice for a target, or one target scored by two models, is refused."""
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if len(paths) == 1:
+        return load_results(paths[0], part)
+    by_target: dict[str, list[tuple[EvalResult, str]]] = {}
+    for path in paths:
+        for target, result in load_results(path, part).items():
+            by_target.setdefault(target, []).extend((r, str(path)) for r in _splits(result))
+    out: dict[str, EvalResult | SplitsResult] = {}
+    for target, found in by_target.items():
+        seen: dict[int, str] = {}
+        for r, path in found:
+            if r.seed in seen:
+                raise EvaluationError(f"target {target!r}: split seed {r.seed} is in both {seen[r.seed]} and {path}; "
+                                      f"give each seed once, e.g. evaluate the second run with other --seed values")
+            seen[r.seed] = path
+        models = sorted({r.model for r, _ in found})
+        if len(models) > 1:
+            raise EvaluationError(f"target {target!r}: the files score it with different models {models} "
+                                  f"({', '.join(sorted(set(seen.values())))}); join only splits of one row")
+        results = [r for r, _ in found]
+        out[target] = results[0] if len(results) == 1 else SplitsResult(results)
+    return out
+
+
 def _component(d: dict, part: str, path: str | os.PathLike) -> dict:
     """A blended result's dict with one component's scores in place of the blend's."""
     components = d.get("params", {}).get("components", {})
