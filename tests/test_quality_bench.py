@@ -11,6 +11,7 @@ import pytest
 from conftest import events_frame
 from ptls_meles.bench.quality import READOUTS, chosen_on_cv, main, parse_define, parse_vary, store_fingerprint
 from ptls_meles.bench.report import markdown_table
+from ptls_meles.downstream.evaluate import BLEND_WEIGHTS
 from ptls_meles.prepare import prepare
 from ptls_meles.schema import EventSchema
 
@@ -233,15 +234,20 @@ def test_quality_bench_caches_rows_and_reports_every_configuration(tmp_path, mon
     stacked = lin["paper"]["scores_stacked"]["label"]
     assert 0.0 <= stacked["test"] <= 1.0 and stacked != lin["paper"]["scores_both_shares"]["label"]
     assert "| paper | hand-crafted + shares, stacked with the embeddings' probe |" in text
+    blended = lin["paper"]["scores_blended"]["label"]  # the probe's share picked on each validation fold, kept
+    assert 0.0 <= blended["test"] <= 1.0 and blended != stacked
+    assert len(blended["blend_weights"]) == 5 and set(blended["blend_weights"]) <= set(BLEND_WEIGHTS)
+    assert "| paper | hand-crafted + shares, blended with the embeddings' probe |" in text
     # a row scored with another strength grid is scored again, the others are reused
     paper_file = next((tmp_path / "work" / "rows").glob("paper-*.json"))
     stale = json.loads(paper_file.read_text())
     paper_file.write_text(json.dumps(dict(stale, linear_Cs=[1.0], scores_linear={"label": {"test": -1.0}},
-                                          scores_stacked={"label": {"test": -1.0}})))
+                                          scores_stacked={"label": {"test": -1.0}}, scores_blended={"label": {"test": -1.0}})))
     main(argv[:-2] + ["--configs", "paper", "--hand-shares", "--linear-probe", "--report", str(tmp_path / "report" / "lin2")])
     lin2 = {r["name"]: r for r in json.loads((tmp_path / "report" / "lin2.json").read_text())}
     assert lin2["paper"]["scores_linear"] == lin["paper"]["scores_linear"] and lin2["hand-crafted"] == lin["hand-crafted"]
     assert lin2["paper"]["scores_stacked"] == lin["paper"]["scores_stacked"]
+    assert lin2["paper"]["scores_blended"] == lin["paper"]["scores_blended"]
     # the summary credits each table with the read-out its CV prefers
     summary = text.split("The test part never chooses.")[1].split("Configurations")[0]
     for readouts, key in ((READOUTS["alone"], "scores"), (READOUTS["with hand-crafted + shares"], "scores_both_shares")):

@@ -96,11 +96,19 @@ BOTH_SHARES = "hand-crafted + shares + embeddings"
 #: --linear-probe: every feature table (hand-crafted ones too) also scored by a linear probe
 #: (:func:`~ptls_meles.downstream.evaluate.evaluate` with ``model="linear"``), in ``scores_linear``;
 #: with --hand-shares each trained row also gets ``scores_stacked``: LightGBM on hand-crafted + shares
-#: plus the embeddings' out-of-fold probe probabilities (``model="stacked"``)
+#: plus the embeddings' out-of-fold probe probabilities (``model="stacked"``), and ``scores_blended``:
+#: LightGBM on hand-crafted + shares blended with the embeddings' probe, the probe's share picked on each
+#: validation fold (``model="blended"``, ``blend_weight=None``), so a weak embedding is weighed down, not
+#: averaged in at half
 LINEAR = "linear probe"
 STACKED = "hand-crafted + shares, stacked with the embeddings' probe"
+BLENDED = "hand-crafted + shares, blended with the embeddings' probe"
+#: every per-target score table a row may hold
+SCORE_KEYS = ("scores", "scores_both", "scores_both_shares", "scores_linear", "scores_stacked", "scores_blended",
+              "scores_finetuned")
 #: the read-outs of one table that the summary chooses between: (row key, label). The choice is made per
-#: target on the CV mean, never on the test part, so a table is credited with its better read-out fairly
+#: target on the CV mean, never on the test part, so a table is credited with its better read-out fairly.
+#: Not the blend: its validation fold also picks the probe's share, so its CV mean is optimistic
 READOUTS = {
     "alone": (("scores", "LightGBM"), ("scores_linear", LINEAR)),
     "with hand-crafted + shares": (("scores_both_shares", "LightGBM"), ("scores_stacked", "stacked")),
@@ -247,8 +255,9 @@ def store_fingerprint(store: SequenceStore, targets: pd.DataFrame) -> str:
 
 
 def _scores(result) -> dict:
+    shares = {"blend_weights": result.params["weight_per_fold"]} if "weight_per_fold" in result.params else {}
     return {"test": result.test_mean, "test_interval": result.test_interval, "cv": result.cv_mean,
-            "cv_interval": result.cv_interval, "metric": result.metric, "best_epochs": result.best_epochs}
+            "cv_interval": result.cv_interval, "metric": result.metric, "best_epochs": result.best_epochs, **shares}
 
 
 #: settings added after cached runs existed, with the value that leaves training as it was:
@@ -345,21 +354,26 @@ class QualityBench:
                 for t in self.target_list}
 
     def probe_scores(self, tables: list[pd.DataFrame], model: str) -> dict:
-        return {t: _scores(evaluate(tables, self.targets, t, lgbm_params=self.lgbm, n_jobs=self.a.threads, model=model))
+        weight = {"blend_weight": None} if model == "blended" else {}  # blended: the share picked on each validation fold
+        return {t: _scores(evaluate(tables, self.targets, t, lgbm_params=self.lgbm, n_jobs=self.a.threads, model=model,
+                                    **weight))
                 for t in self.target_list}
 
     def fill_linear(self, file: Path, row: dict, tables: Callable[[], list[pd.DataFrame]],
                     stacked: Callable[[], list[pd.DataFrame]] | None = None) -> None:
-        """``scores_linear`` (and ``scores_stacked`` where ``stacked`` gives its tables) under --linear-probe."""
+        """``scores_linear`` (and ``scores_stacked`` and ``scores_blended`` where ``stacked`` gives their
+        tables) under --linear-probe."""
         if not self.a.linear_probe:
             return
         if row.get("linear_Cs") != list(LINEAR_CS):  # scored with another grid: score again
             row.pop("scores_linear", None)
             row.pop("scores_stacked", None)
+            row.pop("scores_blended", None)
             row["linear_Cs"] = list(LINEAR_CS)
         self.fill(file, row, "scores_linear", lambda: self.probe_scores(tables(), "linear"))
         if stacked is not None:
             self.fill(file, row, "scores_stacked", lambda: self.probe_scores(stacked(), "stacked"))
+            self.fill(file, row, "scores_blended", lambda: self.probe_scores(stacked(), "blended"))
 
     def neural_scores(self, config: MeLESConfig, pretrained) -> dict:
         """Supervised (``pretrained=None``) or fine-tuned scores on :func:`evaluate`'s folds."""
@@ -505,10 +519,11 @@ def main(argv: list[str] | None = None) -> None:
     for name, overrides in configs.items():
         row = bench.config_row(rows_dir, name, overrides)
         rows.append(row)
-        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s%s%s%s", name, row["train_minutes"], row["epochs"],
+        log.info("%s (%.1f min, %s epochs): emb %s | both %s%s%s%s%s%s", name, row["train_minutes"], row["epochs"],
                  _brief(row["scores"]), _brief(row["scores_both"]),
                  f" | emb, {LINEAR} {_brief(row['scores_linear'])}" if "scores_linear" in row else "",
                  f" | stacked {_brief(row['scores_stacked'])}" if "scores_stacked" in row else "",
+                 f" | blended {_brief(row['scores_blended'])}" if "scores_blended" in row else "",
                  f" | shares + emb {_brief(row['scores_both_shares'])}" if "scores_both_shares" in row else "",
                  f" | fine-tuned {_brief(row['scores_finetuned'])}" if "scores_finetuned" in row else "")
     if a.report:
@@ -533,7 +548,7 @@ def cached_rows(rows_dir: Path, target_list: list[str], earlier_reports: list[st
     for row in found:
         if not all(t in row.get("scores", {}) for t in target_list):
             continue
-        for key in ("scores", "scores_both", "scores_both_shares", "scores_linear", "scores_stacked", "scores_finetuned"):
+        for key in SCORE_KEYS:
             if key in row:
                 row[key] = {t: row[key][t] for t in target_list}
         for f, scores in row.get("fractions", {}).items():
@@ -648,6 +663,8 @@ def write_report(rows: list[dict], target_list: list[str], prefix: Path, a, argv
             lines.append(f"| {r['name']} | {BOTH_SHARES} | {cells(r['scores_both_shares'])} | | | | |")
         if "scores_stacked" in r:
             lines.append(f"| {r['name']} | {STACKED} | {cells(r['scores_stacked'])} | | | | |")
+        if "scores_blended" in r:
+            lines.append(f"| {r['name']} | {BLENDED} | {cells(r['scores_blended'])} | | | | |")
         if "scores_finetuned" in r:
             lines.append(f"| {r['name']} | fine-tuned | {cells(r['scores_finetuned'])} | | | "
                          f"{_fold_epochs(r['scores_finetuned'])} | |")
