@@ -187,8 +187,8 @@ def cmd_evaluate(args) -> None:
                                                              f"{components_summary(split)}", flush=True))
             print(r.summary())
         results.append(r.to_dict())
-    if args.out:
-        write_json(args.out, results)
+        if args.out:  # after each target, so a run cut short (hours on real data) keeps the targets it finished
+            write_json(args.out, results)
 
 
 def cmd_compare(args) -> None:

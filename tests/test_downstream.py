@@ -483,6 +483,22 @@ def test_cli_evaluate_early_stopping_rounds(tmp_path):
     assert early["params"]["early_stopping_rounds"] == 5
 
 
+def test_cli_evaluate_keeps_the_targets_it_finished_when_a_later_one_fails(tmp_path):
+    """The result file is written after each target: a run that stops on the third target of
+    three (hours into real data) still leaves the first two to compare."""
+    from ptls_meles.cli import main
+
+    feats, targets = separable(n=150, seed=3)
+    feats.to_parquet(tmp_path / "f.parquet")
+    targets.assign(again=targets["label"], constant=1).to_csv(tmp_path / "t.csv", index=False)
+    assert main(["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"),
+                 "--target-col", "label", "again", "constant", "--folds", "2", "--jobs", "1", "-q",
+                 "--out", str(tmp_path / "r.json")]) != 0
+    kept = json.loads((tmp_path / "r.json").read_text())
+    assert [r["target"] for r in kept] == ["label", "again"]
+    assert kept[0]["test_scores"] == kept[1]["test_scores"]
+
+
 def test_cli_evaluate_linear_probe(tmp_path):
     from ptls_meles.cli import main
 
