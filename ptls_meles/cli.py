@@ -163,6 +163,7 @@ def _blend_weight(text: str) -> float | None:
 
 def cmd_evaluate(args) -> None:
     from .downstream.evaluate import components_summary, evaluate, evaluate_splits
+    from .downstream.protocol import SplitsResult
     from .io_utils import check_output_file, read_table, write_json
 
     if args.out:
@@ -182,12 +183,18 @@ def cmd_evaluate(args) -> None:
             r = evaluate(tables, targets, col, seed=args.seed[0], **protocol)
             print(r.summary() + components_summary(r))
         else:
-            r = evaluate_splits(tables, targets, col, seeds=args.seed, **protocol,
-                                on_split=lambda split: print(f"  split seed {split.seed}: {split.summary()}"
-                                                             f"{components_summary(split)}", flush=True))
+            done: list = []
+
+            def on_split(split, done=done) -> None:
+                print(f"  split seed {split.seed}: {split.summary()}{components_summary(split)}", flush=True)
+                done.append(split)
+                if args.out:  # the seeds finished so far, which compare joins with a file of the others
+                    write_json(args.out, [*results, SplitsResult(done).to_dict()])
+
+            r = evaluate_splits(tables, targets, col, seeds=args.seed, **protocol, on_split=on_split)
             print(r.summary())
         results.append(r.to_dict())
-        if args.out:  # after each target, so a run cut short (hours on real data) keeps the targets it finished
+        if args.out:  # after each target too, so a run cut short (hours on real data) keeps what it finished
             write_json(args.out, results)
 
 
@@ -345,7 +352,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--blend-weight", type=_blend_weight, default=0.5, metavar="W|validation",
                     help="--model blended: the probe's share of the blend (default 0.5, the mean); validation: each "
                          "fold picks it from 0, 0.1, ..., 1 by its validation score (test scores stay honest)")
-    ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json")
+    ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json; written "
+                    "again as each split seed ends, so a run cut short keeps what it finished (compare joins it "
+                    "with a run of the remaining seeds)")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)
 

@@ -499,6 +499,37 @@ def test_cli_evaluate_keeps_the_targets_it_finished_when_a_later_one_fails(tmp_p
     assert kept[0]["test_scores"] == kept[1]["test_scores"]
 
 
+def test_cli_evaluate_keeps_the_split_seeds_it_finished_when_cut(tmp_path, monkeypatch):
+    """Cut on the third split seed, the file holds the two finished ones, which ``compare``
+    joins with a run of the third: the three-seed row, as if never cut."""
+    import ptls_meles.downstream.evaluate as ev
+    from ptls_meles.cli import main
+    from ptls_meles.downstream.compare import load_result_files
+
+    feats, targets = separable(n=150, seed=3)
+    feats.to_parquet(tmp_path / "f.parquet")
+    targets.to_csv(tmp_path / "t.csv", index=False)
+    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"),
+            "--target-col", "label", "--folds", "2", "--jobs", "1", "-q", "--seed"]
+    main(args + ["42", "1", "2", "--out", str(tmp_path / "whole.json")])
+    main(args + ["2", "--out", str(tmp_path / "third.json")])
+    scored = ev.evaluate
+
+    def cut_at_seed_2(*a, seed, **kw):
+        if seed == 2:
+            raise KeyboardInterrupt("cut")
+        return scored(*a, seed=seed, **kw)
+
+    monkeypatch.setattr(ev, "evaluate", cut_at_seed_2)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["42", "1", "2", "--out", str(tmp_path / "cut.json")])
+    cut = json.loads((tmp_path / "cut.json").read_text())
+    assert [(r["target"], r["seeds"]) for r in cut] == [("label", [42, 1])]
+    joined = load_result_files([tmp_path / "cut.json", tmp_path / "third.json"])["label"]
+    whole = load_result_files(tmp_path / "whole.json")["label"]
+    assert joined.seeds == whole.seeds and joined.test_mean == pytest.approx(whole.test_mean)
+
+
 def test_cli_evaluate_linear_probe(tmp_path):
     from ptls_meles.cli import main
 
