@@ -185,7 +185,7 @@ def cmd_evaluate(args) -> None:
         else:
             done: list = []
 
-            def on_split(split, done=done) -> None:
+            def on_split(split) -> None:
                 print(f"  split seed {split.seed}: {split.summary()}{components_summary(split)}", flush=True)
                 done.append(split)
                 if args.out:  # the seeds finished so far, which compare joins with a file of the others
