@@ -189,7 +189,8 @@ def cmd_evaluate(args) -> None:
                 print(f"  split seed {split.seed}: {split.summary()}{components_summary(split)}", flush=True)
                 done.append(split)
                 if args.out:  # the seeds finished so far, which compare joins with a file of the others
-                    write_json(args.out, [*results, SplitsResult(done).to_dict()])
+                    left = [s for s in args.seed if s not in {d.seed for d in done}]
+                    write_json(args.out, [*results, SplitsResult(done).to_dict() | ({"seeds_left": left} if left else {})])
 
             r = evaluate_splits(tables, targets, col, seeds=args.seed, **protocol, on_split=on_split)
             print(r.summary())
@@ -353,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="--model blended: the probe's share of the blend (default 0.5, the mean); validation: each "
                          "fold picks it from 0, 0.1, ..., 1 by its validation score (test scores stay honest)")
     ev.add_argument("--out", metavar="FILE", help="write the results as JSON, e.g. --out results.json; written "
-                    "again as each split seed ends, so a run cut short keeps what it finished (compare joins it "
-                    "with a run of the remaining seeds)")
+                    "again as each split seed ends, so a run cut short keeps what it finished and names the seeds "
+                    "left (compare warns of them, and joins the file with a run of them)")
     common(ev)
     ev.set_defaults(func=cmd_evaluate)
 

@@ -499,9 +499,10 @@ def test_cli_evaluate_keeps_the_targets_it_finished_when_a_later_one_fails(tmp_p
     assert kept[0]["test_scores"] == kept[1]["test_scores"]
 
 
-def test_cli_evaluate_keeps_the_split_seeds_it_finished_when_cut(tmp_path, monkeypatch):
-    """Cut on the third split seed, the file holds the two finished ones, which ``compare``
-    joins with a run of the third: the three-seed row, as if never cut."""
+def test_cli_evaluate_keeps_the_split_seeds_it_finished_when_cut(tmp_path, monkeypatch, caplog):
+    """Cut on the third split seed, the file holds the two finished ones and names the third
+    as left, which ``compare`` warns of when read alone and joins with a run of the third:
+    the three-seed row, as if never cut."""
     import ptls_meles.downstream.evaluate as ev
     from ptls_meles.cli import main
     from ptls_meles.downstream.compare import load_result_files
@@ -524,9 +525,16 @@ def test_cli_evaluate_keeps_the_split_seeds_it_finished_when_cut(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         main(args + ["42", "1", "2", "--out", str(tmp_path / "cut.json")])
     cut = json.loads((tmp_path / "cut.json").read_text())
-    assert [(r["target"], r["seeds"]) for r in cut] == [("label", [42, 1])]
-    joined = load_result_files([tmp_path / "cut.json", tmp_path / "third.json"])["label"]
-    whole = load_result_files(tmp_path / "whole.json")["label"]
+    assert [(r["target"], r["seeds"], r["seeds_left"]) for r in cut] == [("label", [42, 1], [2])]
+    assert "seeds_left" not in json.loads((tmp_path / "whole.json").read_text())[0]
+    with caplog.at_level("WARNING", logger="ptls_meles.downstream.compare"):
+        alone = load_result_files(tmp_path / "cut.json")["label"]
+    assert alone.seeds == [42, 1] and "split seeds [2] were not finished" in caplog.text and "cut.json" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ptls_meles.downstream.compare"):
+        joined = load_result_files([tmp_path / "cut.json", tmp_path / "third.json"])["label"]
+        whole = load_result_files(tmp_path / "whole.json")["label"]
+    assert "not finished" not in caplog.text
     assert joined.seeds == whole.seeds and joined.test_mean == pytest.approx(whole.test_mean)
 
 

@@ -15,12 +15,15 @@ beside the hand-crafted table?" where two overlapping intervals cannot.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, fields
 
 import numpy as np
 
 from .protocol import EvalResult, EvaluationError, JoinReport, SplitsResult, interval_half_width, to_plain
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -123,13 +126,19 @@ def load_results(path: str | os.PathLike, part: str | None = None) -> dict[str, 
     """The results of an ``evaluate --out`` JSON file by target; ``part`` (``"lightgbm"`` or
     ``"linear_probe"``) reads one component of a ``--model blended`` result instead of the
     blend, so one blended run gives its two rows alone to compare as well."""
+    return {target: result for target, (result, _) in _read_rows(path, part).items()}
+
+
+def _read_rows(path: str | os.PathLike, part: str | None) -> dict[str, tuple[EvalResult | SplitsResult, list[int]]]:
+    """Each target's result and the split seeds its run had not finished when the file was last
+    written (``seeds_left``, kept by ``evaluate --out`` while it runs or after it was cut)."""
     try:
         with open(path) as f:
             items = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise EvaluationError(f"{path}: cannot read evaluation results: {e}") from e
     items = items if isinstance(items, list) else [items]
-    out: dict[str, EvalResult | SplitsResult] = {}
+    out: dict[str, tuple[EvalResult | SplitsResult, list[int]]] = {}
     for i, item in enumerate(items):
         try:
             splits = item["splits"] if "splits" in item else [item]
@@ -138,21 +147,23 @@ def load_results(path: str | os.PathLike, part: str | None = None) -> dict[str, 
             raise EvaluationError(f"{path}: item {i} is not an `evaluate --out` result (missing {e}); "
                                   f"e.g. ptls-meles evaluate ... --out results.json writes one") from e
         result = SplitsResult(results) if "splits" in item else results[0]
-        out[result.target] = result
+        out[result.target] = (result, list(item.get("seeds_left", [])))
     return out
 
 
 def load_result_files(paths: str | os.PathLike | list, part: str | None = None) -> dict[str, EvalResult | SplitsResult]:
     """:func:`load_results` of one or several files, their splits joined by target: the seeds of
     one row scored in two runs (``evaluate --seed 42 1`` then ``--seed 2 3 4``) compare as one
-    five-split row. A seed found twice for a target, or one target scored by two models, is refused."""
+    five-split row. A seed found twice for a target, or one target scored by two models, is refused;
+    seeds a file's run had not finished and no other file gives are named in a warning, since the
+    row then reads fewer test parts than its run asked for."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if len(paths) == 1:
-        return load_results(paths[0], part)
     by_target: dict[str, list[tuple[EvalResult, str]]] = {}
+    left: dict[str, dict[int, str]] = {}
     for path in paths:
-        for target, result in load_results(path, part).items():
+        for target, (result, seeds_left) in _read_rows(path, part).items():
             by_target.setdefault(target, []).extend((r, str(path)) for r in _splits(result))
+            left.setdefault(target, {}).update({s: str(path) for s in seeds_left})
     out: dict[str, EvalResult | SplitsResult] = {}
     for target, found in by_target.items():
         seen: dict[int, str] = {}
@@ -165,6 +176,12 @@ def load_result_files(paths: str | os.PathLike | list, part: str | None = None) 
         if len(models) > 1:
             raise EvaluationError(f"target {target!r}: the files score it with different models {models} "
                                   f"({', '.join(sorted(set(seen.values())))}); join only splits of one row")
+        unfinished = sorted(s for s in left[target] if s not in seen)
+        if unfinished:
+            logger.warning("target %r: split seeds %s were not finished in %s; the row reads the %d finished (%s); "
+                           "add a file that scored the rest, e.g. evaluate --seed %s", target, unfinished,
+                           ", ".join(sorted({left[target][s] for s in unfinished})), len(seen),
+                           " ".join(map(str, seen)), " ".join(map(str, unfinished)))
         results = [r for r, _ in found]
         out[target] = results[0] if len(results) == 1 else SplitsResult(results)
     return out
