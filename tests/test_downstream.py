@@ -483,6 +483,27 @@ def test_cli_evaluate_early_stopping_rounds(tmp_path):
     assert early["params"]["early_stopping_rounds"] == 5
 
 
+def test_cli_evaluate_lgbm_budget_reaches_every_lightgbm_read_out(tmp_path):
+    """``--lgbm fast`` fits LightGBM with the fast preset, alone and inside a blend; the
+    default stays the paper's 1,000 trees."""
+    from ptls_meles.cli import main
+    from ptls_meles.downstream.evaluate import LGBM_PRESETS
+
+    feats, targets = separable(n=150, seed=3)
+    feats.to_parquet(tmp_path / "f.parquet")
+    targets.to_csv(tmp_path / "t.csv", index=False)
+    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col", "label",
+            "--folds", "2", "--jobs", "1", "-q"]
+    main(args + ["--out", str(tmp_path / "paper.json")])
+    main(args + ["--lgbm", "fast", "--out", str(tmp_path / "fast.json")])
+    main(args + ["--lgbm", "fast", "--model", "blended", "--out", str(tmp_path / "blended.json")])
+    paper, fast, blended = (json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("paper", "fast", "blended"))
+    assert paper["params"]["n_estimators"] == 1000 and paper["params"]["colsample_bytree"] == 0.75
+    for r in (fast, blended):
+        assert {k: r["params"][k] for k in LGBM_PRESETS["fast"]} == LGBM_PRESETS["fast"]
+    assert LGBM_PRESETS["fast"]["n_estimators"] < LGBM_PRESETS["paper"]["n_estimators"]
+
+
 def test_cli_evaluate_keeps_the_targets_it_finished_when_a_later_one_fails(tmp_path):
     """The result file is written after each target: a run that stops on the third target of
     three (hours into real data) still leaves the first two to compare."""

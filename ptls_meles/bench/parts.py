@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     from ..embed import embed_frame
     from ..store import SequenceStore
     from ..train import load_model
-    from .quality import LGBM
+    from ..downstream.evaluate import LGBM_PRESETS
 
     ap = argparse.ArgumentParser(prog="ptls-meles bench parts", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, help="a `bench quality` work directory (data/ and runs/)")
     ap.add_argument("--run", required=True, help="the configuration's name in that bench (its run directory's prefix)")
     ap.add_argument("--targets", required=True, help="comma-separated target columns")
-    ap.add_argument("--lgbm", choices=sorted(LGBM), default="fast", help="LightGBM budget, as in bench quality")
+    ap.add_argument("--lgbm", choices=sorted(LGBM_PRESETS), default="fast", help="LightGBM budget, as in bench quality")
     ap.add_argument("--threads", type=int, default=1, help="torch threads and LightGBM jobs")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| part | columns | " + " | ".join(a.targets.split(",")) + " |")
     print("|---|---|" + "---|" * len(a.targets.split(",")))
     for name, cols in parts.items():
-        scores = [evaluate(emb[["client_id"] + cols], targets, t, n_folds=5, seed=42, lgbm_params=LGBM[a.lgbm],
+        scores = [evaluate(emb[["client_id"] + cols], targets, t, n_folds=5, seed=42, lgbm_params=LGBM_PRESETS[a.lgbm],
                            n_jobs=a.threads) for t in a.targets.split(",")]
         print(f"| {name} | {len(cols)} | " + " | ".join(f"{r.test_mean:.3f} ± {r.test_interval:.3f}" for r in scores) + " |",
               flush=True)

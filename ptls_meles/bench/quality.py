@@ -44,7 +44,7 @@ import pandas as pd
 import torch
 
 from ..config import MeLESConfig, parse_settings
-from ..downstream.evaluate import LINEAR_CS, PAPER_LGBM_PARAMS, evaluate
+from ..downstream.evaluate import LGBM_PRESETS, LINEAR_CS, evaluate
 from ..downstream.features import handcrafted_features, share_features
 from ..io_utils import write_json
 from ..store import SequenceStore
@@ -70,11 +70,6 @@ CONFIGS: dict[str, dict] = {
                             "time_features": "gap,elapsed,absolute", "pooling": "last,mean,max"},
 }
 #: LightGBM budgets: the paper's, and a lighter one for quick screening (same for every row)
-LGBM = {
-    "paper": PAPER_LGBM_PARAMS,
-    "fast": {**PAPER_LGBM_PARAMS, "n_estimators": 200, "learning_rate": 0.07, "num_leaves": 31,
-             "colsample_bytree": 0.5},
-}
 DEFAULT_TARGETS = {  # per dataset recipe; a store's defaults are the first list whose columns it has
     "physionet": ["in_hospital_death", "gender", "age_group"],
     "synthetic": ["bins", "gender"],
@@ -146,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget-min", type=float, default=30.0, help="wall-clock training minutes per configuration")
     ap.add_argument("--epochs", type=int, default=100, help="epoch cap per configuration")
     ap.add_argument("--targets", help="comma-separated target columns (default: the dataset's)")
-    ap.add_argument("--lgbm", choices=sorted(LGBM), default="paper", help="LightGBM budget, the same for every row")
+    ap.add_argument("--lgbm", choices=sorted(LGBM_PRESETS), default="paper", help="LightGBM budget, the same for every row")
     ap.add_argument("--early-stopping-rounds", type=int,
                     help="LightGBM stops on each fold's validation part after this many rounds without gain (every row alike)")
     ap.add_argument("--neural", nargs="?", const="both", choices=("both", "supervised", "finetuned"),
@@ -291,7 +286,7 @@ def _run_dir(name: str, overrides: dict, work: Path, a, data_key: dict) -> Path:
     trained_on = {k: v for k, v in data_key.items() if k not in READOUT_KEYS}
     run = keyed(trained_on)
     if not run.exists():
-        legacy = [keyed({**data_key, "lgbm": budget}) for budget in sorted(LGBM)]
+        legacy = [keyed({**data_key, "lgbm": budget}) for budget in sorted(LGBM_PRESETS)]
         run = next((p for p in legacy if (p / "train_minutes.txt").exists()), run)
     return run
 
@@ -330,7 +325,7 @@ class QualityBench:
     def __init__(self, a, store: SequenceStore, targets: pd.DataFrame, target_list: list[str], data_key: dict,
                  work: Path) -> None:
         self.a, self.store, self.targets, self.target_list, self.data_key, self.work = a, store, targets, target_list, data_key, work
-        self.lgbm = LGBM[a.lgbm]
+        self.lgbm = LGBM_PRESETS[a.lgbm]
         self.neural_key = {"finetune_epochs": a.finetune_epochs, "finetune_patience": a.finetune_patience}
         # the fine-tuned rows' key; freezing concerns only a pretrained encoder, and rows made
         # without it keep their key
