@@ -467,14 +467,20 @@ def test_evaluate_early_stopping_on_each_validation_fold():
         evaluate(feats, targets, "label", early_stopping_rounds=0)
 
 
-def test_cli_evaluate_early_stopping_rounds(tmp_path):
-    from ptls_meles.cli import main
-
+def _separable_evaluate_args(tmp_path) -> list[str]:
+    """``ptls-meles evaluate`` arguments on a small separable table written to ``tmp_path``
+    (two folds, one thread), for the CLI tests to add their options to."""
     feats, targets = separable(n=150, seed=3)
     feats.to_parquet(tmp_path / "f.parquet")
     targets.to_csv(tmp_path / "t.csv", index=False)
-    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col", "label",
-            "--folds", "2", "--jobs", "1", "-q"]
+    return ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col",
+            "label", "--folds", "2", "--jobs", "1", "-q"]
+
+
+def test_cli_evaluate_early_stopping_rounds(tmp_path):
+    from ptls_meles.cli import main
+
+    args = _separable_evaluate_args(tmp_path)
     main(args + ["--out", str(tmp_path / "plain.json")])
     main(args + ["--early-stopping-rounds", "5", "--out", str(tmp_path / "early.json")])
     plain, early = (json.loads((tmp_path / f"{name}.json").read_text())[0] for name in ("plain", "early"))
@@ -489,11 +495,7 @@ def test_cli_evaluate_lgbm_budget_reaches_every_lightgbm_read_out(tmp_path):
     from ptls_meles.cli import main
     from ptls_meles.downstream.evaluate import LGBM_PRESETS
 
-    feats, targets = separable(n=150, seed=3)
-    feats.to_parquet(tmp_path / "f.parquet")
-    targets.to_csv(tmp_path / "t.csv", index=False)
-    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col", "label",
-            "--folds", "2", "--jobs", "1", "-q"]
+    args = _separable_evaluate_args(tmp_path)
     main(args + ["--out", str(tmp_path / "paper.json")])
     main(args + ["--lgbm", "fast", "--out", str(tmp_path / "fast.json")])
     main(args + ["--lgbm", "fast", "--model", "blended", "--out", str(tmp_path / "blended.json")])
@@ -528,11 +530,7 @@ def test_cli_evaluate_keeps_the_split_seeds_it_finished_when_cut(tmp_path, monke
     from ptls_meles.cli import main
     from ptls_meles.downstream.compare import load_result_files
 
-    feats, targets = separable(n=150, seed=3)
-    feats.to_parquet(tmp_path / "f.parquet")
-    targets.to_csv(tmp_path / "t.csv", index=False)
-    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"),
-            "--target-col", "label", "--folds", "2", "--jobs", "1", "-q", "--seed"]
+    args = _separable_evaluate_args(tmp_path) + ["--seed"]
     main(args + ["42", "1", "2", "--out", str(tmp_path / "whole.json")])
     main(args + ["2", "--out", str(tmp_path / "third.json")])
     scored = ev.evaluate
@@ -667,11 +665,7 @@ def test_evaluate_splits_is_evaluate_once_per_seed_and_the_mean_over_them():
 def test_cli_evaluate_several_seeds_writes_the_mean_over_splits(tmp_path, capsys):
     from ptls_meles.cli import main
 
-    feats, targets = separable(n=150, seed=3)
-    feats.to_parquet(tmp_path / "f.parquet")
-    targets.to_csv(tmp_path / "t.csv", index=False)
-    args = ["evaluate", "--features", str(tmp_path / "f.parquet"), "--targets", str(tmp_path / "t.csv"), "--target-col", "label",
-            "--folds", "2", "--jobs", "1", "-q"]
+    args = _separable_evaluate_args(tmp_path)
     main(args + ["--seed", "5", "6", "--out", str(tmp_path / "two.json")])
     main(args + ["--seed", "6", "--out", str(tmp_path / "one.json")])
     (two,), (one,) = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("two", "one"))
