@@ -9,11 +9,11 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):  # the heavy (torch) parts load on first use
-    if name == "MeLES":
-        from .api import MeLES
+    if name in ("MeLES", "MeLESEnsemble"):
+        from . import api
 
-        return MeLES
+        return getattr(api, name)
     raise AttributeError(name)
 
 
-__all__ = ["MeLES", "MeLESConfig", "Encoding", "EventSchema", "SchemaError", "SequenceStore", "prepare"]
+__all__ = ["MeLES", "MeLESEnsemble", "MeLESConfig", "Encoding", "EventSchema", "SchemaError", "SequenceStore", "prepare"]

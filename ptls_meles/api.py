@@ -12,6 +12,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from .config import MeLESConfig
 from .embed import embed_frame, write_embeddings
 from .encoding import Encoding
+from .nn.side_by_side import SideBySide
 from .prepare import prepare
 from .schema import EventSchema
 from .sources import Source
@@ -114,15 +115,7 @@ class MeLES(TransformerMixin, BaseEstimator):
         return self._embed(store, ids, False)
 
     def _embed(self, store: SequenceStore, ids: list | None, show_progress: bool) -> pd.DataFrame:
-        check_store_encoding(self.encoding_, store)
-        table = embed_frame(self.module_.embedder, store, **self.module_.inference_settings, show_progress=show_progress)
-        if ids is None:
-            return table
-        table = table.set_index("client_id")
-        missing = [c for c in ids if c not in table.index]
-        if missing:
-            raise ValueError(f"{len(missing)} client(s) of X have no valid events after preparing, e.g. {missing[:3]}")
-        return table.loc[ids]
+        return _embed_store(self.module_.embedder, self.module_.inference_settings, self.encoding_, store, ids, show_progress)
 
     def write_embeddings(self, events: Source | SequenceStore, path: str | Path, show_progress: bool = True) -> dict:
         """Stream the embedding table to Parquet (config and encoding in its metadata)."""
@@ -160,6 +153,85 @@ class MeLES(TransformerMixin, BaseEstimator):
         obj = cls(schema=schema, **module.config.to_dict())
         obj.module_, obj.encoding_, obj.schema_ = module, module.encoding, schema
         return obj
+
+
+class MeLESEnsemble(TransformerMixin, BaseEstimator):
+    """Fitted MeLES models of one encoding, read side by side: each client's embedding is every
+    model's, concatenated (``emb_000`` on through all of them), in model order.
+
+    Why: models of other seeds err apart, and a downstream model reading them together gets
+    what either alone misses; on several cores, models trained at once (``fit --threads 1``
+    each, side by side) cost the wall time of one. ``fit`` trains the members in turn on one
+    prepared store; ``load`` reads saved models or run directories.
+    """
+
+    def __init__(self, models: list[MeLES]) -> None:
+        self.models = models
+
+    @classmethod
+    def load(cls, paths: list[str | Path]) -> "MeLESEnsemble":
+        """Saved models, run directories or checkpoints (as :meth:`MeLES.load`), in this order."""
+        return cls([MeLES.load(p) for p in paths])
+
+    def fit(self, X, y=None, show_progress: bool = True) -> "MeLESEnsemble":
+        """Prepare ``X`` once (if raw) and train every member on it, one after the other."""
+        members = self._members()
+        store, _ = members[0]._store(X, None, show_progress)
+        for model in members:
+            model._fit_store(store, None, show_progress)
+        return self
+
+    def transform(self, X, show_progress: bool = False) -> pd.DataFrame:
+        """The members' embeddings side by side, rows as :meth:`MeLES.transform` gives them."""
+        first, embedder, settings = self._side_by_side()
+        store, ids = first._store(X, first.encoding_, show_progress)
+        return _embed_store(embedder, settings, first.encoding_, store, ids, show_progress)
+
+    def write_embeddings(self, events: Source | SequenceStore, path: str | Path, show_progress: bool = True) -> dict:
+        """Stream the side-by-side table to Parquet (every member's config, and the encoding, in its metadata)."""
+        first, embedder, settings = self._side_by_side()
+        store, _ = first._store(events, first.encoding_, show_progress)
+        check_store_encoding(first.encoding_, store)
+        meta = {"configs": [m.module_.config.to_dict() for m in self.models], "encoding": first.encoding_.to_dict()}
+        return write_embeddings(embedder, store, path, metadata=meta, **settings, show_progress=show_progress)
+
+    def _members(self) -> list[MeLES]:
+        members = list(self.models)
+        if len(members) < 2 or not all(isinstance(m, MeLES) for m in members):
+            raise ValueError(f"an ensemble needs two or more MeLES models, got {[type(m).__name__ for m in members]}")
+        return members
+
+    def _side_by_side(self) -> tuple[MeLES, SideBySide, dict]:
+        """The first member (its encoding and schema read the data), the members' embedders side
+        by side, and their shared inference settings; refused when the members disagree."""
+        members = self._members()
+        for model in members:
+            model._check_fitted()
+        first = members[0]
+        for i, model in enumerate(members[1:], start=1):
+            why = first.encoding_.mismatch(model.encoding_)
+            if why is not None:
+                raise ValueError(f"ensemble model {i} was trained on another encoding than model 0 ({why}): "
+                                 "side by side, every model must be trained on one prepared store")
+            if model.module_.inference_settings != first.module_.inference_settings:
+                raise ValueError(f"ensemble model {i} embeds with {model.module_.inference_settings}, model 0 with "
+                                 f"{first.module_.inference_settings}: give them the same max_events, embed_chunk and embed_batch_size")
+        return first, SideBySide([m.module_.embedder for m in members]), first.module_.inference_settings
+
+
+def _embed_store(embedder: torch.nn.Module, settings: dict, encoding: Encoding, store: SequenceStore, ids: list | None,
+                 show_progress: bool) -> pd.DataFrame:
+    """The embedding frame of ``store`` (checked against the model's ``encoding``); for a list
+    ``X`` of per-client frames, its rows in the order of ``ids``."""
+    check_store_encoding(encoding, store)
+    table = embed_frame(embedder, store, **settings, show_progress=show_progress)
+    if ids is None:
+        return table
+    table = table.set_index("client_id")
+    missing = [c for c in ids if c not in table.index]
+    if missing:
+        raise ValueError(f"{len(missing)} client(s) of X have no valid events after preparing, e.g. {missing[:3]}")
+    return table.loc[ids]
 
 
 def check_store_encoding(encoding: Encoding, store: SequenceStore) -> None:

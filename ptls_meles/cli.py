@@ -108,16 +108,21 @@ def cmd_fit(args) -> None:
 
 
 def cmd_embed(args) -> None:
-    from .api import MeLES
+    from .api import MeLES, MeLESEnsemble
     from .io_utils import check_output_file
 
     check_output_file(args.out)
     _threads(args.threads)
-    model = MeLES.load(args.model)  # a run directory or a saved model directory
+    if args.engine == "spark" and len(args.model) > 1:
+        raise SystemExit("embed --engine spark reads one model; embed each with Spark, or several side by side with --engine local")
+    # a run directory or a saved model directory; several: their embeddings side by side
+    model = MeLES.load(args.model[0]) if len(args.model) == 1 else MeLESEnsemble.load(args.model)
     if args.schema:
         from .schema import EventSchema
 
-        model.schema_ = EventSchema.load(args.schema)
+        schema = EventSchema.load(args.schema)
+        for member in getattr(model, "models", [model]):
+            member.schema_ = schema
     if args.engine == "spark":
         from .spark import get_session, parse_conf
         from .spark.embed import embed_input
@@ -319,7 +324,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = parser("embed", "embedding table (Parquet) from a trained model",
                "example: ptls-meles embed store --model runs/first --out embeddings.parquet")
     e.add_argument("input", help="a store directory, or raw events (then --schema or the model's schema is used)")
-    e.add_argument("--model", required=True, metavar="DIR", help="a run directory of `fit`, or a saved model directory, e.g. --model runs/first")
+    e.add_argument("--model", required=True, nargs="+", metavar="DIR",
+                   help="a run directory of `fit`, or a saved model directory, e.g. --model runs/first; several models "
+                        "trained on one store (e.g. other seeds, trained side by side): their embeddings side by side, "
+                        "e.g. --model runs/seed42 runs/seed2")
     e.add_argument("--out", required=True, metavar="FILE", help="Parquet table to write, e.g. --out embeddings.parquet")
     e.add_argument("--schema", metavar="FILE", help="schema JSON for raw input (default: the model's, model/schema.json), e.g. --schema schema.json")
     common(e, threads=True)

@@ -62,7 +62,7 @@ MAX_BATCH_ATTENTION = 1 << 25
 def _cost_fn(embedder: torch.nn.Module):
     from .nn.seq_encoder import TransformerSeqEncoder
 
-    if isinstance(getattr(embedder, "seq_encoder", None), TransformerSeqEncoder):
+    if any(isinstance(m, TransformerSeqEncoder) for m in embedder.modules()):  # one model, or several side by side
         return lambda n, t: n * t * t <= MAX_BATCH_ATTENTION
     return lambda n, t: n * t <= MAX_BATCH_EVENTS
 
