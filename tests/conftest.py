@@ -16,6 +16,18 @@ from ptls_meles.store import SequenceStore  # noqa: E402
 torch.set_num_threads(1)
 
 
+def synthetic_events_and_store(n_clients: int, seed: int, mean_events: int):
+    """The shipped generator's transactions and their store (``client_id, trans_date, small_group,
+    amount_rur``): a small log that a few training epochs can learn something from."""
+    from ptls_meles import EventSchema
+    from ptls_meles.datasets.synthetic import generate
+    from ptls_meles.prepare import prepare
+
+    events, _ = generate(n_clients=n_clients, seed=seed, mean_events=mean_events)
+    schema = EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number")
+    return events, prepare(events, schema, show_progress=False)[0], schema
+
+
 def events_frame(n_clients: int = 6, max_len: int = 9, seed: int = 0, shuffle: bool = True) -> pd.DataFrame:
     """Raw events: int client ids, integer day times (with ties), skewed int ``mcc``, signed ``amount``.
 

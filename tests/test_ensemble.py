@@ -9,40 +9,33 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ptls_meles import EventSchema, MeLES, MeLESEnsemble
+from conftest import synthetic_events_and_store
+from ptls_meles import MeLES, MeLESEnsemble
 from ptls_meles.embed import MAX_BATCH_ATTENTION, _cost_fn
 from ptls_meles.nn.side_by_side import SideBySide
 from ptls_meles.prepare import prepare
 
-SCHEMA = EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number")
 SMALL = dict(hidden_size=16, cat_embedding_dim=8, batch_size=16, max_epochs=1, num_workers=0, val_fraction=0.2,
              cnt_min=5, cnt_max=30, lr=1e-2, patience=None, category_pooling=4, category_share_pooling=8)
 
 
 @pytest.fixture(scope="module")
-def events() -> pd.DataFrame:
-    from ptls_meles.datasets.synthetic import generate
-
-    tx, _ = generate(n_clients=60, seed=5, mean_events=50)
-    return tx
+def data():
+    return synthetic_events_and_store(n_clients=60, seed=5, mean_events=50)
 
 
 @pytest.fixture(scope="module")
-def store(events):
-    return prepare(events, SCHEMA, show_progress=False)[0]
-
-
-@pytest.fixture(scope="module")
-def runs(store, tmp_path_factory):
+def runs(data, tmp_path_factory):
     """Two seeds of one setting, each trained and saved on its own (as two `fit` runs side by side)."""
     paths = []
     for seed in (42, 7):
-        model = MeLES(schema=SCHEMA, seed=seed, **SMALL).fit(store, show_progress=False)
+        model = MeLES(schema=data[2], seed=seed, **SMALL).fit(data[1], show_progress=False)
         paths.append(model.save(tmp_path_factory.mktemp(f"seed{seed}")))
     return paths
 
 
-def test_side_by_side_embedding_is_each_models_embedding_in_order(runs, store, events):
+def test_side_by_side_embedding_is_each_models_embedding_in_order(runs, data):
+    events, store, _ = data
     members = [MeLES.load(p) for p in runs]
     alone = [m.transform(store) for m in members]
     both = MeLESEnsemble(members).transform(store)
@@ -59,7 +52,8 @@ def test_side_by_side_embedding_is_each_models_embedding_in_order(runs, store, e
     np.testing.assert_allclose(rows.iloc[:, :dim].to_numpy(), members[0].transform(frames).to_numpy(), atol=1e-5)
 
 
-def test_ensemble_writes_the_same_table_with_every_members_config(runs, store, tmp_path):
+def test_ensemble_writes_the_same_table_with_every_members_config(runs, data, tmp_path):
+    store = data[1]
     ensemble = MeLESEnsemble.load(runs)
     path = tmp_path / "both.parquet"
     stats = ensemble.write_embeddings(store, path, show_progress=False)
@@ -71,18 +65,20 @@ def test_ensemble_writes_the_same_table_with_every_members_config(runs, store, t
     np.testing.assert_allclose(written.to_numpy(), ensemble.transform(store).set_index("client_id").to_numpy(), atol=1e-6)
 
 
-def test_ensemble_fit_trains_every_member_on_one_store(store):
+def test_ensemble_fit_trains_every_member_on_one_store(data):
+    store = data[1]
     ensemble = MeLESEnsemble([MeLES(seed=1, **SMALL), MeLES(seed=2, **SMALL)]).fit(store, show_progress=False)
     assert all(hasattr(m, "module_") for m in ensemble.models)
     table = ensemble.transform(store)
     assert table.shape == (store.n_clients, 1 + 2 * ensemble.models[0].module_.embedder.output_size)
 
 
-def test_ensemble_refuses_members_that_do_not_fit_together(runs, events):
+def test_ensemble_refuses_members_that_do_not_fit_together(runs, data):
+    events = data[0]
     first = MeLES.load(runs[0])
     with pytest.raises(ValueError, match="two or more MeLES models"):
         MeLESEnsemble([first]).transform(events)
-    other_store, _ = prepare(events[events["small_group"] != events["small_group"].iloc[0]], SCHEMA, show_progress=False)
+    other_store, _ = prepare(events[events["small_group"] != events["small_group"].iloc[0]], data[2], show_progress=False)
     stranger = MeLES(**SMALL).fit(other_store, show_progress=False)
     with pytest.raises(ValueError, match="model 1 was trained on another encoding"):
         MeLESEnsemble([first, stranger]).transform(events)
@@ -94,7 +90,8 @@ def test_ensemble_refuses_members_that_do_not_fit_together(runs, events):
         MeLESEnsemble([first, MeLES(**SMALL)]).transform(events)
 
 
-def test_cli_embed_reads_several_models_side_by_side(runs, store, tmp_path, capsys):
+def test_cli_embed_reads_several_models_side_by_side(runs, data, tmp_path, capsys):
+    store = data[1]
     from ptls_meles.cli import main
 
     store.save(tmp_path / "store")

@@ -8,28 +8,29 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import synthetic_events_and_store
 from ptls_meles import EventSchema, MeLES
 from ptls_meles.embed import embed_frame
 from ptls_meles.prepare import prepare
 from ptls_meles.train import load_model
 
-SCHEMA = EventSchema("client_id", "trans_date", ["small_group"], ["amount_rur"], time_format="number")
 SMALL = dict(hidden_size=24, cat_embedding_dim=16, batch_size=16, max_epochs=3, num_workers=0, val_fraction=0.2,
              cnt_min=5, cnt_max=30, lr=1e-2, patience=None)
 
 
 @pytest.fixture(scope="module")
-def events() -> pd.DataFrame:
-    from ptls_meles.datasets.synthetic import generate
-
-    tx, _ = generate(n_clients=120, seed=3, mean_events=60)
-    return tx
+def data():
+    return synthetic_events_and_store(n_clients=120, seed=3, mean_events=60)
 
 
 @pytest.fixture(scope="module")
-def store(events):
-    s, _ = prepare(events, SCHEMA, show_progress=False)
-    return s
+def events(data) -> pd.DataFrame:
+    return data[0]
+
+
+@pytest.fixture(scope="module")
+def store(data):
+    return data[1]
 
 
 @pytest.fixture(scope="module")
