@@ -121,10 +121,8 @@ class MeLES(TransformerMixin, BaseEstimator):
         """Stream the embedding table to Parquet (config and encoding in its metadata)."""
         self._check_fitted()
         store, _ = self._store(events, self.encoding_, show_progress)
-        check_store_encoding(self.encoding_, store)
-        meta = {"config": self.module_.config.to_dict(), "encoding": self.encoding_.to_dict()}
-        return write_embeddings(self.module_.embedder, store, path, metadata=meta, **self.module_.inference_settings,
-                                show_progress=show_progress)
+        meta = {"config": self.module_.config.to_dict()}
+        return _write_store(self.module_.embedder, self.module_.inference_settings, self.encoding_, store, path, meta, show_progress)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
@@ -159,10 +157,11 @@ class MeLESEnsemble(TransformerMixin, BaseEstimator):
     """Fitted MeLES models of one encoding, read side by side: each client's embedding is every
     model's, concatenated (``emb_000`` on through all of them), in model order.
 
-    Why: models of other seeds err apart, and a downstream model reading them together gets
-    what either alone misses; on several cores, models trained at once (``fit --threads 1``
-    each, side by side) cost the wall time of one. ``fit`` trains the members in turn on one
-    prepared store; ``load`` reads saved models or run directories.
+    Why: on several cores, models trained at once (``fit --threads 1`` each, side by side) cost
+    the wall time of one, and models of other settings can be read together. Two seeds of the
+    default read on PhysioNet like the better of the two, not better (docs/results/history.md,
+    2026-12-08): a tool, not a default. ``fit`` trains the members in turn on one prepared
+    store; ``load`` reads saved models or run directories.
     """
 
     def __init__(self, models: list[MeLES]) -> None:
@@ -191,9 +190,8 @@ class MeLESEnsemble(TransformerMixin, BaseEstimator):
         """Stream the side-by-side table to Parquet (every member's config, and the encoding, in its metadata)."""
         first, embedder, settings = self._side_by_side()
         store, _ = first._store(events, first.encoding_, show_progress)
-        check_store_encoding(first.encoding_, store)
-        meta = {"configs": [m.module_.config.to_dict() for m in self.models], "encoding": first.encoding_.to_dict()}
-        return write_embeddings(embedder, store, path, metadata=meta, **settings, show_progress=show_progress)
+        meta = {"configs": [m.module_.config.to_dict() for m in self.models]}
+        return _write_store(embedder, settings, first.encoding_, store, path, meta, show_progress)
 
     def _members(self) -> list[MeLES]:
         members = list(self.models)
@@ -232,6 +230,15 @@ def _embed_store(embedder: torch.nn.Module, settings: dict, encoding: Encoding, 
     if missing:
         raise ValueError(f"{len(missing)} client(s) of X have no valid events after preparing, e.g. {missing[:3]}")
     return table.loc[ids]
+
+
+def _write_store(embedder: torch.nn.Module, settings: dict, encoding: Encoding, store: SequenceStore, path: str | Path,
+                 meta: dict, show_progress: bool) -> dict:
+    """Stream the embedding table of ``store`` (checked against ``encoding``) to ``path``, with
+    ``meta`` and the encoding in its metadata."""
+    check_store_encoding(encoding, store)
+    return write_embeddings(embedder, store, path, metadata={**meta, "encoding": encoding.to_dict()}, **settings,
+                            show_progress=show_progress)
 
 
 def check_store_encoding(encoding: Encoding, store: SequenceStore) -> None:

@@ -9,8 +9,8 @@ from ptls_meles.batch import PaddedBatch
 
 class SideBySide(nn.Module):
     """``forward(batch) -> [B, D_1 + ... + D_k]``: each member's embedding of the same batch, in
-    member order. Why: models trained apart (other seeds, one core each) err apart, so a
-    downstream model reading both gets what either alone misses."""
+    member order, so models trained apart (other seeds or settings, one core each) are read as
+    one table by every embedding path (local, chunked, streamed to Parquet)."""
 
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
